@@ -1,0 +1,153 @@
+"""GPT-2 as pure JAX functions over a nested dict of parameters.
+
+The params dict mirrors OpenAI's checkpoint names (wte, wpe, h/ln_1/g, h/attn/c_attn/w, ..., ln_f/b), except that
+the per-layer blocks h0, h1, ... are stacked into one "h" subtree with a leading [n_layer] axis, so the layers run
+under `lax.scan`: compile time stays flat with depth. Every function here handles one sequence; batch with `jax.vmap`.
+
+    logits = gpt(params, ids, n_head)                       # [n_seq] -> [n_seq, n_vocab]
+    x, cache = transformer(params, ids, n_head, cache, pos) # the same, with a KV cache for decoding
+
+The compute dtype is the params' dtype (float32, or bfloat16 via `cast`); LayerNorm statistics, attention softmax and
+the loss are always computed in float32.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def gelu(x):  # GPT-2 uses the tanh approximation  # [...] -> [...]
+    return 0.5 * x * (1 + jnp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def layer_norm(x, g, b=None, eps=1e-5):  # [n_seq, n_embd] -> [n_seq, n_embd]
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+    y = (x32 - mean) * lax.rsqrt(var + eps) * g
+    return (y if b is None else y + b).astype(x.dtype)
+
+
+def linear(x, w, b=None):  # [n_seq, n_in] -> [n_seq, n_out]
+    y = x @ w
+    return y if b is None else y + b
+
+
+def dropout(x, rate, key):  # [...] -> [...]; identity when rate is 0 or there is no key (inference)
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def attention(q, k, v, mask):  # [n_q, n_head, d], [n_k, n_head, d], [n_k, n_head, d], [n_q, n_k] -> [n_q, n_head, d]
+    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("hqk,khd->qhd", weights, v)
+
+
+def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos):  # [n_seq, n_embd] -> [n_seq, n_embd]
+    n_seq, n_embd = x.shape
+    q, k, v = jnp.split(linear(x, **c_attn), 3, axis=-1)
+    q, k, v = (t.reshape(n_seq, n_head, n_embd // n_head) for t in (q, k, v))
+    if cache is not None:
+        # Decoding: write this chunk's keys/values at [layer, pos] in place, then attend over the whole (static-size)
+        # cache; slots after the current position hold stale data and are masked out below.
+        cache = {
+            "k": lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), (layer, pos, 0, 0)),
+            "v": lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, pos, 0, 0)),
+        }
+        k, v = cache["k"][layer].astype(q.dtype), cache["v"][layer].astype(q.dtype)
+    mask = jnp.arange(k.shape[0])[None, :] <= (pos + jnp.arange(n_seq))[:, None]
+    out = attention(q, k, v, mask).reshape(n_seq, n_embd)
+    return linear(out, **c_proj), cache
+
+
+def mlp(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
+    return linear(gelu(linear(x, **c_fc)), **c_proj)
+
+
+def block(x, p, n_head, cache, layer, pos, dropout_rate=0.0, key=None):  # [n_seq, n_embd] -> [n_seq, n_embd]
+    k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
+    a, cache = causal_self_attention(layer_norm(x, **p["ln_1"]), **p["attn"], n_head=n_head, cache=cache,
+                                     layer=layer, pos=pos)
+    x = x + dropout(a, dropout_rate, k_attn)
+    x = x + dropout(mlp(layer_norm(x, **p["ln_2"]), **p["mlp"]), dropout_rate, k_mlp)
+    return x, cache
+
+
+def transformer(params, ids, n_head, cache=None, pos=0, dropout_rate=0.0, key=None):
+    # [n_seq] -> [n_seq, n_embd] final hidden states (after ln_f), and the updated cache
+    n_seq = ids.shape[0]
+    x = params["wte"][ids] + lax.dynamic_slice_in_dim(params["wpe"], pos, n_seq).astype(params["wte"].dtype)
+    if key is not None:
+        key, k_embd = jax.random.split(key)
+        x = dropout(x, dropout_rate, k_embd)
+
+    def layer_step(carry, layer_in):
+        x, cache = carry
+        p, layer = layer_in
+        layer_key = None if key is None else jax.random.fold_in(key, layer)
+        return block(x, p, n_head, cache, layer, pos, dropout_rate, layer_key), None
+
+    n_layer = params["h"]["ln_1"]["g"].shape[0]
+    (x, cache), _ = lax.scan(layer_step, (x, cache), (params["h"], jnp.arange(n_layer)))
+    return layer_norm(x, **params["ln_f"]), cache
+
+
+def unembed(params, x):  # the LM head is tied to the token embedding  # [n, n_embd] -> [n, n_vocab]
+    return jnp.einsum("ne,ve->nv", x, params["wte"], preferred_element_type=jnp.float32)
+
+
+def gpt(params, ids, n_head):  # [n_seq] -> [n_seq, n_vocab]
+    x, _ = transformer(params, ids, n_head)
+    return unembed(params, x)
+
+
+def init_cache(hparams, max_len, dtype=jnp.float32):  # -> {"k", "v": [n_layer, max_len, n_head, head_dim]}
+    n_head = hparams["n_head"]
+    shape = (hparams["n_layer"], max_len, n_head, hparams["n_embd"] // n_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def lm_loss(params, ids, targets, n_head, dropout_rate=0.0, key=None):  # [n_seq], [n_seq] -> scalar
+    # mean cross-entropy in nats; targets < 0 are ignored (padding)
+    x, _ = transformer(params, ids, n_head, dropout_rate=dropout_rate, key=key)
+    logits = unembed(params, x)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    valid = targets >= 0
+    nll = -jnp.take_along_axis(logprobs, jnp.where(valid, targets, 0)[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
+def init_params(key, hparams, dtype=jnp.float32):
+    # GPT-2's initialisation: N(0, 0.02) matrices, N(0, 0.01) positions, zero biases, unit LayerNorm gains, and the
+    # projections into the residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth.
+    n_vocab, n_ctx, E, L = hparams["n_vocab"], hparams["n_ctx"], hparams["n_embd"], hparams["n_layer"]
+    k = iter(jax.random.split(key, 6))
+    normal = lambda key, shape, std: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    ones, zeros = (lambda *s: jnp.ones(s, dtype)), (lambda *s: jnp.zeros(s, dtype))
+    proj_std = 0.02 / math.sqrt(2 * L)
+    return {
+        "wte": normal(next(k), (n_vocab, E), 0.02),
+        "wpe": normal(next(k), (n_ctx, E), 0.01),
+        "h": {
+            "ln_1": {"g": ones(L, E), "b": zeros(L, E)},
+            "attn": {"c_attn": {"w": normal(next(k), (L, E, 3 * E), 0.02), "b": zeros(L, 3 * E)},
+                     "c_proj": {"w": normal(next(k), (L, E, E), proj_std), "b": zeros(L, E)}},
+            "ln_2": {"g": ones(L, E), "b": zeros(L, E)},
+            "mlp": {"c_fc": {"w": normal(next(k), (L, E, 4 * E), 0.02), "b": zeros(L, 4 * E)},
+                    "c_proj": {"w": normal(next(k), (L, 4 * E, E), proj_std), "b": zeros(L, E)}},
+        },
+        "ln_f": {"g": ones(E), "b": zeros(E)},
+    }
+
+
+def cast(params, dtype):  # e.g. cast(params, jnp.bfloat16) for bf16 inference or mixed-precision compute
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def count_params(params):
+    return sum(p.size for p in jax.tree.leaves(params))
