@@ -1,0 +1,650 @@
+"""GPT-2's weights: download OpenAI's release, read its TensorFlow checkpoint with numpy alone, read Hugging Face
+safetensors, and cache the result.
+
+    encoder, hparams, params = load_encoder_hparams_and_params("124M", models_dir="models")
+    hparams, params = load_hparams_and_params("path/to/folder")
+
+A model is a release size ("124M", "355M", "774M", "1558M"), fetched into `models_dir/<size>/` the first time, or a
+folder in one of two layouts:
+  - OpenAI's release: hparams.json, model.ckpt.index + model.ckpt.data-00000-of-00001 (a TensorFlow tensor bundle),
+    encoder.json, vocab.bpe (checkpoint and model.ckpt.meta come with the release but are not needed);
+  - Hugging Face's GPT-2 (gpt2, distilgpt2, a finetune of them): config.json + model.safetensors.
+params come out in gpt.py's layout: the n_layer blocks stacked on a leading axis, as jax arrays. The first load
+converts the weights and writes them beside the source as params.safetensors; later loads read that file straight
+into arrays (124M: a fraction of a second). The cache records the size and mtime of the files it was made from and is
+remade when they change.
+
+Tokenizer: the encoder comes from the model's folder. A Hugging Face folder saved without its tokenizer (no
+encoder.json, vocab.bpe, vocab.json, merges.txt or meta.json) gets GPT-2's own vocabulary from `models_dir/124M/`,
+and encoder.json + vocab.bpe are downloaded there first if they are missing.
+
+Downloads go to `$GPTJAX_BASE_URL/models/<size>/<file>` (default: OpenAI's public bucket): streamed, retried with
+exponential backoff, resumed with an HTTP Range request after a cut, and renamed into place only when whole.
+"""
+import contextlib
+import functools
+import json
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import requests
+from tqdm import tqdm
+
+MODEL_SIZES = ("124M", "355M", "774M", "1558M")
+RELEASE_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
+                 "model.ckpt.meta", "vocab.bpe")
+TOKENIZER_FILES = ("encoder.json", "vocab.bpe", "vocab.json", "merges.txt", "meta.json")
+DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
+CACHE_NAME = "params.safetensors"
+CACHE_FORMAT = "gptjax-params-1"  # bump when the cache's layout changes, so that old caches are remade
+
+RETRIES = 3        # further attempts after a connection error, a cut transfer or a 5xx answer
+BACKOFF_S = 0.5    # wait before retry k (k = 0, 1, ...): BACKOFF_S * 2**k seconds
+TIMEOUT_S = 30     # connect and read timeout of each request
+CHUNK = 1 << 16    # bytes per write; small enough that a cut transfer keeps most of what arrived
+
+
+# ---------------------------------------------------------------------------------------------------- download
+
+def download(url, path):
+    """Fetch url into path, streamed with a progress bar. Connection errors, cut transfers and 5xx answers are retried
+    with exponential backoff; a cut transfer resumes where it stopped (HTTP Range). The data grows in `path.part` and
+    is renamed to path only when its size matches Content-Length, so path never holds a partial file."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    for attempt in range(RETRIES + 1):
+        if attempt:
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            size, expected = fetch_into(url, part, desc=path.name)
+        except requests.HTTPError as e:
+            status = e.response.status_code
+            if status == 404:
+                raise FileNotFoundError(f"{url} does not exist (HTTP 404)") from None
+            if status < 500:
+                raise ConnectionError(f"downloading {url} failed: HTTP {status} {e.response.reason}") from None
+            problem = f"HTTP {status}"
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            problem = short_reason(e)
+        else:
+            if expected is None or size == expected:
+                os.replace(part, path)
+                return path
+            problem = f"transfer cut at {size} of {expected} bytes"
+    raise ConnectionError(f"could not download {url}: {problem} ({RETRIES + 1} attempts)")
+
+
+def fetch_into(url, part, desc):  # -> (bytes now in part, whole size or None if the server did not say)
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Accept-Encoding": "identity"}  # sizes must be the file's, not a compressed stream's
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as r:
+        if r.status_code == 416:  # part is not a prefix of the file (it is as long or longer): start over
+            part.unlink()
+            return fetch_into(url, part, desc)
+        r.raise_for_status()
+        if r.status_code != 206:  # a 200 is the whole file: the server ignored the Range request
+            have = 0
+        length = r.headers.get("Content-Length")
+        expected = have + int(length) if length is not None else None
+        with open(part, "ab" if have else "wb") as f, tqdm(total=expected, initial=have, desc=desc, unit="B",
+                                                          unit_scale=True, unit_divisor=1024) as bar:
+            try:
+                for chunk in r.iter_content(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            finally:  # keep what arrived, for the next attempt to resume from
+                f.flush()
+                os.fsync(f.fileno())
+    return part.stat().st_size, expected
+
+
+def short_reason(error):  # requests' messages run to several nested reprs; keep the OS's words when there are any
+    found = re.search(r"\[Errno -?\d+\][^'\")]*", str(error))
+    return found.group(0).strip() if found else type(error).__name__
+
+
+def base_url():
+    return os.environ.get("GPTJAX_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
+
+
+def download_release(model_type, folder, names=RELEASE_FILES):
+    """Fetch the files of OpenAI's GPT-2 release `model_type` that folder lacks. A file exists only once it has
+    arrived whole (see download), so a folder holding all of them is complete and is never fetched again."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (folder / name).exists():
+            continue
+        url = f"{base_url()}/models/{model_type}/{name}"
+        try:
+            download(url, folder / name)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}: is {model_type!r} one of the releases {', '.join(MODEL_SIZES)}, and is "
+                                    f"GPTJAX_BASE_URL (if set) right?") from None
+        except ConnectionError as e:
+            raise ConnectionError(f"{e}; check the network, or place the files {', '.join(names)} in {folder}/ "
+                                  f"by hand") from None
+
+
+# ----------------------------------------------------------------------------------------------------- crc32c
+# TensorFlow checksums every tensor and every index block with crc32c (Castagnoli), which neither the standard library
+# nor our dependencies provide. Byte-at-a-time in Python it would run at ~5 MB/s, so it is vectorised: the input is cut
+# into 16-byte leaves whose CRCs come from table lookups done for all leaves at once, then the leaves are merged
+# pairwise. CRC is linear over GF(2): with a zero initial register, crc(a + b) = shift(crc(a), len(b)) ^ crc(b), where
+# shift (feeding in zero bytes) is a 32x32 bit matrix, applied with table lookups too. Zeros put in front of the input
+# leave a zero register at zero, which pads any length to a power-of-two number of leaves. 400-550 MB/s on one core.
+
+CRC32C_POLY = 0x82F63B78  # Castagnoli's polynomial, bit-reflected
+CRC_BLOCK = 1 << 20       # bytes merged as one tree; keeps the temporaries in cache
+
+
+@functools.cache
+def crc_byte_table():  # [256] uint32: the register after feeding one zero byte into register b
+    c = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        c = np.where(c & 1, (c >> 1) ^ np.uint32(CRC32C_POLY), c >> 1)
+    return c
+
+
+def feed_zero_bytes(c, n):  # [...] uint32 registers -> [...] after n zero bytes
+    table = crc_byte_table()
+    for _ in range(n):
+        c = table[c & 255] ^ (c >> 8)
+    return c
+
+
+def apply_bit_matrix(columns, c):  # 32 columns (the images of bits 0..31), python int -> python int
+    out = 0
+    for column in columns:
+        if c & 1:
+            out ^= column
+        c >>= 1
+    return out
+
+
+@functools.cache
+def zeros_operator(k):  # the bit matrix of feeding 2**k zero bytes, as 32 columns
+    if k == 0:
+        return tuple(int(c) for c in feed_zero_bytes(np.uint32(1) << np.arange(32, dtype=np.uint32), 1))
+    half = zeros_operator(k - 1)
+    return tuple(apply_bit_matrix(half, column) for column in half)
+
+
+def shift_register(c, n):  # python int register -> register after n zero bytes, in O(log n) matrix applications
+    k = 0
+    while n:
+        if n & 1:
+            c = apply_bit_matrix(zeros_operator(k), c)
+        n >>= 1
+        k += 1
+    return c
+
+
+@functools.cache
+def zeros_operator_tables(k):  # [4, 256] uint32: zeros_operator(k) applied to each byte of a register
+    columns = np.array(zeros_operator(k), dtype=np.uint32).reshape(4, 8)
+    bits = (np.arange(256, dtype=np.uint32)[:, None] >> np.arange(8, dtype=np.uint32)) & 1  # [256, 8]
+    return np.bitwise_xor.reduce(np.where(bits[None].astype(bool), columns[:, None, :], np.uint32(0)), axis=-1)
+
+
+@functools.cache
+def leaf_tables():  # [8, 65536] uint32: CRC (zero register) of 16 bytes that are zero but for 16-bit word j = v
+    tables = [feed_zero_bytes(np.arange(1 << 16, dtype=np.uint32), 2)]  # the last word: its own two bytes
+    for _ in range(7):
+        tables.append(feed_zero_bytes(tables[-1], 2))
+    return np.stack(tables[::-1])
+
+
+def raw_crc(data):  # [n] uint8 -> the CRC of data from a zero register, without the final inversion
+    n_leaves = 1 << max(0, (len(data) - 1) // 16).bit_length()
+    if n_leaves * 16 != len(data):
+        data = np.concatenate([np.zeros(n_leaves * 16 - len(data), np.uint8), data])
+    words = data.view("<u2").reshape(n_leaves, 8)
+    tables, crc, tmp = leaf_tables(), np.empty(n_leaves, np.uint32), np.empty(n_leaves, np.uint32)
+    np.take(tables[0], words[:, 0], out=crc)
+    for j in range(1, 8):
+        np.take(tables[j], words[:, j], out=tmp)
+        crc ^= tmp
+    k = 4  # pairs of 2**k-byte pieces merge into one: the left one is shifted past the right one's 2**k bytes
+    while len(crc) > 1:
+        left, right = crc[0::2], crc[1::2]
+        t = zeros_operator_tables(k)
+        crc = t[0][left & 255] ^ t[1][(left >> 8) & 255] ^ t[2][(left >> 16) & 255] ^ t[3][left >> 24] ^ right
+        k += 1
+    return int(crc[0])
+
+
+def crc32c(data, crc=0):
+    """CRC-32C (Castagnoli) of bytes or a contiguous array; crc32c(b, crc32c(a)) == crc32c(a + b)."""
+    data = np.frombuffer(data, np.uint8)
+    register = crc ^ 0xFFFFFFFF
+    for start in range(0, len(data), CRC_BLOCK):
+        block = data[start:start + CRC_BLOCK]
+        register = shift_register(register, len(block)) ^ raw_crc(block)
+    return register ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data):  # TensorFlow stores CRCs masked, so that a CRC of data holding CRCs stays well mixed
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+# ------------------------------------------------------------------------------------------- TensorFlow checkpoint
+# A checkpoint is a tensor bundle: `prefix.index`, a LevelDB-style sorted table mapping each tensor's name to a
+# BundleEntryProto (dtype, shape, shard, offset, size, crc32c), and `prefix.data-0000i-of-0000n`, the raw tensors.
+
+TABLE_MAGIC = 0xDB4775248B80FB57
+TF_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 14: np.dtype(jnp.bfloat16), 19: np.dtype("<f2")}
+TF_DTYPE_NAMES = {3: "int32", 7: "string", 9: "int64", 10: "bool"}  # for the error message only
+
+
+def read_varint(buf, pos):  # -> (value, position after it); IndexError past the end
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def parse_proto(buf):  # protobuf message -> {field number: [values]}: varints as ints, length-delimited as bytes
+    fields, pos = {}, 0
+    while pos < len(buf):
+        key, pos = read_varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = read_varint(buf, pos)
+        elif wire in (1, 5):  # fixed64, fixed32
+            width = 8 if wire == 1 else 4
+            value, pos = int.from_bytes(buf[pos:pos + width], "little"), pos + width
+        elif wire == 2:
+            length, pos = read_varint(buf, pos)
+            value, pos = bytes(buf[pos:pos + length]), pos + length
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf message")
+        fields.setdefault(key >> 3, []).append(value)
+    return fields
+
+
+def table_block(table, handle):  # the block a BlockHandle (offset, size varints) points to, checked
+    offset, pos = read_varint(handle, 0)
+    size, _ = read_varint(handle, pos)
+    block, trailer = table[offset:offset + size], table[offset + size:offset + size + 5]
+    if len(trailer) < 5:
+        raise ValueError("a block runs past the end of the file")
+    if trailer[0] != 0:
+        raise ValueError(f"compressed blocks (type {trailer[0]}) are not supported")
+    if masked_crc32c(block + trailer[:1]) != int.from_bytes(trailer[1:], "little"):
+        raise ValueError("block checksum mismatch")
+    return block
+
+
+def block_entries(block):  # -> [(key, value)]; each key shares a prefix with the one before it
+    n_restarts = int.from_bytes(block[-4:], "little")
+    end = len(block) - 4 - 4 * n_restarts  # the restart offsets (for binary search) are not needed for a full scan
+    entries, key, pos = [], b"", 0
+    while pos < end:
+        shared, pos = read_varint(block, pos)
+        unshared, pos = read_varint(block, pos)
+        length, pos = read_varint(block, pos)
+        key = key[:shared] + block[pos:pos + unshared]
+        entries.append((key, block[pos + unshared:pos + unshared + length]))
+        pos += unshared + length
+    if pos != end:
+        raise ValueError("malformed table block")
+    return entries
+
+
+def read_table(table):  # SSTable bytes -> {key: value}
+    if len(table) < 48 or int.from_bytes(table[-8:], "little") != TABLE_MAGIC:
+        raise ValueError("no table footer at its end")
+    footer = table[-48:-8]  # metaindex handle, index handle (offset and size varints each), padding
+    _, pos = read_varint(footer, 0)  # the metaindex handle is skipped: TensorFlow writes no meta blocks
+    _, pos = read_varint(footer, pos)
+    index = table_block(table, footer[pos:])
+    entries = {}
+    for _, handle in block_entries(index):  # the index block points at the data blocks
+        entries.update(block_entries(table_block(table, handle)))
+    return entries
+
+
+def read_bundle_index(path):  # model.ckpt.index -> ({tensor name: entry}, number of data shards)
+    try:
+        table = read_table(Path(path).read_bytes())
+        header = parse_proto(table.pop(b""))
+        entries = {name.decode(): bundle_entry(value) for name, value in table.items()}
+    except (ValueError, IndexError, KeyError) as e:
+        raise damaged(path, str(e) if isinstance(e, ValueError) else "truncated or malformed") from None
+    if header.get(2, [0])[0] != 0:
+        raise ValueError(f"{path}: big-endian checkpoints are not supported")
+    return entries, header.get(1, [1])[0]
+
+
+def bundle_entry(buf):  # BundleEntryProto -> dict
+    fields = parse_proto(buf)
+    dims = parse_proto(fields[2][0]).get(2, []) if 2 in fields else []
+    return {"dtype": fields[1][0], "shape": tuple(parse_proto(d).get(1, [0])[0] for d in dims),
+            "shard": fields.get(3, [0])[0], "offset": fields.get(4, [0])[0], "size": fields.get(5, [0])[0],
+            "crc32c": fields.get(6, [None])[0], "sliced": 7 in fields}
+
+
+def bundle_tensor(f, path, name, entry):  # one tensor of an open data file -> float32 array, checksum verified
+    if entry["sliced"] or entry["dtype"] not in TF_DTYPES:
+        kind = "partitioned" if entry["sliced"] else TF_DTYPE_NAMES.get(entry["dtype"], f"of dtype {entry['dtype']}")
+        raise ValueError(f"{path}: tensor {name} is {kind}; GPT-2 checkpoints hold unpartitioned float tensors")
+    dtype = TF_DTYPES[entry["dtype"]]
+    if entry["size"] != dtype.itemsize * int(np.prod(entry["shape"])):
+        raise damaged(path.with_name(path.name.split(".data-")[0] + ".index"), f"tensor {name} has a wrong size")
+    buf = np.empty(entry["size"], np.uint8)
+    f.seek(entry["offset"])
+    if f.readinto(buf) != entry["size"]:
+        raise damaged(path, f"truncated: tensor {name} ends at byte {entry['offset'] + entry['size']}")
+    if entry["crc32c"] is not None and masked_crc32c(buf) != entry["crc32c"]:
+        raise damaged(path, f"crc32c checksum mismatch in tensor {name}")
+    return buf.view(dtype).reshape(entry["shape"]).astype(np.float32, copy=False)
+
+
+def damaged(path, problem):  # the one-line error for a file that fails its checks
+    return ValueError(f"{path} is damaged ({problem}): delete it and run again to fetch it anew, or put back a good copy")
+
+
+def checkpoint_prefix(folder):  # "model.ckpt" in the release; the `checkpoint` file names it for other TF checkpoints
+    found = re.search(r'^model_checkpoint_path: "([^"]+)"', read_text(folder / "checkpoint"), re.M)
+    return Path(found.group(1)).name if found else "model.ckpt"
+
+
+def read_text(path):
+    return path.read_text() if path.exists() else ""
+
+
+# ------------------------------------------------------------------------------------ params layout and conversion
+
+def param_shapes(hparams):  # "/"-joined names of gpt.py's params -> shapes; "h/..." are stacked over the layers
+    V, C, E, L = hparams["n_vocab"], hparams["n_ctx"], hparams["n_embd"], hparams["n_layer"]
+    return {"wte": (V, E), "wpe": (C, E),
+            "h/ln_1/g": (L, E), "h/ln_1/b": (L, E),
+            "h/attn/c_attn/w": (L, E, 3 * E), "h/attn/c_attn/b": (L, 3 * E),
+            "h/attn/c_proj/w": (L, E, E), "h/attn/c_proj/b": (L, E),
+            "h/ln_2/g": (L, E), "h/ln_2/b": (L, E),
+            "h/mlp/c_fc/w": (L, E, 4 * E), "h/mlp/c_fc/b": (L, 4 * E),
+            "h/mlp/c_proj/w": (L, 4 * E, E), "h/mlp/c_proj/b": (L, E),
+            "ln_f/g": (E,), "ln_f/b": (E,)}
+
+
+def stack_params(hparams, read):
+    """Gather params tensor by tensor with read(name, layer or None, shape) -> float32 array of that shape. Only the
+    output and one source tensor are in memory at a time."""
+    flat = {}
+    for name, shape in param_shapes(hparams).items():
+        if name.startswith("h/"):
+            flat[name] = np.empty(shape, np.float32)
+            for layer in range(shape[0]):
+                flat[name][layer] = read(name, layer, shape[1:])
+        else:
+            flat[name] = read(name, None, shape)
+    return flat
+
+
+def checked_shape(array, path, name, shape):  # a source tensor reshaped to shape; TF's matrices have a leading 1
+    if array.shape[array.ndim - len(shape):] != shape or array.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: tensor {name} has shape {list(array.shape)} where the hparams give {list(shape)}")
+    return array.reshape(shape)
+
+
+def tf_name(name, layer):  # "h/attn/c_attn/w", 3 -> "model/h3/attn/c_attn/w"
+    return "model/" + (name if layer is None else f"h{layer}" + name[1:])
+
+
+def hf_name(name, layer):  # "h/ln_1/g", 3 -> "h.3.ln_1.weight"; "wte" -> "wte.weight"
+    parts = name.split("/")
+    if layer is not None:
+        parts[0] = f"h.{layer}"
+    leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(parts[-1])
+    return ".".join(parts[:-1] + [leaf] if leaf else parts + ["weight"])
+
+
+def read_tf_params(folder, hparams):  # OpenAI's checkpoint -> flat stacked params (np.float32)
+    prefix = checkpoint_prefix(folder)
+    index = folder / f"{prefix}.index"
+    entries, n_shards = read_bundle_index(index)
+    paths = [folder / f"{prefix}.data-{i:05d}-of-{n_shards:05d}" for i in range(n_shards)]
+    require_files(folder, paths)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(p, "rb")) for p in paths]
+
+        def read(name, layer, shape):
+            tensor = tf_name(name, layer)
+            if tensor not in entries:
+                raise ValueError(f"{index} has no tensor {tensor}; is it a GPT-2 checkpoint?")
+            entry = entries[tensor]
+            return checked_shape(bundle_tensor(files[entry["shard"]], paths[entry["shard"]], tensor, entry),
+                                 index, tensor, shape)
+        return stack_params(hparams, read)
+
+
+def read_hf_params(folder, hparams):  # Hugging Face's model.safetensors -> flat stacked params (np.float32)
+    path = folder / "model.safetensors"
+    with open(path, "rb") as f:
+        tensors, _, start = safetensors_header(f, path)
+        prefix = "transformer." if "transformer.wte.weight" in tensors else ""  # some files drop the prefix
+
+        def read(name, layer, shape):
+            tensor = prefix + hf_name(name, layer)
+            if tensor not in tensors:
+                raise ValueError(f"{path} has no tensor {tensor}; is it a GPT-2 model?")
+            return checked_shape(safetensor(f, path, start, tensors[tensor]), path, tensor, shape)
+        return stack_params(hparams, read)
+
+
+# ------------------------------------------------------------------------------------------------- safetensors
+# The format is 8 bytes of header length, a JSON header ({name: {dtype, shape, data_offsets}, "__metadata__": {}}),
+# then the raw tensors. It is read here rather than with the safetensors package because each tensor is then read
+# with one readinto into a 64-byte-aligned buffer, which jax on CPU adopts without a copy: a load holds one copy of
+# the weights and takes ~0.1 s for 124M (the package's safe_open: ~0.7 s and a transient second copy).
+
+SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
+                      "BF16": np.dtype(jnp.bfloat16)}
+
+
+def safetensors_header(f, path):  # -> ({name: {dtype, shape, data_offsets}}, metadata, offset of the data)
+    try:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length)) if length < 1 << 30 else None
+        metadata = header.pop("__metadata__", None) or {}
+        ends = [info["data_offsets"][1] for info in header.values()]
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+        raise damaged(path, "no safetensors header") from None
+    if 8 + length + max(ends, default=0) > os.fstat(f.fileno()).st_size:
+        raise damaged(path, "truncated")
+    return header, metadata, 8 + length
+
+
+def safetensor(f, path, start, info):  # one tensor -> float32 array (no copy when it is stored as float32)
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensors of dtype {info['dtype']} are not supported (use F32, F16, BF16 or F64)")
+    begin, end = info["data_offsets"]
+    buf = empty_aligned(end - begin)
+    f.seek(start + begin)
+    if f.readinto(buf) != end - begin:
+        raise damaged(path, "truncated")
+    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).astype(np.float32, copy=False)
+
+
+def empty_aligned(nbytes):  # [nbytes] uint8 at a 64-byte boundary, which lets jax on CPU adopt it instead of copying
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes]
+
+
+def write_safetensors(path, tensors, metadata):  # {name: float32 array}, {str: str} -> path, atomically
+    header, offset = {"__metadata__": metadata}, 0
+    for name, array in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # the format asks for the data to start 8-byte aligned
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # per process: two loads at once do not mix
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for array in tensors.values():
+                f.write(memoryview(np.ascontiguousarray(array, np.float32)).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # after a failure, leave nothing half-written behind
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+
+def require_files(folder, paths):
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}")
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def checked_hparams(hparams, path):
+    for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
+        if not isinstance(hparams.get(key), int) or hparams[key] <= 0:
+            raise ValueError(f"{path}: {key} must be a positive integer, got {hparams.get(key)!r}")
+    if hparams["n_embd"] % hparams["n_head"]:
+        raise ValueError(f"{path}: n_embd {hparams['n_embd']} is not a multiple of n_head {hparams['n_head']}")
+    return {key: hparams[key] for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
+
+
+def hf_hparams(path):  # config.json -> hparams, refusing the variants that gpt.py does not compute
+    config = read_json(path)
+    fixes = {"model_type": "gpt2", "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+             "layer_norm_epsilon": 1e-5, "n_inner": (None, 4 * config.get("n_embd", 0)),
+             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True}
+    for key, allowed in fixes.items():
+        allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+        if key in config and config[key] not in allowed:
+            raise ValueError(f"{path}: {key} {config[key]!r} is not GPT-2's ({' or '.join(map(repr, allowed))}), "
+                             f"which is all that gpt.py computes")
+    names = {"n_vocab": "vocab_size", "n_ctx": "n_positions", "n_embd": "n_embd", "n_head": "n_head",
+             "n_layer": "n_layer"}
+    return checked_hparams({key: config.get(name) for key, name in names.items()}, path)
+
+
+def model_sources(folder):  # -> (reader, hparams, the files the weights are made from)
+    """Which layout folder is in, its hparams, and its weight files; a one-line error names any that are missing."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    prefix = checkpoint_prefix(folder)
+    if (folder / "hparams.json").exists() or (folder / f"{prefix}.index").exists():
+        index = folder / f"{prefix}.index"
+        data = sorted(folder.glob(f"{prefix}.data-*-of-*")) or [folder / f"{prefix}.data-00000-of-00001"]
+        require_files(folder, [folder / "hparams.json", index, *data])
+        hparams = checked_hparams(read_json(folder / "hparams.json"), folder / "hparams.json")
+        return read_tf_params, hparams, [folder / "hparams.json", index, *data]
+    if (folder / "config.json").exists() or (folder / "model.safetensors").exists():
+        if not (folder / "model.safetensors").exists() and (folder / "pytorch_model.bin").exists():
+            raise FileNotFoundError(f"{folder} has pytorch_model.bin but no model.safetensors: convert it, e.g. with "
+                                    f"transformers: GPT2LMHeadModel.from_pretrained(folder).save_pretrained(folder)")
+        require_files(folder, [folder / "config.json", folder / "model.safetensors"])
+        sources = [folder / "config.json", folder / "model.safetensors"]
+        return read_hf_params, hf_hparams(folder / "config.json"), sources
+    raise FileNotFoundError(f"{folder} holds no GPT-2 model: expected hparams.json + model.ckpt.index + "
+                            f"model.ckpt.data-00000-of-00001 (OpenAI's layout) or config.json + model.safetensors "
+                            f"(Hugging Face's)")
+
+
+def sources_stamp(paths):  # identifies the versions of the source files, to tell when the cache is stale
+    return json.dumps({p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}, sort_keys=True)
+
+
+def cache_is_current(cache, stamp):
+    try:
+        with open(cache, "rb") as f:
+            _, metadata, _ = safetensors_header(f, cache)
+    except (OSError, ValueError):  # absent, or damaged: remake it
+        return False
+    return metadata.get("format") == CACHE_FORMAT and metadata.get("sources") == stamp
+
+
+def to_device(array, dtype):  # np.float32 -> jax array of dtype (float32 when None)
+    # Waiting for the copy lets the host buffer go before the next tensor is read: without it the copies queue up and
+    # the host holds up to a second copy of the weights.
+    return jax.device_put(array if dtype is None else array.astype(dtype, copy=False)).block_until_ready()
+
+
+def unflatten(flat):  # {"h/ln_1/g": x, ...} -> {"h": {"ln_1": {"g": x}}, ...}
+    tree = {}
+    for name, value in flat.items():
+        *path, leaf = name.split("/")
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def read_params(path, dtype=None):  # params.safetensors -> params (jax arrays), one tensor in host memory at a time
+    with open(path, "rb") as f:
+        tensors, _, start = safetensors_header(f, path)
+        return unflatten({name: to_device(safetensor(f, path, start, info), dtype) for name, info in tensors.items()})
+
+
+def load_hparams_and_params(model_dir, dtype=None):
+    """hparams and params (jax arrays of dtype, float32 by default) of the model in folder model_dir, in OpenAI's or
+    Hugging Face's layout. Converts and caches the weights as model_dir/params.safetensors on the first call."""
+    folder = Path(model_dir)
+    read_source, hparams, sources = model_sources(folder)
+    cache, stamp = folder / CACHE_NAME, sources_stamp(sources)
+    if not cache_is_current(cache, stamp):
+        flat = read_source(folder, hparams)
+        try:
+            write_safetensors(cache, flat, {"format": CACHE_FORMAT, "hparams": json.dumps(hparams), "sources": stamp})
+        except OSError as e:  # a read-only folder, a full disk: the model still loads, converted anew each time
+            warnings.warn(f"could not write {cache} ({e.strerror or e}); the weights will be converted on every load")
+            return hparams, unflatten({name: to_device(x, dtype) for name, x in flat.items()})
+        del flat  # read the cache back rather than convert these: one copy of the weights in memory, not two
+    return hparams, read_params(cache, dtype)
+
+
+def model_folder(model, models_dir):  # a release size (downloaded when incomplete) or a path -> folder
+    model = str(model)
+    if os.path.isdir(model) or os.sep in model or "/" in model:
+        return Path(model)
+    if model not in MODEL_SIZES:
+        raise ValueError(f"unknown model {model!r}: give a GPT-2 size ({', '.join(MODEL_SIZES)}) or a model folder")
+    download_release(model, Path(models_dir) / model)
+    return Path(models_dir) / model
+
+
+def tokenizer_folder(folder, models_dir):
+    """folder if it holds tokenizer files, else GPT-2's vocabulary in models_dir/124M (fetched there if absent)."""
+    if any((folder / name).exists() for name in TOKENIZER_FILES):
+        return folder
+    download_release("124M", Path(models_dir) / "124M", names=("encoder.json", "vocab.bpe"))
+    return Path(models_dir) / "124M"
+
+
+def load_encoder_hparams_and_params(model, models_dir="models", dtype=None):
+    """(encoder, hparams, params) of model: a GPT-2 release size, downloaded into models_dir/<size> when incomplete,
+    or a model folder (see the module docstring). params are jax arrays of dtype (float32 by default)."""
+    folder = model_folder(model, models_dir)
+    hparams, params = load_hparams_and_params(folder, dtype)
+    from encoder import get_encoder  # here, so that scripts that only download (data.py) need not load the tokenizer
+    return get_encoder(tokenizer_folder(folder, models_dir)), hparams, params
