@@ -17,12 +17,16 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def wide(dtype):  # the dtype for sums and statistics: float32, or float64 when the params are float64
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def gelu(x):  # GPT-2 uses the tanh approximation  # [...] -> [...]
     return 0.5 * x * (1 + jnp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def layer_norm(x, g, b=None, eps=1e-5):  # [n_seq, n_embd] -> [n_seq, n_embd]
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(wide(x.dtype))
     mean = x32.mean(axis=-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
     y = (x32 - mean) * lax.rsqrt(var + eps) * g
@@ -42,8 +46,8 @@ def dropout(x, rate, key):  # [...] -> [...]; identity when rate is 0 or there i
 
 
 def attention(q, k, v, mask):  # [n_q, n_head, d], [n_k, n_head, d], [n_k, n_head, d], [n_q, n_k] -> [n_q, n_head, d]
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=wide(q.dtype)) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("hqk,khd->qhd", weights, v)
 
@@ -113,7 +117,7 @@ def transformer(params, ids, n_head, cache=None, pos=0, dropout_rate=0.0, key=No
 def unembed(params, x):  # the LM head is tied to the token embedding  # [n, n_embd] -> [n, n_vocab]
     # multiply in the params' dtype and upcast after: with bf16 weights the backward pass then stays on bf16 tensor
     # cores (a float32 result would make the two gradient matmuls float32, 2x slower for a 124M training step on GPU)
-    return jnp.einsum("ne,ve->nv", x, params["wte"]).astype(jnp.float32)
+    return jnp.einsum("ne,ve->nv", x, params["wte"]).astype(wide(x.dtype))
 
 
 def gpt(params, ids, n_head):  # [n_seq] -> [n_seq, n_vocab]
