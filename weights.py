@@ -8,7 +8,8 @@ A model is a release size ("124M", "355M", "774M", "1558M"), fetched into `model
 folder in one of two layouts:
   - OpenAI's release: hparams.json, model.ckpt.index + model.ckpt.data-00000-of-00001 (a TensorFlow tensor bundle),
     encoder.json, vocab.bpe (checkpoint and model.ckpt.meta come with the release but are not needed);
-  - Hugging Face's GPT-2 (gpt2, distilgpt2, a finetune of them): config.json + model.safetensors.
+  - Hugging Face's GPT-2 (gpt2, distilgpt2, a finetune of them): config.json + model.safetensors;
+  - gptjax's own: params.safetensors with the hparams in its metadata (written by train.py and `save_params`).
 params come out in gpt.py's layout: the n_layer blocks stacked on a leading axis, as jax arrays. The first load
 converts the weights and writes them beside the source as params.safetensors; later loads read that file straight
 into arrays (124M: a fraction of a second). The cache records the size and mtime of the files it was made from and is
@@ -565,9 +566,15 @@ def model_sources(folder):  # -> (reader, hparams, the files the weights are mad
         require_files(folder, [folder / "config.json", folder / "model.safetensors"])
         sources = [folder / "config.json", folder / "model.safetensors"]
         return read_hf_params, hf_hparams(folder / "config.json"), sources
+    if (folder / CACHE_NAME).exists():  # gptjax's own layout: what train.py and save_params write
+        with open(folder / CACHE_NAME, "rb") as f:
+            _, metadata, _ = safetensors_header(f, folder / CACHE_NAME)
+        if "hparams" not in metadata:
+            raise ValueError(f"{folder / CACHE_NAME} has no hparams in its metadata: it was not written by gptjax")
+        return None, checked_hparams(json.loads(metadata["hparams"]), folder / CACHE_NAME), [folder / CACHE_NAME]
     raise FileNotFoundError(f"{folder} holds no GPT-2 model: expected hparams.json + model.ckpt.index + "
                             f"model.ckpt.data-00000-of-00001 (OpenAI's layout) or config.json + model.safetensors "
-                            f"(Hugging Face's)")
+                            f"(Hugging Face's) or params.safetensors (gptjax's)")
 
 
 def sources_stamp(paths):  # identifies the versions of the source files, to tell when the cache is stale
@@ -612,7 +619,7 @@ def load_hparams_and_params(model_dir, dtype=None):
     folder = Path(model_dir)
     read_source, hparams, sources = model_sources(folder)
     cache, stamp = folder / CACHE_NAME, sources_stamp(sources)
-    if not cache_is_current(cache, stamp):
+    if read_source is not None and not cache_is_current(cache, stamp):
         flat = read_source(folder, hparams)
         try:
             write_safetensors(cache, flat, {"format": CACHE_FORMAT, "hparams": json.dumps(hparams), "sources": stamp})
@@ -621,6 +628,16 @@ def load_hparams_and_params(model_dir, dtype=None):
             return hparams, unflatten({name: to_device(x, dtype) for name, x in flat.items()})
         del flat  # read the cache back rather than convert these: one copy of the weights in memory, not two
     return hparams, read_params(cache, dtype)
+
+
+def save_params(model_dir, hparams, params):
+    """Write params (any float dtype; stored as float32) to model_dir/params.safetensors, atomically: a folder that
+    load_hparams_and_params and main.py --model_dir read like any other."""
+    folder = Path(model_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = {"/".join(k.key for k in path): np.asarray(x, np.float32)
+            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    write_safetensors(folder / CACHE_NAME, flat, {"format": CACHE_FORMAT, "hparams": json.dumps(hparams)})
 
 
 def model_folder(model, models_dir):  # a release size (downloaded when incomplete) or a path -> folder
