@@ -1,0 +1,779 @@
+"""Train a GPT-2 from scratch or finetune one, on one CPU, one GPU or many devices: jax.value_and_grad + optax over
+gpt.py's params dict.
+
+    python train.py                                          # a small character-level GPT on tiny Shakespeare
+    python train.py configs/shakespeare_char.toml            # nanoGPT's "baby GPT" (best on a GPU)
+    python train.py configs/finetune_shakespeare.toml        # finetune GPT-2 124M on tiny Shakespeare
+    python train.py --dataset=notes.txt --init_from=124M --max_iters=200 --out_dir=out-notes
+    python train.py --init_from=resume --out_dir=out         # continue exactly where a run stopped
+    python main.py --model_dir out                           # sample from what was trained
+
+Config. The names are nanoGPT's (`python train.py --help` lists every key, its default and meaning); a TOML or JSON
+file given first sets some, then `--key=value` flags override. A resumed run starts from the config saved in its
+checkpoint. Unknown keys and bad values stop the run with a one-line error.
+
+What a step does. batch_size * gradient_accumulation_steps sequences of block_size + 1 tokens are drawn at random
+offsets of train.bin (data.get_batch). One jitted function runs the micro-batches under lax.scan, summing gradients,
+and applies AdamW: warmup then cosine decay of the learning rate to min_lr (nanoGPT's get_lr), gradients clipped to
+global norm grad_clip, weight decay on matrices and embeddings only (not on biases and LayerNorm gains; nanoGPT's
+rule, ">= 2 dimensions" before gpt.py stacks the layers). The params and optimizer state are donated, so they are
+updated in place. Master weights are float32; dtype=bfloat16 computes the forward and backward passes in bfloat16
+(dtype=auto: bfloat16 on GPU and TPU, float32 on CPU). Dropout masks come from explicit PRNG keys.
+
+Determinism. The batch of iteration `it` and its dropout keys are pure functions of (seed, it), so the checkpoint's
+iteration number is the whole state of the data sampler and the random streams: resuming repeats exactly what an
+uninterrupted run would have done (bitwise on CPU).
+
+Outputs in out_dir, each written atomically (temporary file, fsync, rename: a crash never leaves a half-written file,
+and the previous version stays intact until the new one is whole):
+  - ckpt.safetensors: the last state, written at every evaluation after the first, at the end and on Ctrl-C:
+    params, AdamW state, iteration, best val loss and config, for init_from=resume;
+  - params.safetensors: the best params by val loss (with always_save_checkpoint, the latest at each evaluation), in
+    weights.py's model-folder format, beside the vocabulary (meta.json for characters, encoder.json + vocab.bpe for
+    GPT-2 tokens): out_dir is a model folder that main.py --model_dir and weights.load_hparams_and_params read;
+  - metrics.jsonl: one JSON object per evaluation (iter, train_loss, val_loss, lr, tokens_per_s, mfu, elapsed_s);
+  - loss.png: the loss curves, when matplotlib is installed.
+A non-finite loss stops training with an error and saves nothing, so the last good checkpoint stays.
+
+Many devices. A Mesh over all devices with one axis, "data": each batch is split across the devices, the params and
+optimizer state are replicated, and XLA sums the gradients across devices. fsdp=true shards the params and optimizer
+state along the same axis (each array on its largest dimension divisible by the device count), for models that do not
+fit one device; XLA gathers them for the matmuls. The results equal one device's up to float rounding. Launched as
+several processes (SLURM or Open MPI with more than one task, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and
+JAX_PROCESS_ID set), jax.distributed.initialize() joins them first; each process loads its rows of every batch and
+process 0 writes the files.
+
+MFU (model flops utilization) counts what the model needs, not what XLA runs, with the PaLM paper's formula as nanoGPT
+does: 6 N + 12 L H Q T flops per token, N the parameters without the position table, L layers, H heads of size Q,
+T = block_size, divided by the devices' peak (a table of bfloat16 dense peaks by device kind, half of it for float32
+on GPUs, which run float32 matmuls at TF32 rate; CPUs have no entry: give --peak_flops, per device, to see MFU there).
+"""
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import tomllib
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import data
+import gpt
+
+# name: (default, help). The defaults train the small character-level model of nanoGPT's CPU recipe (README, "I only
+# have a macbook"): about two minutes on a 2-core CPU to a val loss near 1.88. configs/ holds the larger recipes.
+CONFIG = {
+    "out_dir": ("out", "folder for checkpoints, metrics and the trained model"),
+    "eval_interval": (250, "evaluate (and checkpoint) every this many iterations"),
+    "log_interval": (10, "refresh the progress bar's loss, tokens/s and MFU every this many iterations"),
+    "eval_iters": (50, "batches per split in each loss estimate"),
+    "eval_only": (False, "evaluate the initial model once and exit"),
+    "always_save_checkpoint": (False, "make params.safetensors the latest params at every evaluation, not the best"),
+    "init_from": ("scratch", "scratch, resume (from out_dir), a GPT-2 release (124M 355M 774M 1558M, or gpt2, "
+                             "gpt2-medium, gpt2-large, gpt2-xl) or a model folder"),
+    "models_dir": ("models", "where GPT-2 releases are downloaded"),
+    "dataset": ("shakespeare_char", "shakespeare_char, shakespeare, openwebtext, a folder prepared under data_dir, or "
+                                    "a text file or folder (prepared on first use)"),
+    "data_dir": ("data", "where datasets are prepared"),
+    "tokens": ("auto", "tokens of a text file or folder: char, gpt2, or auto (gpt2 when finetuning a GPT-2, else char)"),
+    "gradient_accumulation_steps": (1, "micro-batches per optimizer step"),
+    "batch_size": (12, "sequences per micro-batch, across all devices"),
+    "block_size": (64, "tokens per sequence (the context length of a model trained from scratch)"),
+    "n_layer": (4, "transformer blocks (scratch only; a pretrained or resumed model keeps its own)"),
+    "n_head": (4, "attention heads (scratch only)"),
+    "n_embd": (128, "embedding width (scratch only)"),
+    "dropout": (0.0, "dropout rate while training (0 for pretraining; try 0.1+ for finetuning)"),
+    "bias": (False, "biases in the linear layers and LayerNorms (scratch only; GPT-2 has them)"),
+    "learning_rate": (1e-3, "peak learning rate"),
+    "max_iters": (2000, "optimizer steps in all"),
+    "weight_decay": (0.1, "AdamW weight decay, on matrices and embeddings only"),
+    "beta1": (0.9, "AdamW beta1"),
+    "beta2": (0.99, "AdamW beta2"),
+    "grad_clip": (1.0, "clip gradients to this global norm; 0 disables"),
+    "decay_lr": (True, "warm up then decay the learning rate; false keeps it at learning_rate"),
+    "warmup_iters": (100, "iterations of linear warmup"),
+    "lr_decay_iters": (2000, "iteration where the cosine decay reaches min_lr (about max_iters, per Chinchilla)"),
+    "min_lr": (1e-4, "learning rate after the decay (about learning_rate / 10)"),
+    "dtype": ("auto", "compute dtype: float32, bfloat16, or auto (bfloat16 on GPU/TPU, float32 on CPU); weights and "
+                      "optimizer state stay float32"),
+    "fsdp": (False, "shard params and optimizer state across devices, not only the batch"),
+    "peak_flops": (0.0, "peak FLOP/s of one device for MFU; 0 looks the device kind up"),
+    "seed": (1337, "seed of the initial weights, the batches and the dropout masks"),
+}
+DEFAULTS = {name: default for name, (default, _) in CONFIG.items()}
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "bias")  # fixed by the checkpoint when resuming
+NANOGPT_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+GPT2_VOCAB = 50257
+CKPT_NAME = "ckpt.safetensors"
+CKPT_FORMAT = "gptjax-train-1"
+
+# Dense bfloat16 peak FLOP/s of one device, by a substring of jax's device_kind (checked in this order).
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
+              "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6": 918e12}
+
+
+# --------------------------------------------------------------------------------------------------------- config
+
+def help_text():
+    lines = ["usage: python train.py [CONFIG.toml | CONFIG.json] [--key=value ...]", "",
+             "Train or finetune a GPT-2. A config file (TOML or JSON) sets keys first; --key=value flags override it;",
+             "a bare --key sets a boolean key to true. Keys (default: meaning):"]
+    for name, (default, meaning) in CONFIG.items():
+        lines.append(f"  --{name}={json.dumps(default) if isinstance(default, str) else str(default).lower()}")
+        lines.append(f"      {meaning}")
+    return "\n".join(lines)
+
+
+def unknown_key(name, where):
+    close = difflib.get_close_matches(name, CONFIG, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return ValueError(f"unknown config key {name!r} {where}; {hint}see python train.py --help")
+
+
+def parse_flag_value(name, text):  # "--key=value" text -> value of the key's type
+    kind = type(DEFAULTS[name])
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"--{name} takes true or false, not {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--{name} takes an integer, not {text!r}") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"--{name} takes a number, not {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"--{name} takes a finite number, not {text!r}")
+        return value
+    return text
+
+
+def checked_file_value(name, value, path):  # a value read from a config file -> value of the key's type
+    kind = type(DEFAULTS[name])
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise ValueError(f"{path}: {name} should be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def read_config_file(path):
+    """A TOML or JSON file of config keys (a flat table) -> dict. Python config files are not executed."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text.decode("utf-8"))
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ValueError(f"config file {path} should end in .toml or .json (Python config files are not run)")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid {path.suffix[1:].upper()}: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} should hold a table of config keys")
+    for name in values:
+        if name not in CONFIG:
+            raise unknown_key(name, f"in {path}")
+    return {name: checked_file_value(name, value, path) for name, value in values.items()}
+
+
+def parse_args(argv):
+    """Command-line arguments -> the config keys they set (not yet merged with the defaults)."""
+    overrides = {}
+    for n, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            if n > 0 or arg.startswith("-"):
+                raise ValueError(f"unexpected argument {arg!r}: give a config file first, then --key=value flags")
+            overrides.update(read_config_file(arg))
+            continue
+        name, has_value, text = arg[2:].partition("=")
+        if name not in CONFIG:
+            raise unknown_key(name, "on the command line")
+        if not has_value:
+            if type(DEFAULTS[name]) is not bool:
+                raise ValueError(f"--{name} needs a value: --{name}=VALUE")
+            text = "true"
+        overrides[name] = parse_flag_value(name, text)
+    return overrides
+
+
+def check_config(config):
+    positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                "block_size", "n_layer", "n_head", "n_embd")
+    for name in positive:
+        if config[name] < 1:
+            raise ValueError(f"{name} must be at least 1, got {config[name]}")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+        if config[name] < 0:
+            raise ValueError(f"{name} must not be negative, got {config[name]}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+        if config[name] < 0:
+            raise ValueError(f"{name} must not be negative, got {config[name]}")
+    if not 0 <= config["dropout"] < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {config['dropout']}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= config[name] < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {config[name]}")
+    if config["n_embd"] % config["n_head"]:
+        raise ValueError(f"n_embd {config['n_embd']} must be a multiple of n_head {config['n_head']}")
+    if config["decay_lr"] and config["lr_decay_iters"] <= config["warmup_iters"]:
+        raise ValueError(f"lr_decay_iters ({config['lr_decay_iters']}) must exceed warmup_iters "
+                         f"({config['warmup_iters']}), or set decay_lr=false")
+    if config["dtype"] not in ("auto", "float32", "bfloat16"):
+        hint = " (float16 needs loss scaling; use bfloat16)" if config["dtype"] == "float16" else ""
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, not {config['dtype']!r}{hint}")
+    if config["tokens"] not in ("auto", "char", "gpt2"):
+        raise ValueError(f"tokens must be auto, char or gpt2, not {config['tokens']!r}")
+    return config
+
+
+def resolve_config(overrides):
+    """The full config of a run: the defaults, then (init_from=resume) the config saved in out_dir's checkpoint, then
+    overrides. A resumed run cannot change the model's shape."""
+    for name in overrides:
+        if name not in CONFIG:
+            raise unknown_key(name, "in the config")
+    config = {**DEFAULTS, **overrides}
+    if config["init_from"] == "resume":
+        saved = read_checkpoint_meta(Path(config["out_dir"]) / CKPT_NAME)["config"]
+        for name in MODEL_KEYS:
+            if name in overrides and overrides[name] != saved[name]:
+                raise ValueError(f"{name}={overrides[name]} differs from the checkpoint's {saved[name]}: a resumed run "
+                                 f"keeps its model; drop the flag or start a new run")
+        config = {**DEFAULTS, **{k: v for k, v in saved.items() if k in CONFIG}, **overrides}
+    return check_config(config)
+
+
+# ------------------------------------------------------------------------------------------------------ the model
+
+def decay_mask(params):  # weight decay on matrices and embeddings ("w", wte, wpe); not on biases and LayerNorm gains
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("w", "wte", "wpe"), params)
+
+
+def drop_biases(params):  # bias=False: no "b" in linear layers or LayerNorms; gpt.py then adds none
+    if isinstance(params, dict):
+        return {k: drop_biases(v) for k, v in params.items() if k != "b"}
+    return params
+
+
+def learning_rate_schedule(config):
+    """iteration -> learning rate: nanoGPT's get_lr. Linear warmup to learning_rate over warmup_iters, cosine decay
+    to min_lr at lr_decay_iters, then min_lr; constant when decay_lr is false."""
+    lr, min_lr = config["learning_rate"], config["min_lr"]
+    warmup, decay = config["warmup_iters"], config["lr_decay_iters"]
+
+    def schedule(it):
+        if not config["decay_lr"]:
+            return jnp.full((), lr, jnp.float32)
+        it = jnp.asarray(it, jnp.float32)
+        ratio = jnp.clip((it - warmup) / max(decay - warmup, 1), 0.0, 1.0)
+        cosine = min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (lr - min_lr)
+        return jnp.where(it < warmup, lr * (it + 1) / (warmup + 1), cosine)
+    return schedule
+
+
+def make_optimizer(config, params):
+    # the clip is always in the chain (at an infinite norm when disabled) so the state's layout does not depend on it
+    max_norm = config["grad_clip"] or float("inf")
+    return optax.chain(
+        optax.clip_by_global_norm(max_norm),
+        optax.adamw(learning_rate_schedule(config), b1=config["beta1"], b2=config["beta2"], eps=1e-8,
+                    weight_decay=config["weight_decay"], mask=decay_mask(params)))
+
+
+def compute_dtype(config):
+    if config["dtype"] == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(config["dtype"]).type
+
+
+def batch_loss(params, x, y, key, n_head, dropout, dtype):  # [B, T], [B, T] -> mean cross-entropy
+    if dtype != jnp.float32:
+        params = gpt.cast(params, dtype)  # float32 master weights, 16-bit compute
+    if dropout == 0.0 or key is None:
+        return jax.vmap(lambda ids, targets: gpt.lm_loss(params, ids, targets, n_head))(x, y).mean()
+    keys = jax.random.split(key, x.shape[0])  # one dropout stream per row, the same whatever the sharding
+    per_row = jax.vmap(lambda ids, targets, k: gpt.lm_loss(params, ids, targets, n_head, dropout, k))(x, y, keys)
+    return per_row.mean()
+
+
+def train_step(params, opt_state, x, y, it, *, optimizer, seed, n_head, dropout, dtype):
+    # [n_micro, B, T] batches -> new params, new optimizer state, mean loss over the micro-batches
+    step_key = jax.random.fold_in(jax.random.PRNGKey(seed), it)
+
+    def micro_step(grad_sum, batch):
+        xb, yb, m = batch
+        loss, grads = jax.value_and_grad(batch_loss)(params, xb, yb, jax.random.fold_in(step_key, m), n_head,
+                                                     dropout, dtype)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    n_micro = x.shape[0]
+    grad_sum, losses = lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), (x, y, jnp.arange(n_micro)))
+    grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, losses.mean()
+
+
+def eval_loss(params, x, y, *, n_head, dtype):  # [n_batches, B, T] -> mean loss, batch by batch (bounded memory)
+    return lax.map(lambda b: batch_loss(params, b[0], b[1], None, n_head, 0.0, dtype), (x, y)).mean()
+
+
+def flops_per_token(params, hparams, block_size):  # PaLM's (and nanoGPT's) estimate for a forward + backward pass
+    n = gpt.count_params(params) - params["wpe"].size
+    L, H, Q = hparams["n_layer"], hparams["n_head"], hparams["n_embd"] // hparams["n_head"]
+    return 6 * n + 12 * L * H * Q * block_size
+
+
+def peak_flops(config, dtype):  # of all devices together, or None when unknown
+    if config["peak_flops"]:
+        return config["peak_flops"] * jax.device_count()
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            tf32 = jax.default_backend() == "gpu" and dtype == jnp.float32
+            return flops / (2 if tf32 else 1) * jax.device_count()
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- devices
+
+def maybe_initialize_distributed():
+    """jax.distributed.initialize() when this process is one of several: SLURM or Open MPI with more than one task
+    (detected by jax), or JAX_COORDINATOR_ADDRESS set with JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                                   int(env["JAX_PROCESS_ID"]))
+    elif int(env.get("SLURM_NTASKS", 1)) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
+        jax.distributed.initialize()
+
+
+def array_sharding(mesh, shape, fsdp):
+    """Replicated, or (fsdp) split along the largest dimension that the device count divides."""
+    dims = [d for d in range(len(shape)) if shape[d] % mesh.size == 0] if fsdp else []
+    if not dims:
+        return NamedSharding(mesh, P())
+    dim = max(dims, key=lambda d: (shape[d], d))
+    return NamedSharding(mesh, P(*[("data" if d == dim else None) for d in range(len(shape))]))
+
+
+def tree_shardings(mesh, tree, fsdp):
+    return jax.tree.map(lambda x: array_sharding(mesh, x.shape, fsdp), tree)
+
+
+def device_batch(mesh, x):  # [n, B, T] numpy (this process's rows) -> global array, B split across the devices
+    sharding = NamedSharding(mesh, P(None, "data", None))
+    rows = x.shape[1] * jax.process_count()
+    return jax.make_array_from_process_local_data(sharding, x, (x.shape[0], rows, x.shape[2]))
+
+
+def local_rows(x):  # [n, B, T] -> this process's share of the rows (all of them on one host)
+    share = x.shape[1] // jax.process_count()
+    return x[:, jax.process_index() * share:(jax.process_index() + 1) * share]
+
+
+def host_array(x):  # a (possibly sharded, possibly multi-host) jax array -> numpy
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+def write_file_atomically(path, write):  # write(temporary path); then fsync and rename over path
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write leaves the previous file as it was, and no stray temporary file
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder):  # make the rename itself durable
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def flat_names(tree, prefix):  # {prefix + path: leaf}, "/"-joined dict keys (params) or jax's key strings (state)
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if all(isinstance(k, jax.tree_util.DictKey) for k in path):
+            name = "/".join(str(k.key) for k in path)
+        else:
+            name = jax.tree_util.keystr(path)
+        out[prefix + name] = leaf
+    return out
+
+
+def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams):
+    """The whole training state -> out_dir/ckpt.safetensors, atomically."""
+    import safetensors.numpy
+    tensors = {name: host_array(x) for name, x in {**flat_names(params, "params/"),
+                                                    **flat_names(opt_state, "opt_state/")}.items()}
+    metadata = {"format": CKPT_FORMAT, "iter": str(it), "best_val_loss": repr(best_val_loss),
+                "config": json.dumps(config), "hparams": json.dumps(hparams)}
+    if jax.process_index() == 0:
+        write_file_atomically(Path(out_dir) / CKPT_NAME,
+                              lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
+
+
+def read_checkpoint_meta(path):
+    import weights
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            _, metadata, _ = weights.safetensors_header(f, path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"cannot resume: {path} does not exist (train with init_from=scratch or a model "
+                                f"first, or give the out_dir of an earlier run)") from None
+    if metadata.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path} is not a gptjax training checkpoint (format {metadata.get('format')!r})")
+    return {"iter": int(metadata["iter"]), "best_val_loss": float(metadata["best_val_loss"]),
+            "config": json.loads(metadata["config"]), "hparams": json.loads(metadata["hparams"])}
+
+
+def load_checkpoint(path, optimizer_for):
+    """out_dir/ckpt.safetensors -> (params, opt_state, meta); optimizer_for(params) gives the optimizer whose state
+    layout the saved state must match."""
+    import safetensors.numpy
+    meta = read_checkpoint_meta(path)
+    try:
+        tensors = safetensors.numpy.load_file(path)
+    except Exception as e:  # the package raises its own error types for damaged files
+        raise ValueError(f"{path} is damaged ({e}); restore it or train anew") from None
+    params = unflatten({name[len("params/"):]: x for name, x in tensors.items() if name.startswith("params/")})
+    template = jax.eval_shape(optimizer_for(params).init, params)
+    names = flat_names(template, "opt_state/")
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise ValueError(f"{path} lacks optimizer state {missing[0]}: it was written by another version of train.py")
+    leaves = []
+    for name, shape in names.items():
+        if tensors[name].shape != shape.shape:
+            raise ValueError(f"{path}: {name} has shape {tensors[name].shape}, expected {shape.shape}")
+        leaves.append(tensors[name].astype(shape.dtype))
+    opt_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+    return params, opt_state, meta
+
+
+def unflatten(flat):  # {"h/ln_1/g": x} -> {"h": {"ln_1": {"g": x}}}
+    tree = {}
+    for name, value in flat.items():
+        *path, leaf = name.split("/")
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def save_model(out_dir, hparams, params):
+    """The params -> out_dir/params.safetensors in weights.py's model-folder format (float32, atomic)."""
+    import weights
+    host = jax.tree.map(host_array, params)
+    if jax.process_index() == 0:
+        weights.save_params(out_dir, hparams, host)
+
+
+def write_vocabulary(out_dir, dataset_dir):
+    """Copy the dataset's vocabulary into out_dir, making it a model folder that main.py can sample from."""
+    meta = data.read_meta(dataset_dir)
+    if meta["kind"] == "char":
+        files = {"meta.json": json.dumps({"kind": "char", "chars": meta["chars"]}, ensure_ascii=False).encode()}
+    else:
+        files = {name: (Path(dataset_dir) / name).read_bytes() for name in data.GPT2_FILES}
+    for name, content in files.items():
+        if not (Path(out_dir) / name).is_file() or (Path(out_dir) / name).read_bytes() != content:
+            data.write_atomic(Path(out_dir) / name, content)
+
+
+def plot_losses(out_dir, history):
+    """out_dir/loss.png from the evaluations so far, when matplotlib is installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split in ("train", "val"):
+        ax.plot([h["iter"] for h in history], [h[f"{split}_loss"] for h in history], marker=".", label=split)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    write_file_atomically(Path(out_dir) / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def append_metrics(out_dir, record):
+    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+def pretrained_model(config):
+    """(hparams, params, model folder, tokenizer folder) of the GPT-2 that init_from names (a release is fetched)."""
+    import weights
+    model = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
+    folder = weights.model_folder(model, config["models_dir"])
+    hparams, params = weights.load_hparams_and_params(folder)
+    return hparams, params, folder, weights.tokenizer_folder(folder, config["models_dir"])
+
+
+def check_vocabulary(config, model_tokens, vocab, out_dir):
+    """A pretrained or resumed model must train on ids of its own vocabulary."""
+    if vocab["kind"] != model_tokens:
+        raise ValueError(f"the model reads {model_tokens} tokens but dataset {config['dataset']} has {vocab['kind']} "
+                         f"tokens: prepare it with --tokens={model_tokens}")
+    if model_tokens == "char" and (out_dir / "meta.json").is_file():
+        chars = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))["chars"]
+        if chars != vocab["chars"]:
+            raise ValueError(f"dataset {config['dataset']} has another character vocabulary than the model in "
+                             f"{out_dir}: resume on the dataset it was trained on")
+
+
+def prepare_dataset(config, vocab_dir):
+    tokens = config["tokens"]
+    if tokens == "auto":
+        tokens = data.NAMED.get(config["dataset"]) or ("char" if config["init_from"] == "scratch" else "gpt2")
+    folder = data.prepare(config["dataset"], config["data_dir"], tokens, vocab_dir)
+    return folder, tokens
+
+
+def train(overrides):
+    """Run training with config keys overrides (over the defaults); the API behind the command line.
+    Returns {"losses": {iteration: train loss}, "evals": [metrics records], "iter": the last iteration reached,
+    "interrupted": whether Ctrl-C stopped it}."""
+    return run(resolve_config(overrides))
+
+
+def run(config):
+    maybe_initialize_distributed()
+    out_dir = Path(config["out_dir"])
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # the model and its data
+    best_val_loss, start = float("inf"), 0
+    vocab_dir = Path(config["models_dir"]) / "124M"
+    if config["init_from"] == "resume":
+        params, opt_state, meta = load_checkpoint(out_dir / CKPT_NAME, lambda p: make_optimizer(config, p))
+        hparams, start, best_val_loss = meta["hparams"], meta["iter"], meta["best_val_loss"]
+        vocab_dir = out_dir if (out_dir / "encoder.json").is_file() else vocab_dir
+        model_tokens = meta["config"]["tokens"]
+    elif config["init_from"] != "scratch":
+        hparams, params, folder, vocab_dir = pretrained_model(config)
+        if out_dir.resolve() == folder.resolve():
+            raise ValueError(f"out_dir {out_dir} is the folder of the model being finetuned; choose another")
+        model_tokens = "gpt2"
+    dataset_dir, tokens = prepare_dataset(config, vocab_dir)
+    config = {**config, "tokens": tokens}
+    vocab = data.read_meta(dataset_dir)
+    if config["init_from"] == "scratch":
+        hparams = {"n_vocab": len(vocab["chars"]) if tokens == "char" else GPT2_VOCAB, "n_ctx": config["block_size"],
+                   "n_embd": config["n_embd"], "n_head": config["n_head"], "n_layer": config["n_layer"]}
+        params = gpt.init_params(jax.random.PRNGKey(config["seed"]), hparams)
+        if not config["bias"]:
+            params = drop_biases(params)
+    else:
+        check_vocabulary(config, model_tokens, vocab, out_dir)
+    if config["block_size"] > hparams["n_ctx"]:
+        raise ValueError(f"block_size {config['block_size']} exceeds the model's context of {hparams['n_ctx']} tokens")
+    config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}, "bias": "b" in params["ln_f"]}
+    splits = {split: data.load_split(dataset_dir, split) for split in data.SPLITS}
+
+    # devices, optimizer, compiled functions
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    if config["batch_size"] % jax.device_count():
+        raise ValueError(f"batch_size {config['batch_size']} must be a multiple of the {jax.device_count()} devices")
+    optimizer = make_optimizer(config, params)
+    param_shardings = tree_shardings(mesh, params, config["fsdp"])
+    params = jax.device_put(params, param_shardings)
+    if config["init_from"] != "resume":
+        opt_state = optimizer.init(params)
+    opt_shardings = tree_shardings(mesh, opt_state, config["fsdp"])
+    opt_state = jax.device_put(opt_state, opt_shardings)
+    dtype, n_head = compute_dtype(config), hparams["n_head"]
+    replicated = NamedSharding(mesh, P())
+    step = jax.jit(partial(train_step, optimizer=optimizer, seed=config["seed"], n_head=n_head,
+                           dropout=config["dropout"], dtype=dtype),
+                   donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, replicated))
+    evaluate = jax.jit(partial(eval_loss, n_head=n_head, dtype=dtype))
+    all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
+    schedule = learning_rate_schedule(config)
+
+    B, T, n_micro = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
+    tokens_per_iter = B * T * n_micro
+    flops_per_iter = flops_per_token(params, hparams, T) * tokens_per_iter
+    peak = peak_flops(config, dtype)
+
+    def batches(split, it, n, rows):  # -> x, y [n, rows, T] on the devices
+        starts = data.batch_starts(len(splits[split]), T, n * rows, config["seed"], it, split)
+        x, y = data.get_batch(splits[split], starts, T)
+        return (device_batch(mesh, local_rows(a.reshape(n, rows, T))) for a in (x, y))
+
+    def estimate_losses(it):
+        return {split: float(evaluate(params, *batches(split, it, config["eval_iters"], B))) for split in data.SPLITS}
+
+    def save(it, best):
+        if not bool(all_finite(params)):
+            raise FloatingPointError(f"the params are not finite at iteration {it}; nothing was saved")
+        save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams)
+        if best or not (out_dir / "params.safetensors").is_file():
+            save_model(out_dir, hparams, params)
+
+    if jax.process_index() == 0:
+        write_vocabulary(out_dir, dataset_dir)
+        if config["init_from"] != "resume":
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    # Ctrl-C asks the loop to save and stop between steps (a second one stops at once)
+    stop = []
+
+    def on_sigint(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+    previous_handler = signal.signal(signal.SIGINT, on_sigint) if is_main_thread() else None
+
+    from tqdm import tqdm
+    losses, history, t_start = {}, [], time.perf_counter()
+    pending = None  # (iteration, loss on the device) of the step dispatched last: read one step late, so the host
+    # prepares the next batch while the device computes
+    window = {"t": None, "iters": 0}  # tokens/s over the iterations since the last refresh, excluding evaluation
+    rate = {"tokens_per_s": None, "mfu": None}
+    bar = tqdm(total=config["max_iters"], initial=start, unit="it", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+
+    def collect():  # read the loss of the pending step; stop on a non-finite one
+        nonlocal pending
+        if pending is None:
+            return
+        it, loss = pending
+        pending = None
+        losses[it] = float(loss)
+        if not math.isfinite(losses[it]):
+            raise FloatingPointError(f"loss is {losses[it]} at iteration {it}: training stopped and nothing more was "
+                                     f"saved (the last good checkpoint is in {out_dir}); lower learning_rate or "
+                                     f"use float32")
+        now = time.perf_counter()
+        if window["t"] is None:  # the first step of a stretch includes compilation: time from its end
+            window["t"], window["iters"] = now, 0
+        else:
+            window["iters"] += 1
+        if window["iters"] and (window["iters"] >= config["log_interval"] or it + 1 == config["max_iters"]):
+            rate["tokens_per_s"] = window["iters"] * tokens_per_iter / (now - window["t"])
+            rate["mfu"] = rate["tokens_per_s"] / tokens_per_iter * flops_per_iter / peak if peak else None
+            window["t"], window["iters"] = now, 0
+            mfu = f", mfu {rate['mfu']:.1%}" if rate["mfu"] is not None else ""
+            bar.set_postfix_str(f"loss {losses[it]:.4f}, {rate['tokens_per_s']:,.0f} tok/s{mfu}", refresh=False)
+        bar.update(1)
+
+    interrupted, it = False, start
+    try:
+        for it in range(start, config["max_iters"] + 1):
+            due = it % config["eval_interval"] == 0 or it == config["max_iters"]
+            if config["eval_only"] or (due and not (it == start and config["init_from"] == "resume")):
+                collect()
+                estimate = estimate_losses(it)
+                record = {"iter": it, "train_loss": estimate["train"], "val_loss": estimate["val"],
+                          "lr": float(schedule(it)), "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
+                          "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                history.append(record)
+                bar.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
+                if not all(map(math.isfinite, estimate.values())):
+                    raise FloatingPointError(f"the estimated loss is not finite at iteration {it}: training stopped "
+                                             f"and nothing was saved (the last good checkpoint is in {out_dir}); "
+                                             f"lower learning_rate")
+                if jax.process_index() == 0:
+                    append_metrics(out_dir, record)
+                    plot_losses(out_dir, history)
+                if config["eval_only"]:
+                    break
+                if it > start:
+                    improved = estimate["val"] < best_val_loss
+                    best_val_loss = min(best_val_loss, estimate["val"])
+                    save(it, improved or config["always_save_checkpoint"])
+                window["t"] = None
+            if it == config["max_iters"]:
+                break
+            if stop:
+                collect()
+                interrupted = True
+                break
+            x, y = batches("train", it, n_micro, B)
+            params, opt_state, loss = step(params, opt_state, x, y, it)
+            collect()
+            pending = (it, loss)
+        collect()
+        if interrupted and it > start:
+            save(it, False)
+            bar.write(f"interrupted at iteration {it}: saved {out_dir / CKPT_NAME}; continue with "
+                      f"--init_from=resume --out_dir={out_dir}")
+    finally:
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    return {"losses": losses, "evals": history, "iter": it, "interrupted": interrupted}
+
+
+def is_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return 0
+    try:
+        config = resolve_config(parse_args(argv))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run(config)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 130 if result["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
