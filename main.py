@@ -1,0 +1,134 @@
+"""Generate text with GPT-2 from the command line.
+
+    python main.py --prompt "Alan Turing theorized that computers would one day become" --greedy
+    python main.py --prompt "Once upon a time" --top_k 40 --num_samples 3 --model_type 355M
+    python main.py --prompt_file prompts.txt --model_dir path/to/model --stream --stop_at_eot
+    python main.py --interactive --stream
+
+Prints only the generated continuation of each prompt. The release sizes are downloaded into --models_dir on first
+use; --model_dir takes any folder in OpenAI's layout or Hugging Face's (config.json + model.safetensors).
+"""
+import argparse
+import sys
+
+import jax.numpy as jnp
+
+import sampling
+import weights
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", help="the text to continue")
+    ap.add_argument("--prompt_file", help="a file with one prompt per line (blank lines skipped), run as one batch")
+    ap.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+    ap.add_argument("--model_type", default="124M", choices=weights.MODEL_SIZES, help="OpenAI's release size")
+    ap.add_argument("--models_dir", default="models", help="where the releases are downloaded")
+    ap.add_argument("--model_dir", help="a model folder (OpenAI or Hugging Face layout), instead of --model_type")
+    ap.add_argument("--n_tokens_to_generate", type=int, default=40)
+    ap.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top_k", type=int, help="sample from the k most likely tokens only")
+    ap.add_argument("--top_p", type=float, help="sample from the smallest set of tokens with probability >= p")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num_samples", type=int, default=1, help="continuations per prompt")
+    ap.add_argument("--stop_at_eot", action="store_true", help="end a continuation at <|endoftext|>")
+    ap.add_argument("--stream", action="store_true", help="print the continuation as it is generated")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    return ap.parse_args(argv)
+
+
+def read_prompts(args):  # -> the prompt texts of --prompt or --prompt_file
+    if args.interactive:
+        if args.prompt is not None or args.prompt_file is not None:
+            raise ValueError("--interactive reads the prompts from stdin: leave out --prompt and --prompt_file")
+        return []
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give one of --prompt TEXT, --prompt_file FILE or --interactive")
+    if args.prompt is not None:
+        if not args.prompt:
+            raise ValueError("the prompt is empty: give some text to continue")
+        return [args.prompt]
+    with open(args.prompt_file, encoding="utf-8") as f:
+        prompts = [line for line in f.read().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompt_file} holds no prompts (one per line; blank lines are skipped)")
+    return prompts
+
+
+def stream_text(id_chunks, decode):  # chunks of new ids -> pieces of text that join into decode(all the ids)
+    ids, shown = [], ""
+    for chunk in id_chunks:
+        ids += chunk
+        # a character whose UTF-8 bytes span several tokens decodes to U+FFFD until its last byte has come: hold
+        # the tail back until then, so that what was printed is never taken back
+        text = decode(ids).rstrip("\ufffd")
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    yield decode(ids)[len(shown):]
+
+
+def generate_texts(encoder, hparams, params, prompts, args, eot_token):
+    """Generate for prompt texts, printing each continuation (headed by its prompt and sample number when there
+    are several) or, with --stream, printing the single continuation as it comes."""
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
+    ids = [encoder.encode(p) for p in prompts for _ in range(args.num_samples)]
+    options = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, eot_token=eot_token)
+    if args.stream:
+        if len(ids) > 1:
+            raise ValueError("--stream prints one continuation as it is generated: give one prompt and "
+                             "--num_samples 1")
+        chunks = sampling.generate_stream(params, hparams, ids, args.n_tokens_to_generate, **options)
+        for piece in stream_text((chunk[0] for chunk in chunks), encoder.decode):
+            print(piece, end="", flush=True)
+        print()
+        return
+    outputs = sampling.generate(params, hparams, ids, args.n_tokens_to_generate, **options)
+    for row, new_ids in enumerate(outputs):
+        if len(outputs) > 1:
+            print(heading(row, len(prompts), args.num_samples))
+        print(encoder.decode(new_ids), flush=True)
+
+
+def heading(row, n_prompts, n_samples):  # "--- prompt 2, sample 1 ---" above each of several continuations
+    p, s = divmod(row, n_samples)
+    names = [f"prompt {p + 1}"] * (n_prompts > 1) + [f"sample {s + 1}"] * (n_samples > 1)
+    return f"--- {', '.join(names)} ---"
+
+
+def run(args):
+    prompts = read_prompts(args)
+    sampling.enable_compilation_cache()
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+    encoder, hparams, params = weights.load_encoder_hparams_and_params(args.model_dir or args.model_type,
+                                                                       args.models_dir, dtype)
+    params = sampling.unstack_layers(params)  # once, rather than on every generate call
+    eot_token = None
+    if args.stop_at_eot:
+        if encoder.eot_token is None:
+            raise ValueError("--stop_at_eot: this model's vocabulary has no <|endoftext|> token")
+        eot_token = encoder.eot_token
+    if not args.interactive:
+        return generate_texts(encoder, hparams, params, prompts, args, eot_token)
+    for line in sys.stdin:  # the compiled functions are kept between prompts: only a new shape bucket compiles
+        if line.strip():
+            try:
+                generate_texts(encoder, hparams, params, [line.rstrip("\n")], args, eot_token)
+            except ValueError as e:  # a prompt too long, say: report it and go on with the next one
+                print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
