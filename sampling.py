@@ -12,12 +12,13 @@ How it runs:
   - Decoding runs in chunks of up to CHUNK tokens, each one jitted `lax.while_loop` with the KV cache in its carry
     (updated in place) and donated from chunk to chunk; the host only collects each chunk's tokens. generate() is
     generate_stream() with its chunks joined, so the two cannot disagree.
-  - Shapes are bucketed (prompt length, cache length) and the number of steps in a chunk is a traced value, so one
-    compiled prefill and one compiled decode serve every prompt and length in a bucket; jax.jit keeps them per
-    (shapes, batch, sampling options) for the life of the process, and enable_compilation_cache() keeps them on disk.
+  - Shapes are bucketed (prompt length, cache length), and the number of steps in a chunk and every sampling control
+    but `greedy` are traced values, so one compiled prefill and one compiled decode serve every prompt, length and
+    setting in a bucket. jax.jit keeps them for the life of the process; enable_compilation_cache() keeps them on disk.
   - Sampling: greedy (argmax), or temperature, then top-k, then top-p (nucleus), drawn with a key derived from
-    (seed, row, token index): the same seed gives the same tokens whatever the chunking, and row 0 of a batch draws
-    exactly what the same prompt draws alone.
+    (seed, row, token index): the same seed gives the same tokens whatever the chunking, and row 0 of a batch uses
+    the random numbers that the same prompt uses alone.
+  - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `transformer`.
 """
 import os
 from functools import partial
@@ -49,34 +50,53 @@ def bucket(n, n_ctx):  # the padded length for n tokens: the next power of two, 
 # ------------------------------------------------------------------------------------------------ choosing a token
 
 
-def filter_logits(logits, top_k=None, top_p=None):  # [n_vocab] -> [n_vocab], -inf outside the kept tokens
-    if top_k is not None:  # keep the k largest
-        kth_largest = lax.top_k(logits, top_k)[0][-1]
-        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-    if top_p is not None:  # keep the smallest set of most likely tokens whose probability adds up to >= top_p
-        sorted_logits = -jnp.sort(-logits)
-        probs = jax.nn.softmax(sorted_logits)
-        mass_before = jnp.cumsum(probs) - probs  # a token is kept while the mass of the likelier ones is < top_p,
-        n_keep = jnp.sum(mass_before < top_p)  # so the top token always is
-        logits = jnp.where(logits < sorted_logits[n_keep - 1], -jnp.inf, logits)
-    return logits
+def filter_logits(logits, top_k, top_p):  # [n_vocab] -> [n_vocab], -inf outside the kept tokens
+    # top_k: keep the k most likely tokens (and any tied with the k-th); top_p: of those, keep the smallest set of
+    # most likely tokens whose probability adds up to >= top_p. Both are traced: k = n_vocab, p = 1 keep everything.
+    # Each cut is a threshold found by bisection over the 2**32 float32 bit patterns (32 masked sums over the
+    # vocabulary): sorting the vocabulary instead costs ~15 ms per row on a CPU, more than decoding a token.
+    keys = sortable_bits(logits)
+    kth = largest_key_where(keys, lambda t: jnp.sum(keys >= t) >= top_k)
+    logits = jnp.where(keys >= kth, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits)
+    cut = largest_key_where(keys, lambda t: jnp.sum(jnp.where(keys >= t, probs, 0.0)) >= top_p)
+    return jnp.where(keys >= cut, logits, -jnp.inf)  # the top token always stays: cut <= its key
 
 
-def next_tokens(logits, key, step, temperature, top_p, *, greedy, top_k):  # [batch, n_vocab] -> [batch]
+def largest_key_where(keys, holds):  # [n] uint32, a test that holds for keys.min() and turns false at most once
+    def halve(_, bounds):  # invariant: holds(lo); the answer is <= hi
+        lo, hi = bounds
+        mid = lo + (hi - lo + 1) // 2
+        ok = holds(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    return lax.fori_loop(0, 32, halve, (keys.min(), keys.max()))[0]
+
+
+def sortable_bits(x):  # float32 -> uint32 in the same order (negative floats' bits count down)
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def next_tokens(logits, controls, step, *, greedy):  # [batch, n_vocab] -> [batch]
     if greedy:
         return jnp.argmax(logits, axis=-1)
-    rows = jnp.arange(logits.shape[0])
-    keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(key, row), step))(rows)
-    draw = lambda logits, key: jax.random.categorical(key, filter_logits(logits / temperature, top_k, top_p))
-    return jax.vmap(draw)(logits, keys)
+    logits = logits / controls["temperature"]
+    n_vocab = logits.shape[-1]
+    filtering = (controls["top_k"] < n_vocab) | (controls["top_p"] < 1)  # skip the bisections when they keep all
+    logits = lax.cond(filtering, jax.vmap(filter_logits, in_axes=(0, None, None)), lambda logits, k, p: logits,
+                      logits, controls["top_k"], controls["top_p"])
+    keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(controls["key"], row), step))(
+        jnp.arange(logits.shape[0]))
+    return jax.vmap(jax.random.categorical)(keys, logits)
 
 
-# ------------------------------------------------------------------------------------------------ the jitted parts
+# ------------------------------------------------------------------------------------------------ the model
 
 
 def unstack_layers(params):
     """params with "h" as a list of per-layer dicts instead of arrays stacked over the layers: the layout generation
-    runs on (see transformer below). Generating from the same params many times? Convert them once with this."""
+    runs on (see transformer). Generating from the same params many times? Convert them once with this."""
     if isinstance(params["h"], list):
         return params
     return {**params, "h": split_layers(params["h"])}
@@ -90,7 +110,8 @@ def split_layers(h):  # {name: [n_layer, ...]} -> [{name: [...]}] * n_layer, as 
 def transformer(params, ids, n_head, cache, pos):  # gpt.transformer over per-layer weights  # [n_seq] -> [n_seq, n_embd]
     # Why not gpt.transformer's lax.scan over the stacked layers: on a CPU, XLA copies each layer's slice of the
     # stacked weights before its matmuls, which doubles the memory traffic of decoding (a matrix-vector product per
-    # weight), and decoding is bound by that traffic. Separate buffers per layer are read in place.
+    # weight: 124M decodes ~2x slower), and decoding is bound by that traffic. Separate arrays are read in place.
+    # The price: the compiled code grows with n_layer (124M: ~2 s to compile prefill + decode, 1558M: ~6 s).
     x = params["wte"][ids] + lax.dynamic_slice_in_dim(params["wpe"], pos, ids.shape[0]).astype(params["wte"].dtype)
     for layer, p in enumerate(params["h"]):
         x, cache = gpt.block(x, p, n_head, cache, layer, pos)
@@ -104,47 +125,52 @@ def forward_rows(params, ids, n_head, cache, pos):
     return jax.vmap(transformer, in_axes=(None, 0, None, 0, pos_axis))(params, ids, n_head, cache, pos)
 
 
-def advance(state, logits, key, temperature, top_p, *, greedy, top_k, eot_token):
-    # sample each row's next token from logits [batch, n_vocab]; a row that has emitted eot_token keeps emitting it
-    token = next_tokens(logits, key, state["step"], temperature, top_p, greedy=greedy, top_k=top_k)
-    done = state["done"]
-    if eot_token is not None:
-        token = jnp.where(done, eot_token, token)
-        done = done | (token == eot_token)
-    return {**state, "token": token.astype(jnp.int32), "done": done, "step": state["step"] + 1}
+# ------------------------------------------------------------------------------------------------ the jitted loop
 
 
-@partial(jax.jit, static_argnames=("n_head", "cache_len", "greedy", "top_k", "eot_token"))
-def prefill(params, ids, lengths, key, temperature, top_p, *, n_head, cache_len, greedy, top_k, eot_token):
-    # [batch, prompt_bucket] right-padded prompts, [batch] their lengths -> the decoding state, holding the first
-    # new token of each row
+def feed(params, n_head, state):  # run each row's last sampled token through the model -> its next-token logits
+    x, cache = forward_rows(params, state["token"][:, None], n_head, state["cache"], state["pos"])
+    return {**state, "cache": cache, "logits": gpt.unembed(params, x[:, 0]), "pos": state["pos"] + 1}
+
+
+def sample(state, controls, greedy):
+    # each row's next token from state["logits"] [batch, n_vocab]; a row that has emitted the eot token keeps
+    # emitting it (eot_token -1: no stop)
+    token = next_tokens(state["logits"], controls, state["step"], greedy=greedy).astype(jnp.int32)
+    token = jnp.where(state["done"], controls["eot_token"], token)
+    done = state["done"] | (token == controls["eot_token"])
+    return {**state, "token": token, "done": done, "step": state["step"] + 1}
+
+
+@partial(jax.jit, static_argnames=("n_head", "cache_len"))
+def prefill(params, ids, lengths, *, n_head, cache_len):
+    # [batch, prompt_bucket] right-padded prompts, [batch] their lengths -> the decoding state: KV cache, and the
+    # logits of each row's first new token
     batch, n_layer, n_embd = ids.shape[0], len(params["h"]), params["wte"].shape[1]
     cache = gpt.init_cache({"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}, cache_len, params["wte"].dtype)
     cache = jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache)
     x, cache = forward_rows(params, ids, n_head, cache, 0)  # [batch, prompt_bucket, n_embd]
     logits = gpt.unembed(params, x[jnp.arange(batch), lengths - 1])  # [batch, n_vocab]: last real positions only
-    state = {"cache": cache, "pos": lengths, "done": jnp.zeros(batch, bool), "step": jnp.int32(0)}
-    return advance(state, logits, key, temperature, top_p, greedy=greedy, top_k=top_k, eot_token=eot_token)
+    return {"cache": cache, "logits": logits, "pos": lengths, "token": jnp.zeros(batch, jnp.int32),
+            "done": jnp.zeros(batch, bool), "step": jnp.int32(0)}
 
 
-@partial(jax.jit, static_argnames=("n_head", "chunk", "greedy", "top_k", "eot_token"), donate_argnames=("state",))
-def decode(params, state, n_steps, key, temperature, top_p, *, n_head, chunk, greedy, top_k, eot_token):
-    # feed each row's last token and sample the next, n_steps (<= chunk, traced) times -> [batch, chunk] new tokens
+@partial(jax.jit, static_argnames=("n_head", "chunk", "greedy"), donate_argnames=("state",))
+def decode(params, state, n_steps, controls, *, n_head, chunk, greedy):
+    # sample each row's next token and feed it back, n_steps (<= chunk, traced) times -> [batch, chunk] new tokens
     # (columns from n_steps on are padding), and the state to continue from
     def not_finished(carry):
         i, state, _ = carry
-        return (i < n_steps) & ~jnp.all(state["done"])  # stop early once every row has emitted eot_token
+        return (i < n_steps) & ~jnp.all(state["done"])  # stop early once every row has emitted the eot token
 
     def step(carry):
         i, state, out = carry
-        x, cache = forward_rows(params, state["token"][:, None], n_head, state["cache"], state["pos"])
-        logits = gpt.unembed(params, x[:, 0])  # [batch, n_vocab]
-        state = advance({**state, "cache": cache, "pos": state["pos"] + 1}, logits, key, temperature, top_p,
-                        greedy=greedy, top_k=top_k, eot_token=eot_token)
+        state = sample(state, controls, greedy)
+        # the request's last token needs no logits after it: skip the model for it (matters when n_tokens is small)
+        state = lax.cond(state["step"] < controls["n_tokens"], partial(feed, params, n_head), lambda s: s, state)
         return i + 1, state, out.at[:, i].set(state["token"])
 
-    pad = 0 if eot_token is None else eot_token
-    out = jnp.full((state["token"].shape[0], chunk), pad, jnp.int32)
+    out = jnp.zeros((state["token"].shape[0], chunk), jnp.int32)
     _, state, out = lax.while_loop(not_finished, step, (jnp.int32(0), state, out))
     return out, state
 
@@ -164,9 +190,10 @@ def check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
             raise ValueError(f"a prompt of {len(prompt)} tokens plus {n_tokens} new tokens is {len(prompt) + n_tokens}, "
                              f"more than the model's context of n_ctx={hparams['n_ctx']} tokens: shorten the prompt "
                              f"or generate fewer tokens")
-        if not all(0 <= t < hparams["n_vocab"] for t in prompt):
-            bad = next(t for t in prompt if not 0 <= t < hparams["n_vocab"])
-            raise ValueError(f"token id {bad} in prompt {i + 1} is not in the vocabulary (ids 0..{hparams['n_vocab'] - 1})")
+        bad = [t for t in prompt if not 0 <= t < hparams["n_vocab"]]
+        if bad:
+            raise ValueError(f"token id {bad[0]} in prompt {i + 1} is not in the vocabulary "
+                             f"(ids 0..{hparams['n_vocab'] - 1})")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -180,27 +207,23 @@ def generate_stream(params, hparams, prompts, n_tokens, *, greedy=False, tempera
     """Generate n_tokens new tokens after each prompt (a list of token id lists), yielding them as they come: per
     chunk, one list of new ids per prompt. With eot_token, a row stops at that token (which is not yielded)."""
     check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
-    params = unstack_layers(params)
-    n_ctx, lengths = hparams["n_ctx"], [len(p) for p in prompts]
+    params, n_ctx, lengths = unstack_layers(params), hparams["n_ctx"], [len(p) for p in prompts]
     ids = np.zeros((len(prompts), bucket(max(lengths), n_ctx)), np.int32)
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)] = prompt
-    options = {"n_head": hparams["n_head"], "greedy": greedy, "eot_token": eot_token,
-               "top_k": None if greedy or top_k is None else min(top_k, hparams["n_vocab"])}
-    sampling = (jax.random.key(seed), jnp.float32(temperature),
-                None if greedy or top_p is None or top_p == 1 else jnp.float32(top_p))  # None: that part is not built
-
-    state = prefill(params, ids, np.array(lengths, np.int32), *sampling,
-                    cache_len=bucket(max(lengths) + n_tokens, n_ctx), **options)
-    finished = [False] * len(prompts)
-    chunk, remaining = state["token"][:, None], n_tokens - 1
-    while True:
-        yield cut_finished_rows(np.asarray(chunk).tolist(), finished, eot_token)
-        if remaining == 0 or all(finished):
-            return
+    controls = {"key": jax.random.key(seed), "temperature": np.float32(temperature if not greedy else 1),
+                "top_k": np.int32(min(top_k or hparams["n_vocab"], hparams["n_vocab"])),
+                "top_p": np.float32(top_p or 1), "eot_token": np.int32(-1 if eot_token is None else eot_token),
+                "n_tokens": np.int32(n_tokens)}
+    state = prefill(params, ids, np.array(lengths, np.int32), n_head=hparams["n_head"],
+                    cache_len=bucket(max(lengths) + n_tokens, n_ctx))
+    finished, remaining = [False] * len(prompts), n_tokens
+    while remaining > 0 and not all(finished):
         n = min(CHUNK, remaining)
-        chunk, state = decode(params, state, np.int32(n), *sampling, chunk=CHUNK, **options)
-        chunk, remaining = chunk[:, :n], remaining - n
+        chunk, state = decode(params, state, np.int32(n), controls, n_head=hparams["n_head"], chunk=CHUNK,
+                              greedy=greedy)
+        yield cut_finished_rows(np.asarray(chunk[:, :n]).tolist(), finished, eot_token)
+        remaining -= n
 
 
 def cut_finished_rows(rows, finished, eot_token):  # each row's tokens before its first eot_token; updates finished
