@@ -128,46 +128,41 @@ def forward_rows(params, ids, n_head, cache, pos):
 # ------------------------------------------------------------------------------------------------ the jitted loop
 
 
-def feed(params, n_head, state):  # run each row's last sampled token through the model -> its next-token logits
-    x, cache = forward_rows(params, state["token"][:, None], n_head, state["cache"], state["pos"])
-    return {**state, "cache": cache, "logits": gpt.unembed(params, x[:, 0]), "pos": state["pos"] + 1}
-
-
-def sample(state, controls, greedy):
-    # each row's next token from state["logits"] [batch, n_vocab]; a row that has emitted the eot token keeps
-    # emitting it (eot_token -1: no stop)
-    token = next_tokens(state["logits"], controls, state["step"], greedy=greedy).astype(jnp.int32)
+def sample(state, logits, controls, greedy):
+    # each row's next token from logits [batch, n_vocab]; a row that has emitted the eot token keeps emitting it
+    # (eot_token -1: no stop)
+    token = next_tokens(logits, controls, state["step"], greedy=greedy).astype(jnp.int32)
     token = jnp.where(state["done"], controls["eot_token"], token)
     done = state["done"] | (token == controls["eot_token"])
     return {**state, "token": token, "done": done, "step": state["step"] + 1}
 
 
-@partial(jax.jit, static_argnames=("n_head", "cache_len"))
-def prefill(params, ids, lengths, *, n_head, cache_len):
-    # [batch, prompt_bucket] right-padded prompts, [batch] their lengths -> the decoding state: KV cache, and the
-    # logits of each row's first new token
+@partial(jax.jit, static_argnames=("n_head", "cache_len", "greedy"))
+def prefill(params, ids, lengths, controls, *, n_head, cache_len, greedy):
+    # [batch, prompt_bucket] right-padded prompts, [batch] their lengths -> the decoding state, holding the KV cache
+    # and each row's first new token
     batch, n_layer, n_embd = ids.shape[0], len(params["h"]), params["wte"].shape[1]
     cache = gpt.init_cache({"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}, cache_len, params["wte"].dtype)
     cache = jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache)
     x, cache = forward_rows(params, ids, n_head, cache, 0)  # [batch, prompt_bucket, n_embd]
     logits = gpt.unembed(params, x[jnp.arange(batch), lengths - 1])  # [batch, n_vocab]: last real positions only
-    return {"cache": cache, "logits": logits, "pos": lengths, "token": jnp.zeros(batch, jnp.int32),
-            "done": jnp.zeros(batch, bool), "step": jnp.int32(0)}
+    state = {"cache": cache, "pos": lengths, "done": jnp.zeros(batch, bool), "step": jnp.int32(0)}
+    return sample(state, logits, controls, greedy)
 
 
 @partial(jax.jit, static_argnames=("n_head", "chunk", "greedy"), donate_argnames=("state",))
 def decode(params, state, n_steps, controls, *, n_head, chunk, greedy):
-    # sample each row's next token and feed it back, n_steps (<= chunk, traced) times -> [batch, chunk] new tokens
-    # (columns from n_steps on are padding), and the state to continue from
+    # feed each row's last token to the model and sample the next, n_steps (<= chunk, traced) times
+    # -> [batch, chunk] new tokens (columns from n_steps on are padding), and the state to continue from
     def not_finished(carry):
         i, state, _ = carry
         return (i < n_steps) & ~jnp.all(state["done"])  # stop early once every row has emitted the eot token
 
     def step(carry):
         i, state, out = carry
-        state = sample(state, controls, greedy)
-        # the request's last token needs no logits after it: skip the model for it (matters when n_tokens is small)
-        state = lax.cond(state["step"] < controls["n_tokens"], partial(feed, params, n_head), lambda s: s, state)
+        x, cache = forward_rows(params, state["token"][:, None], n_head, state["cache"], state["pos"])
+        state = {**state, "cache": cache, "pos": state["pos"] + 1}
+        state = sample(state, gpt.unembed(params, x[:, 0]), controls, greedy)
         return i + 1, state, out.at[:, i].set(state["token"])
 
     out = jnp.zeros((state["token"].shape[0], chunk), jnp.int32)
@@ -213,17 +208,19 @@ def generate_stream(params, hparams, prompts, n_tokens, *, greedy=False, tempera
         ids[row, :len(prompt)] = prompt
     controls = {"key": jax.random.key(seed), "temperature": np.float32(temperature if not greedy else 1),
                 "top_k": np.int32(min(top_k or hparams["n_vocab"], hparams["n_vocab"])),
-                "top_p": np.float32(top_p or 1), "eot_token": np.int32(-1 if eot_token is None else eot_token),
-                "n_tokens": np.int32(n_tokens)}
-    state = prefill(params, ids, np.array(lengths, np.int32), n_head=hparams["n_head"],
-                    cache_len=bucket(max(lengths) + n_tokens, n_ctx))
-    finished, remaining = [False] * len(prompts), n_tokens
-    while remaining > 0 and not all(finished):
+                "top_p": np.float32(top_p or 1), "eot_token": np.int32(-1 if eot_token is None else eot_token)}
+    static = {"n_head": hparams["n_head"], "greedy": greedy}
+    state = prefill(params, ids, np.array(lengths, np.int32), controls, cache_len=bucket(max(lengths) + n_tokens, n_ctx),
+                    **static)
+    finished = [False] * len(prompts)
+    chunk, remaining = state["token"][:, None], n_tokens - 1  # the first token comes alone, as soon as it can
+    while True:
+        yield cut_finished_rows(np.asarray(chunk).tolist(), finished, eot_token)
+        if remaining == 0 or all(finished):
+            return
         n = min(CHUNK, remaining)
-        chunk, state = decode(params, state, np.int32(n), controls, n_head=hparams["n_head"], chunk=CHUNK,
-                              greedy=greedy)
-        yield cut_finished_rows(np.asarray(chunk[:, :n]).tolist(), finished, eot_token)
-        remaining -= n
+        chunk, state = decode(params, state, np.int32(n), controls, chunk=CHUNK, **static)
+        chunk, remaining = chunk[:, :n], remaining - n
 
 
 def cut_finished_rows(rows, finished, eot_token):  # each row's tokens before its first eot_token; updates finished
