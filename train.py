@@ -130,7 +130,7 @@ def help_text():
              "Train or finetune a GPT-2. A config file (TOML or JSON) sets keys first; --key=value flags override it;",
              "a bare --key sets a boolean key to true. Keys (default: meaning):"]
     for name, (default, meaning) in CONFIG.items():
-        lines.append(f"  --{name}={json.dumps(default) if isinstance(default, str) else str(default).lower()}")
+        lines.append(f"  --{name}={str(default).lower() if isinstance(default, bool) else default}")
         lines.append(f"      {meaning}")
     return "\n".join(lines)
 
