@@ -96,15 +96,17 @@ def next_tokens(logits, controls, step, *, greedy):  # [batch, n_vocab] -> [batc
 
 def unstack_layers(params):
     """params with "h" as a list of per-layer dicts instead of arrays stacked over the layers: the layout generation
-    runs on (see transformer). Generating from the same params many times? Convert them once with this."""
+    runs on (see transformer). On a CPU the layers are views of the stacked arrays (no copy, ~20 ms for 124M)."""
     if isinstance(params["h"], list):
         return params
-    return {**params, "h": split_layers(params["h"])}
+    n_layer = params["h"]["ln_1"]["g"].shape[0]
+    return {**params, "h": [jax.tree.map(lambda w: layer_of(w, i), params["h"]) for i in range(n_layer)]}
 
 
-@jax.jit
-def split_layers(h):  # {name: [n_layer, ...]} -> [{name: [...]}] * n_layer, as one compiled copy
-    return [jax.tree.map(lambda w: w[layer], h) for layer in range(h["ln_1"]["g"].shape[0])]
+def layer_of(w, i):  # [n_layer, ...] -> [...], its own array
+    if all(d.platform == "cpu" for d in w.devices()):  # jax adopts the (aligned) memory of a numpy view: no copy
+        return jax.device_put(np.asarray(w)[i], w.sharding)
+    return w[i]
 
 
 def transformer(params, ids, n_head, cache, pos):  # gpt.transformer over per-layer weights  # [n_seq] -> [n_seq, n_embd]
