@@ -45,20 +45,23 @@ def dropout(x, rate, key):  # [...] -> [...]; identity when rate is 0 or there i
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def attention(q, k, v, mask):  # [n_q, n_head, d], [n_k, n_head, d], [n_k, n_head, d], [n_q, n_k] -> [n_q, n_head, d]
+def attention(q, k, v, mask, dropout_rate=0.0, key=None):
+    # [n_q, n_head, d], [n_k, n_head, d], [n_k, n_head, d], [n_q, n_k] -> [n_q, n_head, d]
     scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=wide(q.dtype)) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    weights = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, key)
     return jnp.einsum("hqk,khd->qhd", weights, v)
 
 
 def use_flash_attention(dtype):
     # cuDNN's fused attention never materialises the [n_head, n_seq, n_seq] scores: on a GPU in 16-bit it is ~2.5x
-    # faster than `attention` and saves most of the training step's activation memory. Elsewhere `attention` is used.
+    # faster than `attention` and saves most of the training step's activation memory. Elsewhere, and when the
+    # attention weights need dropout (which it does not offer), `attention` is used.
     return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
 
 
-def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos):  # [n_seq, n_embd] -> [n_seq, n_embd]
+def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos, dropout_rate=0.0, key=None):
+    # [n_seq, n_embd] -> [n_seq, n_embd]
     n_seq, n_embd = x.shape
     q, k, v = jnp.split(linear(x, **c_attn), 3, axis=-1)
     q, k, v = (t.reshape(n_seq, n_head, n_embd // n_head) for t in (q, k, v))
@@ -70,11 +73,11 @@ def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos):  # [n_s
             "v": lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, pos, 0, 0)),
         }
         k, v = cache["k"][layer].astype(q.dtype), cache["v"][layer].astype(q.dtype)
-    if cache is None and use_flash_attention(q.dtype):
+    if cache is None and use_flash_attention(q.dtype) and (dropout_rate == 0.0 or key is None):
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     else:
         mask = jnp.arange(k.shape[0])[None, :] <= (pos + jnp.arange(n_seq))[:, None]
-        out = attention(q, k, v, mask)
+        out = attention(q, k, v, mask, dropout_rate, key)
     out = out.reshape(n_seq, n_embd)
     return linear(out, **c_proj), cache
 
@@ -84,9 +87,10 @@ def mlp(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
 
 
 def block(x, p, n_head, cache, layer, pos, dropout_rate=0.0, key=None):  # [n_seq, n_embd] -> [n_seq, n_embd]
-    k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
+    # dropout where GPT-2 and nanoGPT put it: on the attention weights and on each residual branch
+    k_weights, k_attn, k_mlp = (None, None, None) if key is None else jax.random.split(key, 3)
     a, cache = causal_self_attention(layer_norm(x, **p["ln_1"]), **p["attn"], n_head=n_head, cache=cache,
-                                     layer=layer, pos=pos)
+                                     layer=layer, pos=pos, dropout_rate=dropout_rate, key=k_weights)
     x = x + dropout(a, dropout_rate, k_attn)
     x = x + dropout(mlp(layer_norm(x, **p["ln_2"]), **p["mlp"]), dropout_rate, k_mlp)
     return x, cache
