@@ -1,13 +1,18 @@
 """gptjax tests: every check is against an independent reference (the fixtures in testdata/, made with
 TensorFlow, HF transformers and tiktoken; float64 numpy math; hand-worked cases), offline."""
+from functools import partial
 import http.server
+import io
 import json
 import math
+import os
 import pathlib
 import random
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -19,8 +24,12 @@ import pytest
 import safetensors.numpy
 import urllib3
 
+import data
 import encoder
 import gpt
+import main
+import sampling
+import train
 import weights
 
 HERE = pathlib.Path(__file__).parent
@@ -916,3 +925,671 @@ def test_weights_end_to_end_hf_folder_with_gpt2_tokenizer(tmp_path, weights_serv
         assert ids == prompt["ids"]
         logits = weights_numpy_gpt2(weights_flat(params), ids, hparams["n_head"])
         np.testing.assert_allclose(logits[-1], prompt["last_logits"], atol=1e-4)
+
+
+# ==================== sampling ==================================================================================
+
+SAMPLING_TINY = {"tf": HERE / "testdata" / "gpt2-tiny", "hf": HERE / "testdata" / "gpt2-tiny-hf"}
+SAMPLING_EXPECTED = json.loads((SAMPLING_TINY["tf"] / "expected.json").read_text())
+SAMPLING_PROMPTS = SAMPLING_EXPECTED["prompts"]
+
+
+@pytest.fixture(scope="module", params=["tf", "hf"])
+def sampling_model(request):  # (hparams, params) of the tiny model, read from each of the two layouts
+    return weights.load_hparams_and_params(SAMPLING_TINY[request.param])
+
+
+@pytest.fixture(scope="module")
+def sampling_tf_model():
+    return weights.load_hparams_and_params(SAMPLING_TINY["tf"])
+
+
+def sampling_softmax64(logits):
+    p = np.exp(np.asarray(logits, np.float64) - np.max(logits))
+    return p / p.sum()
+
+
+def sampling_draws(logits, n, seed, top_k=None, top_p=1.0):  # n draws from next_tokens on one logit vector
+    rows = jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1))
+    controls = {"key": jax.random.key(seed), "temperature": 1.0, "top_k": top_k or len(logits), "top_p": top_p}
+    return np.asarray(jax.jit(partial(sampling.next_tokens, greedy=False))(rows, controls, 0))
+
+
+def sampling_filtered_probs(logits, top_k=None, top_p=1.0):  # softmax of filter_logits, as float64
+    filtered = jax.jit(sampling.filter_logits)(jnp.asarray(logits, jnp.float32), top_k or len(logits), top_p)
+    return np.asarray(jax.nn.softmax(filtered), np.float64)
+
+
+# -------------------------------------------------------------------------------- greedy against the references
+
+
+def test_greedy_matches_reference(sampling_model):
+    hparams, params = sampling_model
+    for prompt in SAMPLING_PROMPTS:
+        out = sampling.generate(params, hparams, [prompt["ids"]], 20, greedy=True)
+        assert out == [prompt["greedy_new_ids"]]
+
+
+def test_batched_greedy_matches_separate_runs(sampling_model):
+    hparams, params = sampling_model
+    pair = [SAMPLING_PROMPTS[i]["ids"] for i in SAMPLING_EXPECTED["batch"]["prompt_indices"]]
+    assert sampling.generate(params, hparams, pair, 20, greedy=True) == SAMPLING_EXPECTED["batch"]["greedy_new_ids"]
+    # three lengths (10, 6, 40 tokens): the short rows are padded to the long one's bucket and still match
+    out = sampling.generate(params, hparams, [p["ids"] for p in SAMPLING_PROMPTS], 20, greedy=True)
+    assert out == [p["greedy_new_ids"] for p in SAMPLING_PROMPTS]
+
+
+def test_unstacked_params_give_the_same_tokens(sampling_tf_model):
+    hparams, params = sampling_tf_model
+    layers = sampling.unstack_layers(params)
+    assert len(layers["h"]) == hparams["n_layer"]
+    stacked, layer_1 = params["h"]["mlp"]["c_fc"]["w"], layers["h"][1]["mlp"]["c_fc"]["w"]
+    np.testing.assert_array_equal(layer_1, stacked[1])
+    if jax.default_backend() == "cpu":  # views into the stacked weights, not copies: generation needs no more memory
+        assert layer_1.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + layer_1.nbytes
+    prompt = SAMPLING_PROMPTS[0]
+    assert sampling.generate(layers, hparams, [prompt["ids"]], 20, greedy=True) == [prompt["greedy_new_ids"]]
+
+
+# -------------------------------------------------------------------------------- sampling controls
+
+
+def test_top_k_draws_only_the_k_most_likely():
+    logits = np.random.default_rng(0).normal(0, 2, 1000)
+    top5 = set(np.argsort(-logits)[:5])
+    draws = sampling_draws(logits, 4000, seed=1, top_k=5)
+    assert set(draws) == top5  # never outside, and every one of the five is drawn
+    # and in proportion to their renormalised probabilities (4000 draws: a standard error of <= 0.008)
+    p = sampling_softmax64(logits[sorted(top5)])
+    freq = np.array([np.mean(draws == t) for t in sorted(top5)])
+    np.testing.assert_allclose(freq, p, atol=0.04)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    rng = np.random.default_rng(1)
+    handmade = np.log(np.array([0.04, 0.4, 0.1, 0.25, 0.06, 0.15]))  # sorted: .4 .25 .15 .1 .06 .04
+    cases = [(handmade, 0.5, {1, 3}), (handmade, 0.7, {1, 3, 5}), (handmade, 0.01, {1}),
+             (handmade, 0.93, {1, 3, 5, 2, 4}), (handmade, 1.0, set(range(6)))]
+    random_logits = rng.normal(0, 3, 500)
+    for p in (0.3, 0.8, 0.95):  # numpy reference: the most likely tokens until their float64 mass reaches p
+        probs = sampling_softmax64(random_logits)
+        order = np.argsort(-probs)
+        n = int(np.searchsorted(np.cumsum(probs[order]), p)) + 1
+        cases.append((random_logits, p, set(order[:n])))
+    for logits, p, kept in cases:
+        probs = sampling_softmax64(logits)
+        want = np.where(np.isin(np.arange(len(logits)), list(kept)), probs, 0)
+        np.testing.assert_allclose(sampling_filtered_probs(logits, top_p=p), want / want.sum(), atol=1e-6)
+    draws = sampling_draws(handmade, 2000, seed=2, top_p=0.7)
+    assert set(draws) == {1, 3, 5}
+
+
+def test_top_k_then_top_p():
+    logits = np.log(np.array([0.3, 0.05, 0.25, 0.2, 0.15, 0.05]))
+    # top_k 3 keeps .3 .25 .2 (renormalised: .4, .333, .267); top_p .6 then keeps the first two (mass .733)
+    np.testing.assert_allclose(sampling_filtered_probs(logits, top_k=3, top_p=0.6), [0.3 / 0.55, 0, 0.25 / 0.55, 0, 0, 0],
+                               atol=1e-6)
+    # top_k alone
+    np.testing.assert_allclose(sampling_filtered_probs(logits, top_k=2), [0.3 / 0.55, 0, 0.25 / 0.55, 0, 0, 0], atol=1e-6)
+
+
+def test_top_k_1_and_low_temperature_are_greedy(sampling_tf_model):
+    hparams, params = sampling_tf_model
+    prompt = SAMPLING_PROMPTS[0]
+    # the smallest top-1/top-2 logit gap on the way is 0.01: at temperature 1e-4 a gap of 100, beyond any noise draw
+    assert sampling.generate(params, hparams, [prompt["ids"]], 20, temperature=1e-4, seed=3) == \
+        [prompt["greedy_new_ids"]]
+    assert sampling.generate(params, hparams, [prompt["ids"]], 20, top_k=1, seed=4) == [prompt["greedy_new_ids"]]
+
+
+def test_seed_reproducible_and_rows_independent_of_batch(sampling_tf_model):
+    hparams, params = sampling_tf_model
+    p1, p2 = SAMPLING_PROMPTS[0]["ids"], SAMPLING_PROMPTS[1]["ids"]
+    a = sampling.generate(params, hparams, [p1, p2], 20, seed=5, top_p=0.9)
+    assert a == sampling.generate(params, hparams, [p1, p2], 20, seed=5, top_p=0.9)
+    assert a != sampling.generate(params, hparams, [p1, p2], 20, seed=6, top_p=0.9)
+    assert a[0] != a[1] and all(len(row) == 20 for row in a)
+    # a row's random numbers depend on (seed, row, token index) only: row 0 alone draws what it draws in a batch
+    assert sampling.generate(params, hparams, [p1], 20, seed=5, top_p=0.9) == [a[0]]
+    # num_samples: the same prompt twice gives two different samples
+    twice = sampling.generate(params, hparams, [p1, p1], 20, seed=5, top_p=0.9)
+    assert twice[0] == a[0] and twice[1] != twice[0]
+
+
+def test_eot_token_ends_each_row(sampling_tf_model):
+    hparams, params = sampling_tf_model
+    prompts = [SAMPLING_PROMPTS[0]["ids"], SAMPLING_PROMPTS[1]["ids"]]
+    eot = 18903  # "Photograph": greedy emits it at step 3 for prompt 1 and step 13 for prompt 2
+    want = [g[:g.index(eot)] for g in (SAMPLING_PROMPTS[0]["greedy_new_ids"], SAMPLING_PROMPTS[1]["greedy_new_ids"])]
+    assert [len(w) for w in want] == [3, 13]
+    assert sampling.generate(params, hparams, prompts, 20, greedy=True, eot_token=eot) == want
+    # once every row has ended, no more chunks are computed: 20 tokens take 3 chunks (1 + 16 + 3), the 2nd ends both
+    chunks = list(sampling.generate_stream(params, hparams, prompts, 20, greedy=True, eot_token=eot))
+    assert chunks == [[want[0][:1], want[1][:1]], [want[0][1:], want[1][1:]]]
+
+
+def test_stream_chunks_join_into_generate(sampling_tf_model):
+    hparams, params = sampling_tf_model
+    prompts = [SAMPLING_PROMPTS[0]["ids"], SAMPLING_PROMPTS[1]["ids"]]
+    chunks = list(sampling.generate_stream(params, hparams, prompts, 20, top_k=50, seed=7))
+    assert [[len(row) for row in chunk] for chunk in chunks] == [[1, 1], [16, 16], [3, 3]]
+    joined = [sum((chunk[row] for chunk in chunks), []) for row in range(2)]
+    assert joined == sampling.generate(params, hparams, prompts, 20, top_k=50, seed=7)
+
+
+def test_no_recompilation_within_a_bucket(sampling_tf_model):
+    hparams, params = sampling_tf_model
+    sizes = lambda: np.array([sampling.prefill._cache_size(), sampling.decode._cache_size()])
+    before = sizes()
+    # at most one compile of each (none if another test compiled this case already), though the 20 tokens are
+    # decoded in two chunks of different lengths (16 and 3)
+    sampling.generate(params, hparams, [SAMPLING_PROMPTS[0]["ids"]] * 2, 20, top_k=3)
+    after_first = sizes()
+    assert set(after_first - before) <= {0, 1}
+    # other prompt lengths, token counts and sampling settings in the same buckets (prompt <= 16, prompt + new
+    # <= 32) reuse them
+    for prompt, n, options in (([5] * 16, 16, {"top_p": 0.5}), ([7, 8], 15, {}), ([9] * 11, 21, {"eot_token": 3})):
+        sampling.generate(params, hparams, [prompt, prompt[:1]], n, seed=n, temperature=0.5, **options)
+    assert (sizes() == after_first).all()
+
+
+def test_bfloat16_params_generate(sampling_tf_model):
+    hparams, params = sampling_tf_model
+    out = sampling.generate(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), hparams,
+                            [SAMPLING_PROMPTS[1]["ids"]], 12, greedy=True)
+    assert len(out[0]) == 12 and all(0 <= t < hparams["n_vocab"] for t in out[0])
+
+
+def test_bad_requests_raise_one_line_errors(sampling_tf_model):
+    hparams, params = sampling_tf_model
+    ids = SAMPLING_PROMPTS[0]["ids"]  # 10 tokens
+    cases = [([], {}, "no prompts"), ([ids, []], {}, "prompt 2 is empty"),
+             ([ids], {"n_tokens": 55}, "10 tokens plus 55 new tokens is 65, more than the model's context of n_ctx=64"),
+             ([ids], {"n_tokens": 0}, "at least 1"), ([[50257]], {}, "token id 50257"),
+             ([ids], {"top_k": 0}, "top_k"), ([ids], {"top_p": 0.0}, "top_p"), ([ids], {"top_p": 1.5}, "top_p"),
+             ([ids], {"temperature": 0.0}, "temperature"), ([ids], {"temperature": -1.0}, "temperature")]
+    for prompts, options, message in cases:
+        n_tokens = options.pop("n_tokens", 5)
+        with pytest.raises(ValueError, match=message) as e:
+            sampling.generate(params, hparams, prompts, n_tokens, **options)
+        assert "\n" not in str(e.value)
+    assert len(sampling.generate(params, hparams, [ids], 54, greedy=True, temperature=0.0)[0]) == 54  # 64 in all
+
+
+# -------------------------------------------------------------------------------- main.py
+
+
+def test_stream_text_holds_back_characters_split_between_tokens():
+    enc = encoder.get_encoder(SAMPLING_TINY["tf"])
+    text = " naïve café: 日本語の文章 🎉🦜 done"
+    ids = enc.encode(text)
+    assert any(enc.decode(ids[:i]).endswith("\ufffd") for i in range(len(ids)))  # some token splits a character
+    pieces = list(main.stream_text(([i] for i in ids), enc.decode))
+    assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
+
+
+def sampling_run_main(args, tmp_path, stdin=None):  # main.py in a fresh process -> (exit code, stdout, stderr)
+    env = {**os.environ, "GPTJAX_COMPILATION_CACHE": str(tmp_path / "jax-cache")}
+    proc = subprocess.run([sys.executable, str(HERE / "main.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, input=stdin, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_main_prints_the_greedy_continuation(tmp_path):
+    prompt = SAMPLING_PROMPTS[0]
+    code, out, err = sampling_run_main(["--model_dir", SAMPLING_TINY["tf"], "--greedy", "--n_tokens_to_generate", "20",
+                                        "--prompt", prompt["text"]], tmp_path)
+    assert (code, out) == (0, prompt["greedy_text"] + "\n"), err
+
+
+def test_main_bad_input_exits_2_with_one_line(tmp_path):
+    code, out, err = sampling_run_main(["--model_dir", SAMPLING_TINY["tf"], "--prompt", SAMPLING_PROMPTS[0]["text"],
+                                        "--n_tokens_to_generate", "60"], tmp_path)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "10" in err and "60" in err and "64" in err
+
+
+@pytest.fixture
+def sampling_main_inprocess(monkeypatch):  # main.main in this process, its compilation cache setting left alone
+    monkeypatch.setattr(sampling, "enable_compilation_cache", lambda path=None: None)
+
+    def run(*args):
+        try:
+            main.main([str(a) for a in args])
+        except SystemExit as e:
+            return e.code
+        return 0
+    return run
+
+
+def test_main_errors(sampling_main_inprocess, capsys, tmp_path, monkeypatch):
+    tiny = SAMPLING_TINY["tf"]
+    broken = tmp_path / "broken"  # the release layout without its checkpoint index
+    broken.mkdir()
+    for name in ("hparams.json", "encoder.json", "vocab.bpe", "model.ckpt.data-00000-of-00001"):
+        shutil.copy(tiny / name, broken / name)
+    monkeypatch.setenv("GPTJAX_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: a refused connection
+    monkeypatch.setattr(weights, "BACKOFF_S", 0.0)
+    cases = [(["--model_dir", tiny, "--prompt", ""], "empty"),
+             (["--model_dir", tiny], "--prompt"),
+             (["--model_dir", tiny, "--prompt", "a", "--prompt_file", tmp_path / "p.txt"], "--prompt"),
+             (["--model_dir", tiny, "--prompt_file", tmp_path / "missing.txt"], "missing.txt"),
+             (["--model_dir", broken, "--prompt", "a"], "model.ckpt.index"),
+             (["--model_dir", tmp_path / "nowhere", "--prompt", "a"], "nowhere"),
+             (["--models_dir", tmp_path / "models", "--prompt", "a"], "127.0.0.1:9"),
+             (["--model_dir", tiny, "--prompt", "a", "--top_k", "0"], "top_k"),
+             (["--model_dir", tiny, "--prompt", "a", "--top_p", "2"], "top_p"),
+             (["--model_dir", tiny, "--prompt", "a", "--temperature", "0"], "temperature"),
+             (["--model_dir", tiny, "--prompt", "a", "--num_samples", "0"], "num_samples"),
+             (["--model_dir", tiny, "--prompt", "a", "--num_samples", "2", "--stream"], "--stream")]
+    for args, words in cases:
+        assert sampling_main_inprocess(*args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and str(words) in err, (args, err)
+
+
+def test_main_prompt_file_and_interactive(sampling_main_inprocess, capsys, tmp_path, monkeypatch):
+    p1, p2 = SAMPLING_PROMPTS[0], SAMPLING_PROMPTS[1]
+    models = tmp_path / "models" / "124M"  # the HF folder has no tokenizer: main takes GPT-2's from models/124M
+    models.mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(SAMPLING_TINY["tf"] / name, models / name)
+    (tmp_path / "prompts.txt").write_text(f"{p1['text']}\n\n{p2['text']}\n")
+    common = ["--greedy", "--n_tokens_to_generate", "20", "--models_dir", tmp_path / "models"]
+    assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["hf"], "--prompt_file", tmp_path / "prompts.txt",
+                                   *common) == 0
+    want = f"--- prompt 1 ---\n{p1['greedy_text']}\n--- prompt 2 ---\n{p2['greedy_text']}\n"
+    assert capsys.readouterr().out == want
+    too_long = "x " * 70  # 70 tokens: with 20 new ones over n_ctx 64
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{p1['text']}\n\n{too_long}\n{p2['text']}\n"))
+    assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["tf"], "--interactive", "--stream", *common) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{p1['greedy_text']}\n{p2['greedy_text']}\n"
+    assert err.startswith("error: a prompt of") and err.count("\n") == 1  # the long prompt, and it went on
+
+
+def test_main_num_samples(sampling_main_inprocess, capsys):
+    assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["tf"], "--prompt", SAMPLING_PROMPTS[1]["text"],
+                                   "--num_samples", "2", "--top_k", "40", "--n_tokens_to_generate", "20") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0::2] == ["--- sample 1 ---", "--- sample 2 ---"] and out[1] != out[3]
+
+
+# ==================== train =====================================================================================
+
+TRAIN_SHAKESPEARE = HERE / "testdata" / "tinyshakespeare" / "input.txt"
+TRAIN_GPT2_TINY = HERE / "testdata" / "gpt2-tiny"
+TRAIN_TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4, "eval_iters": 2,
+              "learning_rate": 3e-3, "warmup_iters": 2, "lr_decay_iters": 12, "min_lr": 3e-4, "log_interval": 1}
+
+
+@pytest.fixture(scope="module")
+def train_data_dir(tmp_path_factory):
+    """A data_dir holding tiny Shakespeare, placed by hand as a user without network would."""
+    data_dir = tmp_path_factory.mktemp("data")
+    (data_dir / "shakespeare_char").mkdir()
+    shutil.copy(TRAIN_SHAKESPEARE, data_dir / "shakespeare_char" / "input.txt")
+    return data_dir
+
+
+def train_config(data_dir, out_dir, **overrides):
+    return {**TRAIN_TINY, "data_dir": str(data_dir), "out_dir": str(out_dir), **overrides}
+
+
+def train_run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(HERE / "train.py"), *args], capture_output=True, text=True,
+                          cwd=HERE, env={**os.environ, **(env or {})}, timeout=300)
+
+
+# ------------------------------------------------------------------------------------------------------- data.py
+
+def test_train_prepare_char_dataset(train_data_dir):
+    text = TRAIN_SHAKESPEARE.read_text(encoding="utf-8")
+    folder = data.prepare("shakespeare_char", train_data_dir)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta == {"kind": "char", "chars": sorted(set(text))} and len(meta["chars"]) == 65
+    cut = int(len(text) * 0.9)  # nanoGPT's split: 1,003,854 train and 111,540 val characters
+    train_ids, val_ids = data.load_split(folder, "train"), data.load_split(folder, "val")
+    assert isinstance(train_ids, np.memmap) and train_ids.dtype == np.uint16
+    assert (len(train_ids), len(val_ids)) == (1_003_854, 111_540) == (cut, len(text) - cut)
+    enc = encoder.get_encoder(folder)
+    assert enc.decode(train_ids) == text[:cut] and enc.decode(val_ids) == text[cut:]
+    # prepared once: a second call leaves the files alone
+    mtime = (folder / "train.bin").stat().st_mtime_ns
+    assert data.prepare("shakespeare_char", train_data_dir) == folder
+    assert (folder / "train.bin").stat().st_mtime_ns == mtime
+
+
+def test_train_prepare_gpt2_dataset(train_data_dir):
+    # GPT-2 tokens of the same text, split like nanoGPT's data/shakespeare (its readme: 301,966 and 36,059 tokens)
+    text = TRAIN_SHAKESPEARE.read_text(encoding="utf-8")
+    folder = data.prepare("shakespeare", train_data_dir, vocab_dir=TRAIN_GPT2_TINY)
+    assert json.loads((folder / "meta.json").read_text()) == {"kind": "gpt2"}
+    train_ids, val_ids = data.load_split(folder, "train"), data.load_split(folder, "val")
+    assert (len(train_ids), len(val_ids)) == (301_966, 36_059)
+    enc = encoder.get_encoder(folder)  # the vocabulary travels with the dataset
+    assert enc.n_vocab == 50257
+    cut = int(len(text) * 0.9)
+    assert enc.decode(train_ids) == text[:cut] and enc.decode(val_ids) == text[cut:]
+
+
+def test_train_prepare_text_file_and_folder(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = [f"Document number {i}: caf\u00e9 and na\u00efve words.\n" for i in range(10)]
+    for i, t in enumerate(texts):
+        (docs / f"{i:02d}.txt").write_text(t, encoding="utf-8")
+    (docs / ".hidden").write_bytes(b"\xff\xfe not text")  # hidden files are skipped
+    folder = data.prepare(str(docs), tmp_path / "data", "gpt2", vocab_dir=TRAIN_GPT2_TINY)
+    assert folder.name == "docs_gpt2"
+    ids = np.concatenate([data.load_split(folder, s) for s in data.SPLITS])
+    assert (ids == 50256).sum() == 10 and ids[-1] == 50256  # every document ends with <|endoftext|>
+    enc = encoder.get_encoder(folder)
+    pieces = enc.decode(ids).split("<|endoftext|>")[:-1]
+    assert sorted(pieces) == sorted(texts)  # the split moves whole documents
+    assert len(data.load_split(folder, "val")) == len(enc.encode(texts[0])) + 1  # 10% of 10 documents: one
+    # one text file with character tokens: 90/10 split of its characters
+    one = tmp_path / "one.txt"
+    one.write_text("".join(texts), encoding="utf-8")
+    folder = data.prepare(str(one), tmp_path / "data", "char")
+    enc = encoder.get_encoder(folder)
+    assert enc.decode(data.load_split(folder, "train")) == "".join(texts)[:int(len("".join(texts)) * 0.9)]
+    # a changed text is prepared again
+    one.write_text("something else entirely, longer than before", encoding="utf-8")
+    os.utime(one, ns=(1, 1))  # a different mtime even on coarse-grained filesystems
+    changed = "something else entirely, longer than before"
+    folder = data.prepare(str(one), tmp_path / "data", "char")
+    enc = encoder.get_encoder(folder)
+    assert enc.decode(data.load_split(folder, "val")) == changed[int(len(changed) * 0.9):]
+
+
+def test_train_prepare_errors(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        data.prepare(str(bad), tmp_path / "data", "char")
+    with pytest.raises(FileNotFoundError, match="no dataset 'nothing'"):
+        data.prepare("nothing", tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="OpenWebText is not downloaded"):
+        data.prepare("openwebtext", tmp_path / "data")
+    with pytest.raises(ValueError, match="uses char tokens"):
+        data.prepare("shakespeare_char", tmp_path / "data", "gpt2")
+
+
+def test_train_batches_come_from_the_memmap_shifted_by_one(train_data_dir):
+    folder = data.prepare("shakespeare_char", train_data_dir)
+    ids = data.load_split(folder, "train")
+    whole = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    starts = data.batch_starts(len(ids), 16, 8, seed=5, it=3, split="train")
+    x, y = data.get_batch(ids, starts, 16)
+    assert x.shape == y.shape == (8, 16) and x.dtype == np.int32
+    for row, s in enumerate(starts):
+        assert 0 <= s <= len(ids) - 17
+        np.testing.assert_array_equal(x[row], whole[s:s + 16])
+        np.testing.assert_array_equal(y[row], whole[s + 1:s + 17])
+    # a pure function of (seed, iteration, split)
+    np.testing.assert_array_equal(starts, data.batch_starts(len(ids), 16, 8, seed=5, it=3, split="train"))
+    assert not np.array_equal(starts, data.batch_starts(len(ids), 16, 8, seed=5, it=4, split="train"))
+    assert not np.array_equal(starts, data.batch_starts(len(ids), 16, 8, seed=5, it=3, split="val"))
+    with pytest.raises(ValueError, match="too few for block_size"):
+        data.batch_starts(10, 16, 8, seed=5, it=0, split="val")
+
+
+# ----------------------------------------------------------------------------------------------- optimizer parts
+
+def test_train_learning_rate_schedule_matches_formula():
+    config = train.resolve_config({"learning_rate": 6e-4, "min_lr": 6e-5, "warmup_iters": 10, "lr_decay_iters": 50})
+    schedule = train.learning_rate_schedule(config)
+
+    def reference(it):  # nanoGPT's get_lr, in float64
+        if it < 10:
+            return 6e-4 * (it + 1) / 11
+        if it > 50:
+            return 6e-5
+        return 6e-5 + 0.5 * (1 + math.cos(math.pi * (it - 10) / 40)) * (6e-4 - 6e-5)
+    for it in [0, 1, 5, 9, 10, 11, 25, 30, 49, 50, 51, 100]:
+        assert float(schedule(it)) == pytest.approx(reference(it), rel=1e-6), it
+    assert float(schedule(9)) < float(schedule(10)) == pytest.approx(6e-4)
+    assert float(schedule(30)) == pytest.approx((6e-4 + 6e-5) / 2)  # half way down the cosine
+    constant = train.learning_rate_schedule({**config, "decay_lr": False})
+    assert float(constant(0)) == float(constant(1000)) == pytest.approx(6e-4)
+
+
+def test_train_weight_decay_only_on_matrices_and_embeddings():
+    hparams = {"n_vocab": 11, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 2}
+    params = jax.tree.map(lambda p: p + 1.0, train.gpt.init_params(jax.random.PRNGKey(0), hparams))
+    config = train.resolve_config({"learning_rate": 0.1, "weight_decay": 0.5, "decay_lr": False})
+    optimizer = train.make_optimizer(config, params)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)  # Adam's step is 0: what moves is the decay alone
+    updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+    flat = train.flat_names(updates, "")
+    decayed = {"wte", "wpe", "h/attn/c_attn/w", "h/attn/c_proj/w", "h/mlp/c_fc/w", "h/mlp/c_proj/w"}
+    for name, update in flat.items():
+        p = train.flat_names(params, "")[name]
+        expected = -0.1 * 0.5 * p if name in decayed else np.zeros_like(p)
+        np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=name)
+    assert {n for n in flat if n.endswith(("/b", "/g"))} == set(flat) - decayed  # biases and LayerNorm: no decay
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+def train_ckpt_tensors(out_dir):
+    return safetensors.numpy.load_file(pathlib.Path(out_dir) / "ckpt.safetensors")
+
+
+def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_path):
+    # dropout and gradient accumulation on, so that the random streams and micro-batches are covered too
+    extra = {"dropout": 0.1, "gradient_accumulation_steps": 2, "eval_interval": 6}
+    straight = train.train(train_config(train_data_dir, tmp_path / "a", max_iters=12, **extra))
+    first = train.train(train_config(train_data_dir, tmp_path / "b", max_iters=6, **extra))
+    assert train.read_checkpoint_meta(tmp_path / "b" / "ckpt.safetensors")["iter"] == 6
+    second = train.train({"init_from": "resume", "out_dir": str(tmp_path / "b"), "max_iters": 12})
+    assert sorted(second["losses"]) == list(range(6, 12))
+    resumed = {**first["losses"], **second["losses"]}
+    assert [resumed[i] for i in range(12)] == [straight["losses"][i] for i in range(12)]  # bitwise equal floats
+    assert straight["losses"][11] < straight["losses"][0]  # and it learns
+    a, b = train_ckpt_tensors(tmp_path / "a"), train_ckpt_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # the evaluation records continue the same way
+    assert straight["evals"][-1]["val_loss"] == second["evals"][-1]["val_loss"]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iter"] for line in lines] == [0, 6, 12]
+    assert set(json.loads(lines[-1])) == {"iter", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "elapsed_s"}
+
+
+TRAIN_DEVICES_SCRIPT = """
+import json, sys
+import jax, train
+assert jax.device_count() == 4, jax.devices()
+config = json.loads(sys.argv[1])
+out = {}
+for fsdp in (False, True):
+    result = train.train({**config, "fsdp": fsdp, "out_dir": config["out_dir"] + str(fsdp)})
+    out[str(fsdp)] = [result["losses"][i] for i in sorted(result["losses"])]
+print(json.dumps(out))
+"""
+
+
+def test_train_four_devices_match_one(train_data_dir, tmp_path):
+    config = train_config(train_data_dir, tmp_path / "one", max_iters=6, eval_interval=6, dropout=0.1,
+                          gradient_accumulation_steps=2)
+    one = train.train(config)
+    one = [one["losses"][i] for i in range(6)]
+    proc = subprocess.run([sys.executable, "-c", TRAIN_DEVICES_SCRIPT, json.dumps({**config, "out_dir":
+                                                                                  str(tmp_path / "four")})],
+                          capture_output=True, text=True, cwd=HERE, timeout=300,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                               "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    four = json.loads(proc.stdout.strip().splitlines()[-1])
+    for fsdp, losses in four.items():
+        np.testing.assert_allclose(losses, one, rtol=1e-5, atol=1e-5, err_msg=f"fsdp={fsdp}")
+
+
+def test_train_finetune_gpt2_fixture_lowers_the_loss(tmp_path):
+    model = tmp_path / "gpt2-tiny"
+    shutil.copytree(TRAIN_GPT2_TINY, model)  # weights.py writes its converted cache beside the checkpoint
+    text = tmp_path / "sonnets.txt"
+    text.write_text(TRAIN_SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    result = train.train({"init_from": str(model), "dataset": str(text), "data_dir": str(tmp_path / "data"),
+                          "out_dir": str(tmp_path / "out"), "block_size": 32, "batch_size": 4, "max_iters": 16,
+                          "eval_interval": 8, "eval_iters": 4, "learning_rate": 3e-3, "decay_lr": False,
+                          "dropout": 0.0})
+    val = [e["val_loss"] for e in result["evals"]]
+    assert val[0] > 10 and val[-1] < val[0] - 0.5, val  # the random fixture predicts badly; training helps
+    # the dataset was tokenized with the model's vocabulary (auto: gpt2 when finetuning)
+    assert json.loads((tmp_path / "data" / "sonnets_gpt2" / "meta.json").read_text()) == {"kind": "gpt2"}
+    # out_dir is a model folder: the fixture's hparams, biases kept, GPT-2's vocabulary
+    enc, hparams, params = weights.load_encoder_hparams_and_params(str(tmp_path / "out"))
+    assert hparams == json.loads((TRAIN_GPT2_TINY / "hparams.json").read_text())
+    assert enc.n_vocab == 50257 and "b" in params["h"]["attn"]["c_attn"]
+    initial = weights.load_hparams_and_params(model)[1]
+    assert not np.allclose(params["wte"], initial["wte"])
+
+
+def test_train_checkpoint_survives_a_crash_mid_write(train_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    good = (out / "ckpt.safetensors").read_bytes()
+    good_model = (out / "params.safetensors").read_bytes()
+
+    def crash_mid_write(tensors, path, metadata=None):  # half the bytes reach the disk, then the process "dies"
+        blob = safetensors.numpy.save(tensors, metadata)
+        pathlib.Path(path).write_bytes(blob[:len(blob) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.numpy, "save_file", crash_mid_write)
+    with pytest.raises(OSError, match="No space left"):
+        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4})
+    assert (out / "ckpt.safetensors").read_bytes() == good
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]  # no partial file left to mistake
+    monkeypatch.undo()
+
+    def crash_at_rename(src, dst):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "replace", crash_at_rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4, "always_save_checkpoint": True})
+    monkeypatch.undo()
+    assert (out / "ckpt.safetensors").read_bytes() == good
+    assert (out / "params.safetensors").read_bytes() == good_model
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
+    # and the intact checkpoint resumes
+    result = train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4})
+    assert sorted(result["losses"]) == [2, 3]
+
+
+def test_train_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    good = (out / "ckpt.safetensors").read_bytes()
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=50", "--eval_interval=50",
+                       "--learning_rate=1e9", "--warmup_iters=0", "--grad_clip=0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("error: loss is nan at iteration") and "last good checkpoint" in err, err
+    assert (out / "ckpt.safetensors").read_bytes() == good
+
+
+def test_train_ctrl_c_saves_a_checkpoint_and_resumes(train_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    get_batch, calls = data.get_batch, []
+
+    def get_batch_then_ctrl_c(*args):  # Ctrl-C arrives while iteration 3's batch is being drawn
+        calls.append(1)
+        if len(calls) == 2 + 4:  # 2 evaluation batches (train, val) at iteration 0, then iterations 0..3
+            signal.raise_signal(signal.SIGINT)
+        return get_batch(*args)
+    monkeypatch.setattr(data, "get_batch", get_batch_then_ctrl_c)
+    result = train.train(train_config(train_data_dir, out, max_iters=100, eval_interval=50))
+    monkeypatch.undo()
+    assert result["interrupted"] and result["iter"] == 4
+    assert train.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 4
+    assert (out / "params.safetensors").is_file()  # samplable even before the first evaluation
+    resumed = train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
+    assert sorted(resumed["losses"]) == [4, 5]
+
+
+def test_train_eval_only_and_bias(train_data_dir, tmp_path):
+    result = train.train(train_config(train_data_dir, tmp_path / "e", eval_only=True, bias=True))
+    assert [e["iter"] for e in result["evals"]] == [0] and result["losses"] == {}
+    assert not (tmp_path / "e" / "ckpt.safetensors").exists()
+    # an untrained model with 65 characters is close to uniform: ln 65
+    assert result["evals"][0]["val_loss"] == pytest.approx(math.log(65), abs=0.1)
+    hparams = {"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}
+    without = train.drop_biases(train.gpt.init_params(jax.random.PRNGKey(0), hparams))
+    assert sorted(train.flat_names(without, "")) == ["h/attn/c_attn/w", "h/attn/c_proj/w", "h/ln_1/g", "h/ln_2/g",
+                                                     "h/mlp/c_fc/w", "h/mlp/c_proj/w", "ln_f/g", "wpe", "wte"]
+
+
+def test_train_char_model_folder_samples(train_data_dir, tmp_path):
+    out = tmp_path / "out"
+    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    assert json.loads((out / "meta.json").read_text()) == {"kind": "char",
+                                                         "chars": sorted(set(TRAIN_SHAKESPEARE.read_text()))}
+    enc, hparams, params = weights.load_encoder_hparams_and_params(str(out))
+    assert hparams == {"n_vocab": 65, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
+    assert enc.decode(enc.encode("ROMEO:")) == "ROMEO:"
+    if (HERE / "main.py").exists():
+        proc = subprocess.run([sys.executable, str(HERE / "main.py"), "--model_dir", str(out), "--prompt", "ROMEO:",
+                               "--n_tokens_to_generate", "12", "--seed", "1"], capture_output=True, text=True,
+                              cwd=HERE, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert len(proc.stdout.strip()) > 0
+
+
+# ------------------------------------------------------------------------------------------------------- config
+
+def test_train_config_file_and_flags(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('n_layer = 3\nlearning_rate = 1\ndataset = "x"\nbias = true\n')
+    overrides = train.parse_args([str(toml), "--n_layer=5", "--eval_only", "--min_lr=2e-5"])
+    assert overrides == {"n_layer": 5, "learning_rate": 1.0, "dataset": "x", "bias": True, "eval_only": True,
+                         "min_lr": 2e-5}
+    as_json = tmp_path / "c.json"
+    as_json.write_text('{"max_iters": 7}')
+    assert train.parse_args([str(as_json)]) == {"max_iters": 7}
+    for path in sorted((HERE / "configs").glob("*.toml")):  # the shipped recipes parse and validate
+        train.resolve_config(train.parse_args([str(path)]))
+    bad_cases = {
+        ("--n_layr=3",): "unknown config key 'n_layr' on the command line; did you mean n_layer?",
+        ("--n_layer=three",): "--n_layer takes an integer, not 'three'",
+        ("--dropout=nan",): "--dropout takes a finite number",
+        ("--bias=maybe",): "--bias takes true or false",
+        ("--max_iters",): "--max_iters needs a value",
+    }
+    for args, message in bad_cases.items():
+        with pytest.raises(ValueError, match=message.replace("?", r"\?")):
+            train.parse_args(list(args))
+    (tmp_path / "bad.toml").write_text("n_layer = \n")
+    (tmp_path / "typo.toml").write_text("n_embed = 3\n")
+    (tmp_path / "type.toml").write_text('n_layer = "4"\n')
+    (tmp_path / "c.py").write_text("n_layer = 4\n")
+    with pytest.raises(ValueError, match="bad.toml is not valid TOML"):
+        train.parse_args([str(tmp_path / "bad.toml")])
+    with pytest.raises(ValueError, match="unknown config key 'n_embed' in .*typo.toml; did you mean n_embd"):
+        train.parse_args([str(tmp_path / "typo.toml")])
+    with pytest.raises(ValueError, match="n_layer should be int, got '4'"):
+        train.parse_args([str(tmp_path / "type.toml")])
+    with pytest.raises(ValueError, match="should end in .toml or .json"):
+        train.parse_args([str(tmp_path / "c.py")])
+    for overrides, message in [({"n_embd": 30, "n_head": 4}, "multiple of n_head"), ({"dtype": "float16"},
+                               "float16 needs loss scaling"), ({"dropout": 1.0}, "dropout must be in"),
+                               ({"warmup_iters": 50, "lr_decay_iters": 50}, "must exceed warmup_iters")]:
+        with pytest.raises(ValueError, match=message):
+            train.resolve_config(overrides)
+
+
+def test_train_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.toml").write_text("[[[")
+    for args, needle in [(["--n_layr=3"], "did you mean n_layer"), ([str(tmp_path / "bad.toml")], "not valid TOML"),
+                         (["--init_from=resume", f"--out_dir={tmp_path}"], "cannot resume")]:
+        proc = train_run_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    proc = train_run_cli("--help")
+    assert proc.returncode == 0
+    for name, default in train.DEFAULTS.items():
+        assert f"--{name}=" in proc.stdout, name
+    assert "--n_layer=4" in proc.stdout and "--dataset=shakespeare_char" in proc.stdout
