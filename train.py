@@ -271,26 +271,30 @@ def decay_mask(params):  # weight decay on matrices and embeddings ("w", wte, wp
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("w", "wte", "wpe"), params)
 
 
+def init_params(config, hparams):  # gpt.py's initialisation, as one compiled program (not dozens of small ones)
+    init = jax.jit(lambda key: gpt.init_params(key, hparams))
+    params = init(jax.random.PRNGKey(config["seed"]))
+    return params if config["bias"] else drop_biases(params)
+
+
 def drop_biases(params):  # bias=False: no "b" in linear layers or LayerNorms; gpt.py then adds none
     if isinstance(params, dict):
         return {k: drop_biases(v) for k, v in params.items() if k != "b"}
     return params
 
 
-def learning_rate_schedule(config):
-    """iteration -> learning rate: nanoGPT's get_lr. Linear warmup to learning_rate over warmup_iters, cosine decay
-    to min_lr at lr_decay_iters, then min_lr; constant when decay_lr is false."""
+def learning_rate(it, config, xp=jnp):
+    """The learning rate at iteration it: nanoGPT's get_lr. Linear warmup to learning_rate over warmup_iters, cosine
+    decay to min_lr at lr_decay_iters, then min_lr; constant when decay_lr is false. xp=jnp inside the optimizer (it
+    is a traced count there), numpy for the logs."""
     lr, min_lr = config["learning_rate"], config["min_lr"]
     warmup, decay = config["warmup_iters"], config["lr_decay_iters"]
-
-    def schedule(it):
-        if not config["decay_lr"]:
-            return jnp.full((), lr, jnp.float32)
-        it = jnp.asarray(it, jnp.float32)
-        ratio = jnp.clip((it - warmup) / max(decay - warmup, 1), 0.0, 1.0)
-        cosine = min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (lr - min_lr)
-        return jnp.where(it < warmup, lr * (it + 1) / (warmup + 1), cosine)
-    return schedule
+    if not config["decay_lr"]:
+        return xp.asarray(lr, xp.float32)
+    it = xp.asarray(it, xp.float32)
+    ratio = xp.clip((it - warmup) / max(decay - warmup, 1), 0.0, 1.0)
+    cosine = min_lr + 0.5 * (1.0 + xp.cos(xp.pi * ratio)) * (lr - min_lr)
+    return xp.where(it < warmup, lr * (it + 1) / (warmup + 1), cosine)
 
 
 def make_optimizer(config, params):
@@ -298,7 +302,7 @@ def make_optimizer(config, params):
     max_norm = config["grad_clip"] or float("inf")
     return optax.chain(
         optax.clip_by_global_norm(max_norm),
-        optax.adamw(learning_rate_schedule(config), b1=config["beta1"], b2=config["beta2"], eps=1e-8,
+        optax.adamw(partial(learning_rate, config=config), b1=config["beta1"], b2=config["beta2"], eps=1e-8,
                     weight_decay=config["weight_decay"], mask=decay_mask(params)))
 
 
@@ -608,9 +612,7 @@ def run(config):
     if config["init_from"] == "scratch":
         hparams = {"n_vocab": len(vocab["chars"]) if tokens == "char" else GPT2_VOCAB, "n_ctx": config["block_size"],
                    "n_embd": config["n_embd"], "n_head": config["n_head"], "n_layer": config["n_layer"]}
-        params = gpt.init_params(jax.random.PRNGKey(config["seed"]), hparams)
-        if not config["bias"]:
-            params = drop_biases(params)
+        params = init_params(config, hparams)
     else:
         check_vocabulary(config, model_tokens, vocab, out_dir)
     if config["block_size"] > hparams["n_ctx"]:
@@ -626,7 +628,7 @@ def run(config):
     param_shardings = tree_shardings(mesh, params, config["fsdp"])
     params = jax.device_put(params, param_shardings)
     if config["init_from"] != "resume":
-        opt_state = optimizer.init(params)
+        opt_state = jax.jit(optimizer.init)(params)
     opt_shardings = tree_shardings(mesh, opt_state, config["fsdp"])
     opt_state = jax.device_put(opt_state, opt_shardings)
     dtype, n_head = compute_dtype(config), hparams["n_head"]
@@ -636,7 +638,6 @@ def run(config):
                    donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, replicated))
     evaluate = jax.jit(partial(eval_loss, n_head=n_head, dtype=dtype))
     all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
-    schedule = learning_rate_schedule(config)
 
     B, T, n_micro = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
     tokens_per_iter = B * T * n_micro
@@ -713,7 +714,7 @@ def run(config):
                 collect()
                 estimate = estimate_losses(it)
                 record = {"iter": it, "train_loss": estimate["train"], "val_loss": estimate["val"],
-                          "lr": float(schedule(it)), "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
+                          "lr": float(learning_rate(it, config, np)), "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
                           "elapsed_s": round(time.perf_counter() - t_start, 3)}
                 history.append(record)
                 bar.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
@@ -767,6 +768,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import sampling
+    sampling.enable_compilation_cache()  # a resumed or repeated run skips most of the compile time
     try:
         result = run(config)
     except (ValueError, OSError, FloatingPointError) as e:
