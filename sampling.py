@@ -109,22 +109,24 @@ def layer_of(w, i):  # [n_layer, ...] -> [...], its own array
     return w[i]
 
 
-def transformer(params, ids, n_head, cache, pos):  # gpt.transformer over per-layer weights  # [n_seq] -> [n_seq, n_embd]
-    # Why not gpt.transformer's lax.scan over the stacked layers: on a CPU, XLA copies each layer's slice of the
-    # stacked weights before its matmuls, which doubles the memory traffic of decoding (a matrix-vector product per
-    # weight: 124M decodes ~2x slower), and decoding is bound by that traffic. Separate arrays are read in place.
-    # The price: the compiled code grows with n_layer (124M: ~2 s to compile prefill + decode, 1558M: ~6 s).
+def transformer(params, ids, n_head, caches, pos):  # [n_seq] -> [n_seq, n_embd], and the updated caches
+    # gpt.transformer, over per-layer weights and per-layer KV caches (each gpt.init_cache with n_layer 1). Why not
+    # gpt.transformer's lax.scan over the stacked layers: on a CPU, XLA copies each layer's slice of a stacked array
+    # before a matmul reads it, which doubles the memory traffic of decoding (124M: ~2x slower), and decoding is
+    # bound by that traffic. Separate arrays are read in place. The price: the compiled code grows with n_layer.
     x = params["wte"][ids] + lax.dynamic_slice_in_dim(params["wpe"], pos, ids.shape[0]).astype(params["wte"].dtype)
-    for layer, p in enumerate(params["h"]):
-        x, cache = gpt.block(x, p, n_head, cache, layer, pos)
-    return gpt.layer_norm(x, **params["ln_f"]), cache
+    out = []
+    for p, cache in zip(params["h"], caches):
+        x, cache = gpt.block(x, p, n_head, cache, 0, pos)
+        out.append(cache)
+    return gpt.layer_norm(x, **params["ln_f"]), out
 
 
-def forward_rows(params, ids, n_head, cache, pos):
+def forward_rows(params, ids, n_head, caches, pos):
     # [batch, n_seq] ids, per-row caches and start positions (pos: [batch], or one int for all rows)
     # -> [batch, n_seq, n_embd] hidden states, updated caches
     pos_axis = None if isinstance(pos, int) else 0
-    return jax.vmap(transformer, in_axes=(None, 0, None, 0, pos_axis))(params, ids, n_head, cache, pos)
+    return jax.vmap(transformer, in_axes=(None, 0, None, 0, pos_axis))(params, ids, n_head, caches, pos)
 
 
 # ------------------------------------------------------------------------------------------------ the jitted loop
@@ -144,11 +146,11 @@ def prefill(params, ids, lengths, controls, *, n_head, cache_len, greedy):
     # [batch, prompt_bucket] right-padded prompts, [batch] their lengths -> the decoding state, holding the KV cache
     # and each row's first new token
     batch, n_layer, n_embd = ids.shape[0], len(params["h"]), params["wte"].shape[1]
-    cache = gpt.init_cache({"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}, cache_len, params["wte"].dtype)
-    cache = jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache)
-    x, cache = forward_rows(params, ids, n_head, cache, 0)  # [batch, prompt_bucket, n_embd]
+    cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": n_embd}, cache_len, params["wte"].dtype)
+    caches = [jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache) for _ in range(n_layer)]
+    x, caches = forward_rows(params, ids, n_head, caches, 0)  # [batch, prompt_bucket, n_embd]
     logits = gpt.unembed(params, x[jnp.arange(batch), lengths - 1])  # [batch, n_vocab]: last real positions only
-    state = {"cache": cache, "pos": lengths, "done": jnp.zeros(batch, bool), "step": jnp.int32(0)}
+    state = {"caches": caches, "pos": lengths, "done": jnp.zeros(batch, bool), "step": jnp.int32(0)}
     return sample(state, logits, controls, greedy)
 
 
@@ -162,8 +164,8 @@ def decode(params, state, n_steps, controls, *, n_head, chunk, greedy):
 
     def step(carry):
         i, state, out = carry
-        x, cache = forward_rows(params, state["token"][:, None], n_head, state["cache"], state["pos"])
-        state = {**state, "cache": cache, "pos": state["pos"] + 1}
+        x, caches = forward_rows(params, state["token"][:, None], n_head, state["caches"], state["pos"])
+        state = {**state, "caches": caches, "pos": state["pos"] + 1}
         state = sample(state, gpt.unembed(params, x[:, 0]), controls, greedy)
         return i + 1, state, out.at[:, i].set(state["token"])
 
