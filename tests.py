@@ -1217,10 +1217,14 @@ def test_main_num_samples(sampling_main_inprocess, capsys):
 
 # ==================== train =====================================================================================
 
+sampling.enable_compilation_cache()  # at collection, before anything compiles: repeated tiny runs compile once
+
 TRAIN_SHAKESPEARE = HERE / "testdata" / "tinyshakespeare" / "input.txt"
 TRAIN_GPT2_TINY = HERE / "testdata" / "gpt2-tiny"
+# dropout and gradient accumulation on, so that the random streams and micro-batches are always covered
 TRAIN_TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4, "eval_iters": 2,
-              "learning_rate": 3e-3, "warmup_iters": 2, "lr_decay_iters": 12, "min_lr": 3e-4, "log_interval": 1}
+              "learning_rate": 3e-3, "warmup_iters": 2, "lr_decay_iters": 12, "min_lr": 3e-4, "log_interval": 1,
+              "dropout": 0.1, "gradient_accumulation_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -1339,7 +1343,6 @@ def test_train_batches_come_from_the_memmap_shifted_by_one(train_data_dir):
 
 def test_train_learning_rate_schedule_matches_formula():
     config = train.resolve_config({"learning_rate": 6e-4, "min_lr": 6e-5, "warmup_iters": 10, "lr_decay_iters": 50})
-    schedule = train.learning_rate_schedule(config)
 
     def reference(it):  # nanoGPT's get_lr, in float64
         if it < 10:
@@ -1347,21 +1350,29 @@ def test_train_learning_rate_schedule_matches_formula():
         if it > 50:
             return 6e-5
         return 6e-5 + 0.5 * (1 + math.cos(math.pi * (it - 10) / 40)) * (6e-4 - 6e-5)
-    for it in [0, 1, 5, 9, 10, 11, 25, 30, 49, 50, 51, 100]:
-        assert float(schedule(it)) == pytest.approx(reference(it), rel=1e-6), it
-    assert float(schedule(9)) < float(schedule(10)) == pytest.approx(6e-4)
-    assert float(schedule(30)) == pytest.approx((6e-4 + 6e-5) / 2)  # half way down the cosine
-    constant = train.learning_rate_schedule({**config, "decay_lr": False})
-    assert float(constant(0)) == float(constant(1000)) == pytest.approx(6e-4)
+    iters = np.array([0, 1, 5, 9, 10, 11, 25, 30, 49, 50, 51, 100])
+    in_optimizer = jax.jit(jax.vmap(lambda it: train.learning_rate(it, config)))(iters)  # as optax calls it
+    for it, traced in zip(iters, np.asarray(in_optimizer)):
+        assert traced == pytest.approx(reference(it), rel=1e-6), it
+        assert float(train.learning_rate(it, config, np)) == pytest.approx(reference(it), rel=1e-6), it
+    assert train.learning_rate(30, config, np) == pytest.approx((6e-4 + 6e-5) / 2)  # half way down the cosine
+    constant = {**config, "decay_lr": False}
+    assert float(train.learning_rate(0, constant, np)) == float(train.learning_rate(10**6, constant, np)) == \
+        pytest.approx(6e-4)
 
 
 def test_train_weight_decay_only_on_matrices_and_embeddings():
     hparams = {"n_vocab": 11, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 2}
-    params = jax.tree.map(lambda p: p + 1.0, train.gpt.init_params(jax.random.PRNGKey(0), hparams))
+    shapes = jax.eval_shape(lambda: train.gpt.init_params(jax.random.PRNGKey(0), hparams))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: 1 + rng.random(s.shape, np.float32), shapes)
     config = train.resolve_config({"learning_rate": 0.1, "weight_decay": 0.5, "decay_lr": False})
     optimizer = train.make_optimizer(config, params)
-    zero_grads = jax.tree.map(jnp.zeros_like, params)  # Adam's step is 0: what moves is the decay alone
-    updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+
+    def zero_grad_update(params):  # Adam's step is 0 for zero gradients: what moves is the decay alone
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        return optimizer.update(zero_grads, optimizer.init(params), params)[0]
+    updates = jax.jit(zero_grad_update)(params)
     flat = train.flat_names(updates, "")
     decayed = {"wte", "wpe", "h/attn/c_attn/w", "h/attn/c_proj/w", "h/mlp/c_fc/w", "h/mlp/c_proj/w"}
     for name, update in flat.items():
@@ -1378,8 +1389,7 @@ def train_ckpt_tensors(out_dir):
 
 
 def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_path):
-    # dropout and gradient accumulation on, so that the random streams and micro-batches are covered too
-    extra = {"dropout": 0.1, "gradient_accumulation_steps": 2, "eval_interval": 6}
+    extra = {"eval_interval": 6}
     straight = train.train(train_config(train_data_dir, tmp_path / "a", max_iters=12, **extra))
     first = train.train(train_config(train_data_dir, tmp_path / "b", max_iters=6, **extra))
     assert train.read_checkpoint_meta(tmp_path / "b" / "ckpt.safetensors")["iter"] == 6
@@ -1401,7 +1411,8 @@ def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_
 
 TRAIN_DEVICES_SCRIPT = """
 import json, sys
-import jax, train
+import jax, sampling, train
+sampling.enable_compilation_cache()
 assert jax.device_count() == 4, jax.devices()
 config = json.loads(sys.argv[1])
 out = {}
@@ -1413,8 +1424,7 @@ print(json.dumps(out))
 
 
 def test_train_four_devices_match_one(train_data_dir, tmp_path):
-    config = train_config(train_data_dir, tmp_path / "one", max_iters=6, eval_interval=6, dropout=0.1,
-                          gradient_accumulation_steps=2)
+    config = train_config(train_data_dir, tmp_path / "one", max_iters=6, eval_interval=6)
     one = train.train(config)
     one = [one["losses"][i] for i in range(6)]
     proc = subprocess.run([sys.executable, "-c", TRAIN_DEVICES_SCRIPT, json.dumps({**config, "out_dir":
@@ -1517,7 +1527,7 @@ def test_train_eval_only_and_bias(train_data_dir, tmp_path):
     # an untrained model with 65 characters is close to uniform: ln 65
     assert result["evals"][0]["val_loss"] == pytest.approx(math.log(65), abs=0.1)
     hparams = {"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}
-    without = train.drop_biases(train.gpt.init_params(jax.random.PRNGKey(0), hparams))
+    without = train.drop_biases(jax.eval_shape(lambda: train.gpt.init_params(jax.random.PRNGKey(0), hparams)))
     assert sorted(train.flat_names(without, "")) == ["h/attn/c_attn/w", "h/attn/c_proj/w", "h/ln_1/g", "h/ln_2/g",
                                                      "h/mlp/c_fc/w", "h/mlp/c_proj/w", "ln_f/g", "wpe", "wte"]
 
