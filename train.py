@@ -316,9 +316,10 @@ def batch_loss(params, x, y, key, n_head, dropout, dtype):  # [B, T], [B, T] -> 
     if dtype != jnp.float32:
         params = gpt.cast(params, dtype)  # float32 master weights, 16-bit compute
     if dropout == 0.0 or key is None:
-        return jax.vmap(lambda ids, targets: gpt.lm_loss(params, ids, targets, n_head))(x, y).mean()
+        return jax.vmap(lambda ids, targets: gpt.lm_loss(params, ids, targets, n_head, unroll=True))(x, y).mean()
     keys = jax.random.split(key, x.shape[0])  # one dropout stream per row, the same whatever the sharding
-    per_row = jax.vmap(lambda ids, targets, k: gpt.lm_loss(params, ids, targets, n_head, dropout, k))(x, y, keys)
+    per_row = jax.vmap(lambda ids, targets, k: gpt.lm_loss(params, ids, targets, n_head, dropout, k, unroll=True))(
+        x, y, keys)
     return per_row.mean()
 
 
