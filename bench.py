@@ -64,18 +64,30 @@ def weight_bytes_per_token(params):
     return total - params["wpe"].size * params["wpe"].dtype.itemsize
 
 
-def gptjax_decode(params, hparams, batch, n_prompt, n_new, repeats):
-    prompts = [list(range(1000 + r, 1000 + r + n_prompt)) for r in range(batch)]
-    run = lambda: sampling.generate(params, hparams, prompts, n_new, greedy=True)
-    out = run()
-    return batch * n_new / median_time(run, repeats), out
+def decode_prompts(batch, n_prompt):
+    return [list(range(1000 + r, 1000 + r + n_prompt)) for r in range(batch)]
 
 
-def gptjax_prefill(params, hparams, n_prompt, repeats):
+def gptjax_decode(params, hparams, batch, n_prompt, n_new):  # -> (a function that decodes, the tokens it decodes)
+    run = lambda: sampling.generate(params, hparams, decode_prompts(batch, n_prompt), n_new, greedy=True)
+    return run, run()
+
+
+def gptjax_prefill(params, hparams, n_prompt):
     prompts = [list(np.arange(n_prompt) % 50000)]
     run = lambda: sampling.generate(params, hparams, prompts, 1, greedy=True)
     run()
-    return median_time(run, repeats)
+    return run
+
+
+def interleaved_medians(fns, repeats):
+    # time the functions in turns (ABAB...), so that a machine that speeds up or slows down during the run (shared
+    # CPUs do) affects them alike; -> the median seconds of each
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            ts.append(median_time(fn, 1))
+    return [float(np.median(ts)) for ts in times]
 
 
 def hf_model(params, hparams):
@@ -101,24 +113,79 @@ def hf_model(params, hparams):
     return model
 
 
-def hf_decode(model, batch, n_prompt, n_new, repeats):
+def hf_decode(model, batch, n_prompt, n_new):  # -> (a function that decodes, the tokens it decodes)
     import torch
 
-    ids = torch.tensor([list(range(1000 + r, 1000 + r + n_prompt)) for r in range(batch)])
-    with torch.no_grad():
-        run = lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
-                                     min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=50256)
-        out = run()
-        return batch * n_new / median_time(run, repeats), out[:, n_prompt:].tolist()
+    ids = torch.tensor(decode_prompts(batch, n_prompt))
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                  min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=50256)
+    return run, run()[:, n_prompt:].tolist()
 
 
-def hf_prefill(model, n_prompt, repeats):
+def hf_prefill(model, n_prompt):
     import torch
 
     ids = torch.tensor([list(np.arange(n_prompt) % 50000)])
-    with torch.no_grad():
-        model(ids)
-        return median_time(lambda: model(ids), repeats)
+
+    def run():
+        with torch.no_grad():
+            return model(ids)
+    run()
+    return run
+
+
+# nanoGPT (PyTorch 2, eager, fp32) on the 2-core CPU where gptjax's CPU targets were set, in ms per iteration
+NANOGPT_CPU_MS = {"configs/shakespeare_char_small.toml": 52.6, "configs/shakespeare_char.toml": 10750.0}
+
+
+def train_speed(config_file, n_iters, dtype_name):
+    """ms per training iteration (forward, backward, AdamW) of a config file's model and batch, on random tokens:
+    train.py's own compiled step, timed after a warm-up step that compiles it."""
+    from functools import partial
+    import train
+
+    overrides = train.read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), config_file))
+    if dtype_name:
+        overrides["dtype"] = dtype_name
+    config = train.resolve_config(overrides)
+    hparams = {"n_vocab": 65, "n_ctx": config["block_size"], "n_embd": config["n_embd"],
+               "n_head": config["n_head"], "n_layer": config["n_layer"]}  # 65: tiny Shakespeare's characters
+    params = train.init_params(config, hparams)
+    optimizer = train.make_optimizer(config, params)
+    opt_state = jax.jit(optimizer.init)(params)
+    step = jax.jit(partial(train.train_step, optimizer=optimizer, seed=config["seed"], n_head=config["n_head"],
+                           dropout=config["dropout"], dtype=train.compute_dtype(config)), donate_argnums=(0, 1))
+    shape = (config["gradient_accumulation_steps"], config["batch_size"], config["block_size"])
+    rng = np.random.default_rng(0)
+    x, y = (jnp.asarray(rng.integers(0, 65, shape, dtype=np.int32)) for _ in range(2))
+    params, opt_state, loss = step(params, opt_state, x, y, 0)
+    loss.block_until_ready()
+    t = time.perf_counter()
+    for it in range(1, n_iters + 1):
+        params, opt_state, loss = step(params, opt_state, x, y, it)
+    loss.block_until_ready()
+    seconds = (time.perf_counter() - t) / n_iters
+    return 1e3 * seconds, np.prod(shape) / seconds, config
+
+
+def train_table(args):
+    iters = {"configs/shakespeare_char_small.toml": 50, "configs/shakespeare_char.toml": args.baby_iters}
+    rows = []
+    for config_file, n_iters in iters.items():
+        ms, tok_s, config = train_speed(config_file, n_iters, args.train_dtype)
+        name = (f"{config_file}: {config['n_layer']} layers, {config['n_embd']} wide, block {config['block_size']}, "
+                f"batch {config['batch_size']}, dropout {config['dropout']}")
+        ref = NANOGPT_CPU_MS[config_file]
+        ratio = f"{ref / ms:.2f}x" if jax.default_backend() == "cpu" else "(nanoGPT figure is for a CPU)"
+        rows.append((name, f"{ms:,.1f} ms, {tok_s:,.0f} tok/s", f"{ref:,.1f} ms", ratio))
+    print(f"\ndevice: {jax.devices()[0].device_kind} ({jax.device_count()} x {jax.default_backend()}), "
+          f"jax {jax.__version__}")
+    print("| training step (ms/iter) | gptjax | nanoGPT, 2-core CPU | speed ratio |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 def compile_probe(hparams_name, dtype):
@@ -171,6 +238,9 @@ def main():
     ap.add_argument("--n_new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip_compile", action="store_true", help="skip the cold/warm compile-time probes")
+    ap.add_argument("--train", action="store_true", help="time training steps instead of generation")
+    ap.add_argument("--train_dtype", help="with --train: the compute dtype (default: train.py's auto)")
+    ap.add_argument("--baby_iters", type=int, default=3, help="with --train: timed iterations of the baby GPT")
     ap.add_argument("--compile-probe", help=argparse.SUPPRESS)
     ap.add_argument("--load-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -179,6 +249,8 @@ def main():
         return compile_probe(args.compile_probe, args.dtype)
     if args.load_probe:
         return load_probe(args.load_probe)
+    if args.train:
+        return train_table(args)
 
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0].device_kind
@@ -193,6 +265,7 @@ def main():
         load = load_time(model_dir)  # the second load is the one users see every day (converted cache)
         hparams, params = weights.load_hparams_and_params(model_dir)
         params = gpt.cast(params, dtype)
+        layers = sampling.unstack_layers(params)  # once, as main.py does, not inside every timed generate
         rows.append(("load (s), from converted cache", f"{load['load_s']:.2f}", ""))
         rows.append(("peak RSS during load (MiB) / weights (MiB)",
                      f"{load['peak_rss_mib']:.0f} / {load['weights_mib']:.0f}", ""))
@@ -200,22 +273,26 @@ def main():
 
         floor_tok_s = copy_bandwidth() / weight_bytes_per_token(params)
         for b in [int(x) for x in args.batches.split(",")]:
-            ours, our_ids = gptjax_decode(params, hparams, b, args.n_prompt, args.n_new, args.repeats)
-            theirs, same = "", ""
+            ours, our_ids = gptjax_decode(layers, hparams, b, args.n_prompt, args.n_new)
+            fns = [ours]
             if hf is not None:
-                hf_tok_s, hf_ids = hf_decode(hf, b, args.n_prompt, args.n_new, max(2, args.repeats // 2))
-                theirs, same = f"{hf_tok_s:.1f}", f"{ours / hf_tok_s:.2f}x"
-                same += ", same tokens" if hf_ids == our_ids else ", tokens differ"
-            rows.append((f"decode tok/s, batch {b} ({args.n_prompt}+{args.n_new} tokens)", f"{ours:.1f}", theirs, same))
+                theirs, hf_ids = hf_decode(hf, b, args.n_prompt, args.n_new)
+                fns.append(theirs)
+            tok_s = [b * args.n_new / t for t in interleaved_medians(fns, args.repeats)]
+            row = [f"decode tok/s, batch {b} ({args.n_prompt}+{args.n_new} tokens)", f"{tok_s[0]:.1f}", "", ""]
+            if hf is not None:
+                row[2:] = f"{tok_s[1]:.1f}", f"{tok_s[0] / tok_s[1]:.2f}x, " + \
+                    ("same tokens" if hf_ids == our_ids else "tokens differ")
+            rows.append(row)
             if b == 1:
                 rows.append(("batch 1: % of weight-read floor " f"({floor_tok_s:.1f} tok/s)",
-                             f"{100 * ours / floor_tok_s:.0f}%", ""))
+                             f"{100 * tok_s[0] / floor_tok_s:.0f}%", ""))
         n_prefill = hparams["n_ctx"] - 1  # plus the one token it generates: a full context
-        ours = gptjax_prefill(params, hparams, n_prefill, args.repeats)
-        theirs = hf_prefill(hf, n_prefill, args.repeats) if hf is not None else None
-        rows.append((f"prefill {n_prefill} tokens (ms)", f"{1e3 * ours:.0f}",
-                     "" if theirs is None else f"{1e3 * theirs:.0f}",
-                     "" if theirs is None else f"{theirs / ours:.2f}x"))
+        fns = [gptjax_prefill(layers, hparams, n_prefill)] + ([hf_prefill(hf, n_prefill)] if hf is not None else [])
+        seconds = interleaved_medians(fns, args.repeats)
+        rows.append((f"prefill {n_prefill} tokens (ms)", f"{1e3 * seconds[0]:.0f}",
+                     f"{1e3 * seconds[1]:.0f}" if hf is not None else "",
+                     f"{seconds[1] / seconds[0]:.2f}x" if hf is not None else ""))
         if not args.skip_compile:
             with tempfile.TemporaryDirectory() as cache:
                 for shape in ["124M", "1558M"]:

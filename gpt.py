@@ -46,11 +46,11 @@ def dropout(x, rate, key):  # [...] -> [...]; identity when rate is 0 or there i
 
 
 def attention(q, k, v, mask, dropout_rate=0.0, key=None):
-    # [n_q, n_head, d], [n_k, n_head, d], [n_k, n_head, d], [n_q, n_k] -> [n_q, n_head, d]
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=wide(q.dtype)) / math.sqrt(q.shape[-1])
+    # [n_head, n_q, d], [n_head, n_k, d], [n_head, n_k, d], [n_q, n_k] -> [n_head, n_q, d]
+    scores = jnp.einsum("hqd,hkd->hqk", q, k, preferred_element_type=wide(q.dtype)) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, key)
-    return jnp.einsum("hqk,khd->qhd", weights, v)
+    return jnp.einsum("hqk,hkd->hqd", weights, v)
 
 
 def use_flash_attention(dtype):
@@ -64,20 +64,23 @@ def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos, dropout_
     # [n_seq, n_embd] -> [n_seq, n_embd]
     n_seq, n_embd = x.shape
     q, k, v = jnp.split(linear(x, **c_attn), 3, axis=-1)
-    q, k, v = (t.reshape(n_seq, n_head, n_embd // n_head) for t in (q, k, v))
-    if cache is not None:
-        # Decoding: write this chunk's keys/values at [layer, pos] in place, then attend over the whole (static-size)
-        # cache; slots after the current position hold stale data and are masked out below.
-        cache = {
-            "k": lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), (layer, pos, 0, 0)),
-            "v": lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, pos, 0, 0)),
-        }
-        k, v = cache["k"][layer].astype(q.dtype), cache["v"][layer].astype(q.dtype)
+    q, k, v = (t.reshape(n_seq, n_head, n_embd // n_head) for t in (q, k, v))  # [n_seq, n_head, head_dim]
     if cache is None and use_flash_attention(q.dtype) and (dropout_rate == 0.0 or key is None):
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     else:
-        mask = jnp.arange(k.shape[0])[None, :] <= (pos + jnp.arange(n_seq))[:, None]
-        out = attention(q, k, v, mask, dropout_rate, key)
+        q, k, v = (t.swapaxes(0, 1) for t in (q, k, v))  # [n_head, n_seq, head_dim]: heads lead, as matmuls want
+        if cache is not None:
+            # Decoding: write this chunk's keys/values at [layer, :, pos] in place, then attend over the whole
+            # (static-size) cache; slots after the current position hold stale data and are masked out below. The
+            # cache is head-major for the same reason as q, k, v: a sequence-major one was transposed (copied
+            # whole) for the matmuls at every step.
+            cache = {
+                "k": lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), (layer, 0, pos, 0)),
+                "v": lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, 0, pos, 0)),
+            }
+            k, v = cache["k"][layer].astype(q.dtype), cache["v"][layer].astype(q.dtype)
+        mask = jnp.arange(k.shape[1])[None, :] <= (pos + jnp.arange(n_seq))[:, None]
+        out = attention(q, k, v, mask, dropout_rate, key).swapaxes(0, 1)
     out = out.reshape(n_seq, n_embd)
     return linear(out, **c_proj), cache
 
@@ -129,9 +132,9 @@ def gpt(params, ids, n_head):  # [n_seq] -> [n_seq, n_vocab]
     return unembed(params, x)
 
 
-def init_cache(hparams, max_len, dtype=jnp.float32):  # -> {"k", "v": [n_layer, max_len, n_head, head_dim]}
+def init_cache(hparams, max_len, dtype=jnp.float32):  # -> {"k", "v": [n_layer, n_head, max_len, head_dim]}
     n_head = hparams["n_head"]
-    shape = (hparams["n_layer"], max_len, n_head, hparams["n_embd"] // n_head)
+    shape = (hparams["n_layer"], n_head, max_len, hparams["n_embd"] // n_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
