@@ -4,6 +4,7 @@
     python bench.py --vs-hf              # ... and the same with Hugging Face transformers on PyTorch, with ratios
     python bench.py --model_dir models/124M
     python bench.py --train              # training ms/iter and tokens/s for the small and baby-GPT configs
+    python bench.py --train --vs-hf      # ... and the same models trained by HF transformers on PyTorch
 
 With no --model_dir the weights are random with GPT-2 124M's shapes (no download). Timings are medians of repeated runs
 after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm.
@@ -171,6 +172,36 @@ def train_speed(config_file, n_iters, dtype_name):
     return 1e3 * seconds, np.prod(shape) / seconds, config
 
 
+def hf_train_speed(config, n_iters):
+    """ms per training iteration of the same model in HF transformers on PyTorch (eager, float32, AdamW, gradient
+    clipping): the same kind of training loop as nanoGPT's, in the same run as ours."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=65, n_positions=config["block_size"], n_embd=config["n_embd"], n_layer=config["n_layer"],
+        n_head=config["n_head"], activation_function="gelu_new", resid_pdrop=config["dropout"],
+        embd_pdrop=config["dropout"], attn_pdrop=config["dropout"])).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"],
+                                  betas=(config["beta1"], config["beta2"]), weight_decay=config["weight_decay"])
+    shape = (config["gradient_accumulation_steps"], config["batch_size"], config["block_size"])
+    ids = torch.randint(0, 65, shape)
+
+    def step():
+        for micro in ids:
+            loss = model(micro, labels=micro).loss / len(ids)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    t = time.perf_counter()
+    for _ in range(n_iters):
+        step()
+    return 1e3 * (time.perf_counter() - t) / n_iters
+
+
 def train_table(args):
     iters = {"configs/shakespeare_char_small.toml": 50, "configs/shakespeare_char.toml": args.baby_iters}
     rows = []
@@ -178,12 +209,17 @@ def train_table(args):
         ms, tok_s, config = train_speed(config_file, n_iters, args.train_dtype)
         name = (f"{config_file}: {config['n_layer']} layers, {config['n_embd']} wide, block {config['block_size']}, "
                 f"batch {config['batch_size']}, dropout {config['dropout']}")
+        row = [name, f"{ms:,.1f} ms, {tok_s:,.0f} tok/s", "", ""]
+        if args.vs_hf:
+            hf_ms = hf_train_speed(config, n_iters)
+            row[2:] = f"{hf_ms:,.1f} ms, {tok_s * ms / hf_ms:,.0f} tok/s", f"{hf_ms / ms:.2f}x"
         ref = NANOGPT_CPU_MS[config_file]
-        ratio = f"{ref / ms:.2f}x" if jax.default_backend() == "cpu" else "(nanoGPT figure is for a CPU)"
-        rows.append((name, f"{ms:,.1f} ms, {tok_s:,.0f} tok/s", f"{ref:,.1f} ms", ratio))
+        row.append(f"{ref:,.1f} ms ({ref / ms:.2f}x)" if jax.default_backend() == "cpu" else "(a CPU figure)")
+        rows.append(row)
     print(f"\ndevice: {jax.devices()[0].device_kind} ({jax.device_count()} x {jax.default_backend()}), "
           f"jax {jax.__version__}")
-    print("| training step (ms/iter) | gptjax | nanoGPT, 2-core CPU | speed ratio |\n|---|---|---|---|")
+    print("| training step | gptjax | HF transformers, PyTorch eager | speed ratio | nanoGPT anchor, 2-core CPU |\n"
+          "|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
