@@ -145,20 +145,16 @@ NANOGPT_CPU_MS = {"configs/shakespeare_char_small.toml": 52.6, "configs/shakespe
 def train_speed(config_file, n_iters, dtype_name):
     """ms per training iteration (forward, backward, AdamW) of a config file's model and batch, on random tokens:
     train.py's own compiled step, timed after a warm-up step that compiles it."""
-    from functools import partial
     import train
 
     overrides = train.read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), config_file))
     if dtype_name:
         overrides["dtype"] = dtype_name
     config = train.resolve_config(overrides)
-    hparams = {"n_vocab": 65, "n_ctx": config["block_size"], "n_embd": config["n_embd"],
-               "n_head": config["n_head"], "n_layer": config["n_layer"]}  # 65: tiny Shakespeare's characters
-    params = train.init_params(config, hparams)
+    params = train.init_params(config, train.scratch_hparams(config, 65))  # 65: tiny Shakespeare's characters
     optimizer = train.make_optimizer(config, params)
     opt_state = jax.jit(optimizer.init)(params)
-    step = jax.jit(partial(train.train_step, optimizer=optimizer, seed=config["seed"], n_head=config["n_head"],
-                           dropout=config["dropout"], dtype=train.compute_dtype(config)), donate_argnums=(0, 1))
+    step = jax.jit(train.step_function(config, optimizer, config["n_head"]), donate_argnums=(0, 1))
     shape = (config["gradient_accumulation_steps"], config["batch_size"], config["block_size"])
     rng = np.random.default_rng(0)
     x, y = (jnp.asarray(rng.integers(0, 65, shape, dtype=np.int32)) for _ in range(2))

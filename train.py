@@ -271,6 +271,11 @@ def decay_mask(params):  # weight decay on matrices and embeddings ("w", wte, wp
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("w", "wte", "wpe"), params)
 
 
+def scratch_hparams(config, n_vocab):  # the shape of a model trained from scratch
+    return {"n_vocab": n_vocab, "n_ctx": config["block_size"], "n_embd": config["n_embd"], "n_head": config["n_head"],
+            "n_layer": config["n_layer"]}
+
+
 def init_params(config, hparams):  # gpt.py's initialisation, as one compiled program (not dozens of small ones)
     init = jax.jit(lambda key: gpt.init_params(key, hparams))
     params = init(jax.random.PRNGKey(config["seed"]))
@@ -315,12 +320,19 @@ def compute_dtype(config):
 def batch_loss(params, x, y, key, n_head, dropout, dtype):  # [B, T], [B, T] -> mean cross-entropy
     if dtype != jnp.float32:
         params = gpt.cast(params, dtype)  # float32 master weights, 16-bit compute
+
+    def row_loss(ids, targets, k=None):  # no key: no dropout
+        return gpt.lm_loss(params, ids, targets, n_head, dropout, k, unroll=True)
+
     if dropout == 0.0 or key is None:
-        return jax.vmap(lambda ids, targets: gpt.lm_loss(params, ids, targets, n_head, unroll=True))(x, y).mean()
+        return jax.vmap(row_loss)(x, y).mean()
     keys = jax.random.split(key, x.shape[0])  # one dropout stream per row, the same whatever the sharding
-    per_row = jax.vmap(lambda ids, targets, k: gpt.lm_loss(params, ids, targets, n_head, dropout, k, unroll=True))(
-        x, y, keys)
-    return per_row.mean()
+    return jax.vmap(row_loss)(x, y, keys).mean()
+
+
+def step_function(config, optimizer, n_head):  # train_step with all but its array arguments bound, ready for jax.jit
+    return partial(train_step, optimizer=optimizer, seed=config["seed"], n_head=n_head, dropout=config["dropout"],
+                   dtype=compute_dtype(config))
 
 
 def train_step(params, opt_state, x, y, it, *, optimizer, seed, n_head, dropout, dtype):
@@ -611,8 +623,7 @@ def run(config):
     config = {**config, "tokens": tokens}
     vocab = data.read_meta(dataset_dir)
     if config["init_from"] == "scratch":
-        hparams = {"n_vocab": len(vocab["chars"]) if tokens == "char" else GPT2_VOCAB, "n_ctx": config["block_size"],
-                   "n_embd": config["n_embd"], "n_head": config["n_head"], "n_layer": config["n_layer"]}
+        hparams = scratch_hparams(config, len(vocab["chars"]) if tokens == "char" else GPT2_VOCAB)
         params = init_params(config, hparams)
     else:
         check_vocabulary(config, model_tokens, vocab, out_dir)
@@ -634,9 +645,8 @@ def run(config):
     opt_state = jax.device_put(opt_state, opt_shardings)
     dtype, n_head = compute_dtype(config), hparams["n_head"]
     replicated = NamedSharding(mesh, P())
-    step = jax.jit(partial(train_step, optimizer=optimizer, seed=config["seed"], n_head=n_head,
-                           dropout=config["dropout"], dtype=dtype),
-                   donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, replicated))
+    step = jax.jit(step_function(config, optimizer, n_head), donate_argnums=(0, 1),
+                   out_shardings=(param_shardings, opt_shardings, replicated))
     evaluate = jax.jit(partial(eval_loss, n_head=n_head, dtype=dtype))
     all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
 
