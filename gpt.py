@@ -2,10 +2,12 @@
 
 The params dict mirrors OpenAI's checkpoint names (wte, wpe, h/ln_1/g, h/attn/c_attn/w, ..., ln_f/b), except that
 the per-layer blocks h0, h1, ... are stacked into one "h" subtree with a leading [n_layer] axis, so the layers run
-under `lax.scan`: compile time stays flat with depth. Every function here handles one sequence; batch with `jax.vmap`.
+under `lax.scan`: compile time stays flat with depth. The functions take one sequence ([n_seq] ids) or a batch of
+equal-length ones ([batch, n_seq]): every position-wise step acts on the last axis, attention on the last two. The KV
+cache holds one sequence; batch decoding with `jax.vmap`, which also gives each row its own position (sampling.py).
 
-    logits = gpt(params, ids, n_head)                       # [n_seq] -> [n_seq, n_vocab]
-    x, cache = transformer(params, ids, n_head, cache, pos) # the same, with a KV cache for decoding
+    logits = gpt(params, ids, n_head)                       # [..., n_seq] -> [..., n_seq, n_vocab]
+    x, cache = transformer(params, ids, n_head, cache, pos) # [n_seq], with a KV cache for decoding
 
 The compute dtype is the params' dtype (float32, or bfloat16 via `cast`); LayerNorm statistics, attention softmax and
 the loss are always computed in float32.
@@ -25,7 +27,7 @@ def gelu(x):  # GPT-2 uses the tanh approximation  # [...] -> [...]
     return 0.5 * x * (1 + jnp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def layer_norm(x, g, b=None, eps=1e-5):  # [n_seq, n_embd] -> [n_seq, n_embd]
+def layer_norm(x, g, b=None, eps=1e-5):  # [..., n_embd] -> [..., n_embd]
     x32 = x.astype(wide(x.dtype))
     mean = x32.mean(axis=-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
@@ -33,24 +35,45 @@ def layer_norm(x, g, b=None, eps=1e-5):  # [n_seq, n_embd] -> [n_seq, n_embd]
     return (y if b is None else y + b).astype(x.dtype)
 
 
-def linear(x, w, b=None):  # [n_seq, n_in] -> [n_seq, n_out]
-    y = x @ w
+def linear(x, w, b=None):  # [..., n_in] -> [..., n_out]
+    # one 2-D matmul over the rows of all sequences: for a [batch, n_seq, n_in] operand XLA:CPU computes the weight
+    # gradient by first copying the activations transposed, which made training ~1.3x slower
+    y = (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
     return y if b is None else y + b
 
 
 def dropout(x, rate, key):  # [...] -> [...]; identity when rate is 0 or there is no key (inference)
     if rate == 0.0 or key is None:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = random_bits(key, x.shape) >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))  # P(keep) = 1 - rate
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def random_bits(key, shape):  # a PRNG key -> uint32 [*shape]: a keyed hash of each element's index
+    # Not jax.random.bits: threefry runs on a CPU as a loop of unfused passes over the whole array (~1/6 of a baby
+    # GPT's training step, for its dropout masks). This hash is a few integer ops that fuse into the multiply, and it
+    # depends only on the key and the element's global index, so the bits do not depend on how x is sharded.
+    k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
+    row = lax.broadcasted_iota(jnp.uint32, shape, 0) if shape else jnp.uint32(0)
+    col = jnp.zeros(shape, jnp.uint32)  # the element's index within its row (the leading axis)
+    for axis in range(1, len(shape)):
+        col = col * jnp.uint32(shape[axis]) + lax.broadcasted_iota(jnp.uint32, shape, axis)
+    return mix32(mix32(mix32(row ^ k0) ^ col) ^ k1)
+
+
+def mix32(h):  # uint32 -> uint32, a bijection in which every input bit flips each output bit with probability ~1/2
+    # (MurmurHash3's finaliser)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
 def attention(q, k, v, mask, dropout_rate=0.0, key=None):
-    # [n_head, n_q, d], [n_head, n_k, d], [n_head, n_k, d], [n_q, n_k] -> [n_head, n_q, d]
-    scores = jnp.einsum("hqd,hkd->hqk", q, k, preferred_element_type=wide(q.dtype)) / math.sqrt(q.shape[-1])
+    # [..., n_head, n_q, d], [..., n_head, n_k, d], [..., n_head, n_k, d], [n_q, n_k] -> [..., n_head, n_q, d]
+    scores = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=wide(q.dtype)) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, key)
-    return jnp.einsum("hqk,hkd->hqd", weights, v)
+    return jnp.einsum("...qk,...kd->...qd", weights, v)
 
 
 def use_flash_attention(dtype):
@@ -61,14 +84,14 @@ def use_flash_attention(dtype):
 
 
 def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos, dropout_rate=0.0, key=None):
-    # [n_seq, n_embd] -> [n_seq, n_embd]
-    n_seq, n_embd = x.shape
+    # [..., n_seq, n_embd] -> [..., n_seq, n_embd]; with a cache, [n_seq, n_embd] (one sequence)
+    *lead, n_seq, n_embd = x.shape
     q, k, v = jnp.split(linear(x, **c_attn), 3, axis=-1)
-    q, k, v = (t.reshape(n_seq, n_head, n_embd // n_head) for t in (q, k, v))  # [n_seq, n_head, head_dim]
+    q, k, v = (t.reshape(*lead, n_seq, n_head, n_embd // n_head) for t in (q, k, v))  # [..., n_seq, n_head, head_dim]
     if cache is None and use_flash_attention(q.dtype) and (dropout_rate == 0.0 or key is None):
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     else:
-        q, k, v = (t.swapaxes(0, 1) for t in (q, k, v))  # [n_head, n_seq, head_dim]: heads lead, as matmuls want
+        q, k, v = (t.swapaxes(-3, -2) for t in (q, k, v))  # [..., n_head, n_seq, head_dim]: heads lead, as matmuls want
         if cache is not None:
             # Decoding: write this chunk's keys/values at [layer, :, pos] in place, then attend over the whole
             # (static-size) cache; slots after the current position hold stale data and are masked out below. The
@@ -79,17 +102,17 @@ def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos, dropout_
                 "v": lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, 0, pos, 0)),
             }
             k, v = cache["k"][layer].astype(q.dtype), cache["v"][layer].astype(q.dtype)
-        mask = jnp.arange(k.shape[1])[None, :] <= (pos + jnp.arange(n_seq))[:, None]
-        out = attention(q, k, v, mask, dropout_rate, key).swapaxes(0, 1)
-    out = out.reshape(n_seq, n_embd)
+        mask = jnp.arange(k.shape[-2])[None, :] <= (pos + jnp.arange(n_seq))[:, None]
+        out = attention(q, k, v, mask, dropout_rate, key).swapaxes(-3, -2)
+    out = out.reshape(*lead, n_seq, n_embd)
     return linear(out, **c_proj), cache
 
 
-def mlp(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
+def mlp(x, c_fc, c_proj):  # [..., n_embd] -> [..., n_embd]
     return linear(gelu(linear(x, **c_fc)), **c_proj)
 
 
-def block(x, p, n_head, cache, layer, pos, dropout_rate=0.0, key=None):  # [n_seq, n_embd] -> [n_seq, n_embd]
+def block(x, p, n_head, cache, layer, pos, dropout_rate=0.0, key=None):  # [..., n_seq, n_embd] -> the same
     # dropout where GPT-2 and nanoGPT put it: on the attention weights and on each residual branch
     k_weights, k_attn, k_mlp = (None, None, None) if key is None else jax.random.split(key, 3)
     a, cache = causal_self_attention(layer_norm(x, **p["ln_1"]), **p["attn"], n_head=n_head, cache=cache,
@@ -100,8 +123,8 @@ def block(x, p, n_head, cache, layer, pos, dropout_rate=0.0, key=None):  # [n_se
 
 
 def transformer(params, ids, n_head, cache=None, pos=0, dropout_rate=0.0, key=None, unroll=False):
-    # [n_seq] -> [n_seq, n_embd] final hidden states (after ln_f), and the updated cache
-    n_seq = ids.shape[0]
+    # [..., n_seq] -> [..., n_seq, n_embd] final hidden states (after ln_f), and the updated cache
+    n_seq = ids.shape[-1]
     x = params["wte"][ids] + lax.dynamic_slice_in_dim(params["wpe"], pos, n_seq).astype(params["wte"].dtype)
     if key is not None:
         key, k_embd = jax.random.split(key)
@@ -121,13 +144,15 @@ def transformer(params, ids, n_head, cache=None, pos=0, dropout_rate=0.0, key=No
     return layer_norm(x, **params["ln_f"]), cache
 
 
-def unembed(params, x):  # the LM head is tied to the token embedding  # [n, n_embd] -> [n, n_vocab]
+def unembed(params, x):  # the LM head is tied to the token embedding  # [..., n_embd] -> [..., n_vocab]
     # multiply in the params' dtype and upcast after: with bf16 weights the backward pass then stays on bf16 tensor
-    # cores (a float32 result would make the two gradient matmuls float32, 2x slower for a 124M training step on GPU)
-    return jnp.einsum("ne,ve->nv", x, params["wte"]).astype(wide(x.dtype))
+    # cores (a float32 result would make the two gradient matmuls float32, 2x slower for a 124M training step on GPU).
+    # The rows are flattened for the reason given in `linear`.
+    logits = jnp.einsum("ne,ve->nv", x.reshape(-1, x.shape[-1]), params["wte"]).astype(wide(x.dtype))
+    return logits.reshape(*x.shape[:-1], logits.shape[-1])
 
 
-def gpt(params, ids, n_head):  # [n_seq] -> [n_seq, n_vocab]
+def gpt(params, ids, n_head):  # [..., n_seq] -> [..., n_seq, n_vocab]
     x, _ = transformer(params, ids, n_head)
     return unembed(params, x)
 
@@ -138,14 +163,14 @@ def init_cache(hparams, max_len, dtype=jnp.float32):  # -> {"k", "v": [n_layer, 
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def lm_loss(params, ids, targets, n_head, dropout_rate=0.0, key=None, unroll=False):  # [n_seq], [n_seq] -> scalar
-    # mean cross-entropy in nats; targets < 0 are ignored (padding)
+def lm_loss(params, ids, targets, n_head, dropout_rate=0.0, key=None, unroll=False):
+    # [..., n_seq], [..., n_seq] -> mean cross-entropy in nats over all the targets; targets < 0 are ignored (padding)
     x, _ = transformer(params, ids, n_head, dropout_rate=dropout_rate, key=key, unroll=unroll)
     logits = unembed(params, x)
     valid = targets >= 0
     # logsumexp minus the target's logit, picked by comparing against a vocabulary iota rather than a gather: both
     # directions then fuse into elementwise passes over [n_seq, n_vocab] instead of a scatter in the backward pass
-    is_target = jnp.arange(logits.shape[-1])[None, :] == targets[:, None]
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
     target_logits = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)

@@ -99,12 +99,22 @@ def test_kv_cache_decoding_equals_full_forward(tiny):
     np.testing.assert_allclose(np.concatenate(got), np.asarray(full), atol=1e-5)
 
 
-def test_vmap_batches_rows_independently(tiny):
+def test_batches_rows_independently(tiny):
+    # a batch given whole ([batch, n_seq] ids, as training does) or through vmap: each row's logits are those of
+    # the row alone, and the batch's loss is the mean over all its targets
     hparams, params = tiny
     ids = jnp.array([p["ids"][:6] for p in EXPECTED["prompts"]])
-    batched = jax.vmap(gpt.gpt, in_axes=(None, 0, None))(params, ids, hparams["n_head"])
-    for row, expect in zip(ids, batched):
-        np.testing.assert_allclose(np.asarray(gpt.gpt(params, row, hparams["n_head"])), np.asarray(expect), atol=1e-5)
+    by_vmap = jax.vmap(gpt.gpt, in_axes=(None, 0, None))(params, ids, hparams["n_head"])
+    whole = gpt.gpt(params, ids, hparams["n_head"])
+    assert whole.shape == (*ids.shape, hparams["n_vocab"])
+    rows = [np.asarray(gpt.gpt(params, row, hparams["n_head"]), np.float64) for row in ids]
+    for row, a, b in zip(rows, by_vmap, whole):
+        np.testing.assert_allclose(row, np.asarray(a), atol=1e-5)
+        np.testing.assert_allclose(row, np.asarray(b), atol=1e-5)
+    targets = np.asarray(ids[:, 1:])
+    nll = [np.log(np.exp(r[:-1]).sum(-1)) - r[np.arange(5), t] for r, t in zip(rows, targets)]
+    loss = gpt.lm_loss(params, ids[:, :-1], ids[:, 1:], hparams["n_head"])
+    np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
 
 
 def test_bfloat16_forward_tracks_float32(tiny):
@@ -167,10 +177,66 @@ def test_loss_gradient_matches_finite_differences():
 def test_dropout_is_identity_without_key_and_scales_with_key():
     x = jnp.ones((1000, 8))
     assert gpt.dropout(x, 0.5, None) is x
-    y = gpt.dropout(x, 0.25, jax.random.PRNGKey(0))
-    kept = np.asarray(y) != 0
-    assert abs(kept.mean() - 0.75) < 0.02
-    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75, rtol=1e-6)
+    assert gpt.dropout(x, 0.0, jax.random.PRNGKey(0)) is x
+    for rate in (0.1, 0.25, 0.5, 0.9):
+        y = np.asarray(gpt.dropout(jnp.ones((64, 32, 48)), rate, jax.random.PRNGKey(0)))
+        kept = y != 0
+        sigma = math.sqrt(rate * (1 - rate) / y.size)
+        assert abs(kept.mean() - (1 - rate)) < 5 * sigma, rate
+        np.testing.assert_allclose(y[kept], 1 / (1 - rate), rtol=1e-6)
+
+
+def test_dropout_bits_look_independent():
+    # the masks come from a keyed hash of each element's index (gpt.random_bits), not from jax.random: check what
+    # dropout needs of them against the statistics of independent fair bits
+    bits = np.asarray(gpt.random_bits(jax.random.PRNGKey(7), (64, 128, 32))).astype(np.uint64)
+    n = bits.size
+    for shift in (0, 8, 16, 24):  # every byte is uniform (chi-square over 256 buckets, 255 dof: mean 255, sd 22.6)
+        counts = np.bincount(((bits >> shift) & 255).astype(np.int64).ravel(), minlength=256)
+        chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum()
+        assert chi2 < 255 + 5 * 22.6, (shift, chi2)
+    keep = np.asarray(gpt.random_bits(jax.random.PRNGKey(7), (64, 128, 32))) >= 2**31  # a 0.5 dropout mask
+    sigma = 0.5 / math.sqrt(n)  # of an agreement rate between two independent fair masks of n bits
+
+    def agreement(a, b):
+        return (a == b).mean()
+    # neighbours along each axis, and other keys (other layers, steps, micro-batches) agree as independent bits do
+    assert abs(agreement(keep[:, :, 1:], keep[:, :, :-1]) - 0.5) < 5 * sigma * math.sqrt(32 / 31)
+    assert abs(agreement(keep[:, 1:], keep[:, :-1]) - 0.5) < 5 * sigma * math.sqrt(128 / 127)
+    assert abs(agreement(keep[1:], keep[:-1]) - 0.5) < 5 * sigma * math.sqrt(64 / 63)
+    key = jax.random.PRNGKey(7)
+    for other in (jax.random.PRNGKey(8), jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)):
+        other_keep = np.asarray(gpt.random_bits(other, keep.shape)) >= 2**31
+        assert abs(agreement(keep, other_keep) - 0.5) < 5 * sigma
+    # the same key and shape give the same bits (training repeats exactly on resume)
+    np.testing.assert_array_equal(np.asarray(gpt.random_bits(key, (3, 5))), np.asarray(gpt.random_bits(key, (3, 5))))
+
+
+def test_dropout_masks_do_not_depend_on_sharding():
+    # each element's bits depend on its global index, so a batch split across devices draws the masks it would draw
+    # whole: this runs in a child process with 4 CPU devices
+    proc = subprocess.run([sys.executable, "-c", DROPOUT_SHARDING_SCRIPT], capture_output=True, text=True, cwd=HERE,
+                          timeout=300, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                            "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "same"
+
+
+DROPOUT_SHARDING_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import gpt
+assert jax.device_count() == 4
+x = jnp.arange(8 * 16 * 24, dtype=jnp.float32).reshape(8, 16, 24) + 1
+key = jax.random.PRNGKey(3)
+drop = jax.jit(lambda x, key: gpt.dropout(x, 0.3, key))
+whole = np.asarray(drop(x, key))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+for spec in (P("data"), P(None, "data"), P(None, None, "data")):
+    split = np.asarray(drop(jax.device_put(x, NamedSharding(mesh, spec)), key))
+    assert np.array_equal(split, whole), spec
+print("same")
+"""
 
 
 def test_save_params_round_trips_through_a_model_folder(tmp_path):

@@ -318,16 +318,11 @@ def compute_dtype(config):
 
 
 def batch_loss(params, x, y, key, n_head, dropout, dtype):  # [B, T], [B, T] -> mean cross-entropy
+    # the whole batch in one call, not a vmap over rows: the linear layers then multiply [B * T, n_in] matrices
+    # (gpt.linear says why that matters); no key: no dropout
     if dtype != jnp.float32:
         params = gpt.cast(params, dtype)  # float32 master weights, 16-bit compute
-
-    def row_loss(ids, targets, k=None):  # no key: no dropout
-        return gpt.lm_loss(params, ids, targets, n_head, dropout, k, unroll=True)
-
-    if dropout == 0.0 or key is None:
-        return jax.vmap(row_loss)(x, y).mean()
-    keys = jax.random.split(key, x.shape[0])  # one dropout stream per row, the same whatever the sharding
-    return jax.vmap(row_loss)(x, y, keys).mean()
+    return gpt.lm_loss(params, x, y, n_head, dropout, key, unroll=True)
 
 
 def step_function(config, optimizer, n_head):  # train_step with all but its array arguments bound, ready for jax.jit
