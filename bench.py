@@ -5,14 +5,19 @@
     python bench.py --model_dir models/124M
     python bench.py --train              # training ms/iter and tokens/s for the small and baby-GPT configs
     python bench.py --train --vs-hf      # ... and the same models trained by HF transformers on PyTorch
+    python bench.py --train --vs-nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python   # ... and by nanoGPT
+    python bench.py --full-run --vs-nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python  # the default run, whole
 
 With no --model_dir the weights are random with GPT-2 124M's shapes (no download). Timings are medians of repeated runs
-after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm.
-torch and transformers are needed only for --vs-hf (`pip install -e ".[bench]"`).
+after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm. Peers are
+timed in turns with gptjax, round after round, in the same run: shared machines drift by 2-3x over minutes.
+torch and transformers are needed only for --vs-hf (`pip install -e ".[bench]"`); --vs-nanogpt takes a checkout of
+karpathy/nanoGPT, run unmodified by a python that has torch and numpy (a CPU build of torch is enough).
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +31,7 @@ import gpt
 import sampling
 import weights
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 GPT2_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
 GPT2_1558M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1600, "n_head": 25, "n_layer": 48}
 
@@ -138,39 +144,53 @@ def hf_prefill(model, n_prompt):
     return run
 
 
-# nanoGPT (PyTorch 2, eager, fp32) on the 2-core CPU where gptjax's CPU targets were set, in ms per iteration
-NANOGPT_CPU_MS = {"configs/shakespeare_char_small.toml": 52.6, "configs/shakespeare_char.toml": 10750.0}
+TRAIN_CONFIGS = ("configs/shakespeare_char_small.toml", "configs/shakespeare_char.toml")
+NANOGPT_WARMUP = 5  # nanoGPT iterations left out of its median: iteration 0 evaluates, the next few warm up
 
 
-def train_speed(config_file, n_iters, dtype_name):
-    """ms per training iteration (forward, backward, AdamW) of a config file's model and batch, on random tokens:
-    train.py's own compiled step, timed after a warm-up step that compiles it."""
+def bench_config(config_file, dtype_name=None):
     import train
 
-    overrides = train.read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), config_file))
+    overrides = train.read_config_file(os.path.join(HERE, config_file))
     if dtype_name:
         overrides["dtype"] = dtype_name
-    config = train.resolve_config(overrides)
+    return train.resolve_config(overrides)
+
+
+def gptjax_trainer(config):
+    """A function that runs n training iterations of config's model and batch and returns their seconds each:
+    train.py's own compiled step (forward, backward, AdamW) on a fresh batch of random characters every iteration,
+    driven as train.py's loop drives it (each loss is read on the host one step late, so the next batch is made while
+    the device computes), each timed from one loss read to the next. Compiled here, before any timing."""
+    import train
+
     params = train.init_params(config, train.scratch_hparams(config, 65))  # 65: tiny Shakespeare's characters
     optimizer = train.make_optimizer(config, params)
-    opt_state = jax.jit(optimizer.init)(params)
+    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params), "it": 0}
     step = jax.jit(train.step_function(config, optimizer, config["n_head"]), donate_argnums=(0, 1))
     shape = (config["gradient_accumulation_steps"], config["batch_size"], config["block_size"])
     rng = np.random.default_rng(0)
-    x, y = (jnp.asarray(rng.integers(0, 65, shape, dtype=np.int32)) for _ in range(2))
-    params, opt_state, loss = step(params, opt_state, x, y, 0)
-    loss.block_until_ready()
-    t = time.perf_counter()
-    for it in range(1, n_iters + 1):
-        params, opt_state, loss = step(params, opt_state, x, y, it)
-    loss.block_until_ready()
-    seconds = (time.perf_counter() - t) / n_iters
-    return 1e3 * seconds, np.prod(shape) / seconds, config
+
+    def run(n):
+        times, pending, t = [], None, time.perf_counter()
+        for _ in range(n + 1):
+            x, y = (jnp.asarray(rng.integers(0, 65, shape, dtype=np.int32)) for _ in range(2))
+            state["params"], state["opt_state"], loss = step(state["params"], state["opt_state"], x, y, state["it"])
+            state["it"] += 1
+            if pending is not None:
+                float(pending)
+                times.append(time.perf_counter() - t)
+                t = time.perf_counter()
+            pending = loss
+        float(pending)  # the extra step keeps the pipeline full to the last timed one; it is not counted
+        return times
+    run(2)  # compile and warm up
+    return run
 
 
-def hf_train_speed(config, n_iters):
-    """ms per training iteration of the same model in HF transformers on PyTorch (eager, float32, AdamW, gradient
-    clipping): the same kind of training loop as nanoGPT's, in the same run as ours."""
+def hf_trainer(config):
+    """The same, for the same model in HF transformers on PyTorch (eager, float32, AdamW, gradient clipping): the
+    kind of training loop nanoGPT runs, without a checkout of it."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -181,43 +201,142 @@ def hf_train_speed(config, n_iters):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"],
                                   betas=(config["beta1"], config["beta2"]), weight_decay=config["weight_decay"])
     shape = (config["gradient_accumulation_steps"], config["batch_size"], config["block_size"])
-    ids = torch.randint(0, 65, shape)
 
-    def step():
-        for micro in ids:
-            loss = model(micro, labels=micro).loss / len(ids)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def run(n):
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            ids = torch.randint(0, 65, shape)
+            for micro in ids:
+                loss = model(micro, labels=micro).loss / len(ids)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+            times.append(time.perf_counter() - t)
+        return times
+    run(2)
+    return run
 
-    step()
-    t = time.perf_counter()
-    for _ in range(n_iters):
-        step()
-    return 1e3 * (time.perf_counter() - t) / n_iters
+
+# config keys that nanoGPT's train.py takes under the same names and meanings
+NANOGPT_KEYS = ("eval_interval", "log_interval", "eval_iters", "always_save_checkpoint", "gradient_accumulation_steps",
+                "batch_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "learning_rate",
+                "max_iters", "weight_decay", "beta1", "beta2", "grad_clip", "decay_lr", "warmup_iters",
+                "lr_decay_iters", "min_lr")
+
+
+def nanogpt_command(args, config, out_dir, **overrides):
+    """nanoGPT's train.py, unmodified, on tiny Shakespeare's characters with config's settings (float32 on the CPU,
+    no torch.compile: its CPU recipe) -> (argv, cwd)."""
+    settings = {**{k: config[k] for k in NANOGPT_KEYS}, **overrides}
+    flags = [f"--{k}={v}" for k, v in settings.items()]
+    return ([args.nanogpt_python, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+             "--dtype=float32", "--wandb_log=False", f"--out_dir={out_dir}", *flags], args.vs_nanogpt)
+
+
+def prepare_nanogpt_data(args):
+    """nanoGPT reads data/shakespeare_char/{train,val}.bin from its checkout: made by its own prepare.py from the
+    input.txt that gptjax uses (data.py fetches it when missing)."""
+    import data
+
+    folder = os.path.join(args.vs_nanogpt, "data", "shakespeare_char")
+    if not os.path.isfile(os.path.join(folder, "prepare.py")):
+        sys.exit(f"error: {args.vs_nanogpt} is not a checkout of karpathy/nanoGPT (no data/shakespeare_char/prepare.py)")
+    if os.path.isfile(os.path.join(folder, "train.bin")):
+        return
+    ours = data.prepare("shakespeare_char", args.data_dir)
+    import shutil
+    shutil.copyfile(os.path.join(ours, "input.txt"), os.path.join(folder, "input.txt"))
+    subprocess.run([args.nanogpt_python, "prepare.py"], cwd=folder, check=True, capture_output=True)
+
+
+def nanogpt_trainer(args, config):
+    """A function that runs nanoGPT's train.py for n + NANOGPT_WARMUP iterations in a fresh process and returns the
+    seconds of each iteration after the warm-up, as its log prints them."""
+    prepare_nanogpt_data(args)
+
+    def run(n):
+        with tempfile.TemporaryDirectory() as out_dir:
+            argv, cwd = nanogpt_command(args, config, out_dir, max_iters=n + NANOGPT_WARMUP, eval_interval=10**9,
+                                        eval_iters=1, log_interval=1, always_save_checkpoint=False)
+            proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"error: nanoGPT's train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+        times = [float(ms) / 1e3 for it, ms in re.findall(r"^iter (\d+): loss [0-9.]+, time ([0-9.]+)ms",
+                                                           proc.stdout, re.M) if int(it) >= NANOGPT_WARMUP]
+        return times
+    return run
 
 
 def train_table(args):
-    iters = {"configs/shakespeare_char_small.toml": 50, "configs/shakespeare_char.toml": args.baby_iters}
+    # each config's trainers are set up first (compiled), then timed in turns, round after round: a machine that
+    # speeds up or slows down during the run affects them alike. Medians of the per-iteration times.
+    iters = {TRAIN_CONFIGS[0]: args.small_iters, TRAIN_CONFIGS[1]: args.baby_iters}
+    peers = (["HF transformers"] if args.vs_hf else []) + (["nanoGPT"] if args.vs_nanogpt else [])
     rows = []
-    for config_file, n_iters in iters.items():
-        ms, tok_s, config = train_speed(config_file, n_iters, args.train_dtype)
-        name = (f"{config_file}: {config['n_layer']} layers, {config['n_embd']} wide, block {config['block_size']}, "
-                f"batch {config['batch_size']}, dropout {config['dropout']}")
-        row = [name, f"{ms:,.1f} ms, {tok_s:,.0f} tok/s", "", ""]
+    for config_file in args.train_configs.split(","):
+        config = bench_config(config_file, args.train_dtype)
+        trainers = {"gptjax": gptjax_trainer(config)}
         if args.vs_hf:
-            hf_ms = hf_train_speed(config, n_iters)
-            row[2:] = f"{hf_ms:,.1f} ms, {tok_s * ms / hf_ms:,.0f} tok/s", f"{hf_ms / ms:.2f}x"
-        ref = NANOGPT_CPU_MS[config_file]
-        row.append(f"{ref:,.1f} ms ({ref / ms:.2f}x)" if jax.default_backend() == "cpu" else "(a CPU figure)")
-        rows.append(row)
-    print(f"\ndevice: {jax.devices()[0].device_kind} ({jax.device_count()} x {jax.default_backend()}), "
-          f"jax {jax.__version__}")
-    print("| training step | gptjax | HF transformers, PyTorch eager | speed ratio | nanoGPT anchor, 2-core CPU |\n"
-          "|---|---|---|---|---|")
+            trainers["HF transformers"] = hf_trainer(config)
+        if args.vs_nanogpt:
+            trainers["nanoGPT"] = nanogpt_trainer(args, config)
+        times = {name: [] for name in trainers}
+        for _ in range(args.rounds):
+            for name, run in trainers.items():
+                times[name] += run(iters[config_file])
+        ms = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+        tokens = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+        name = (f"{config['n_layer']} layers, {config['n_embd']} wide, block {config['block_size']}, "
+                f"batch {config['batch_size']}, dropout {config['dropout']}")
+        cells = [f"{ms['gptjax']:,.1f} ms ({1e3 * tokens / ms['gptjax']:,.0f} tok/s)"]
+        for peer in peers:
+            cells.append(f"{ms[peer]:,.1f} ms ({1e3 * tokens / ms[peer]:,.0f} tok/s): {ms[peer] / ms['gptjax']:.2f}x")
+        rows.append([name] + cells)
+    print(f"\ndevice: {jax.devices()[0].device_kind} ({jax.device_count()} x {jax.default_backend()}), jax "
+          f"{jax.__version__}, {os.cpu_count()} CPUs; medians of {args.rounds} rounds in turns; ratio = peer time / "
+          f"gptjax time (above 1: gptjax faster)")
+    print("| training step, per iteration | gptjax | " + " | ".join(peers) + " |\n|" + "---|" * (2 + len(peers)))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def full_run_table(args):
+    """Wall time of the default `python train.py` (2000 iterations with its evaluations, startup and compilation,
+    into an empty compilation cache) and of nanoGPT's train.py with the same settings, in turns."""
+    import train
+
+    config = train.resolve_config({})
+    prepare_nanogpt_data(args)
+    seconds = {"gptjax": [], "nanoGPT": []}
+    losses = {}
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "GPTJAX_COMPILATION_CACHE": os.path.join(tmp, "cache")}
+            argv = [sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp}/out", f"--data_dir={args.data_dir}"]
+            t = time.perf_counter()
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+            seconds["gptjax"].append(time.perf_counter() - t)
+            if proc.returncode:
+                sys.exit(f"error: train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+            last = json.loads(open(os.path.join(tmp, "out", "metrics.jsonl")).read().splitlines()[-1])
+            losses["gptjax"] = last["val_loss"]
+            argv, cwd = nanogpt_command(args, config, os.path.join(tmp, "nano"))
+            t = time.perf_counter()
+            proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+            seconds["nanoGPT"].append(time.perf_counter() - t)
+            if proc.returncode:
+                sys.exit(f"error: nanoGPT's train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+            losses["nanoGPT"] = float(re.findall(r"val loss ([0-9.]+)", proc.stdout)[-1])
+    ours, theirs = float(np.median(seconds["gptjax"])), float(np.median(seconds["nanoGPT"]))
+    print(f"\ndevice: {jax.devices()[0].device_kind} ({jax.device_count()} x {jax.default_backend()}), jax "
+          f"{jax.__version__}, {os.cpu_count()} CPUs; {args.rounds} round(s) in turns, empty compilation cache")
+    print("| default run (python train.py, 2000 iterations, evaluations included) | gptjax | nanoGPT | time ratio |\n"
+          "|---|---|---|---|")
+    print(f"| wall time (s), final val loss | {ours:.1f}, {losses['gptjax']:.4f} | {theirs:.1f}, "
+          f"{losses['nanoGPT']:.4f} | {ours / theirs:.2f} (gptjax / nanoGPT) |")
 
 
 def compile_probe(hparams_name, dtype):
@@ -271,8 +390,17 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip_compile", action="store_true", help="skip the cold/warm compile-time probes")
     ap.add_argument("--train", action="store_true", help="time training steps instead of generation")
+    ap.add_argument("--vs-nanogpt", metavar="DIR", help="with --train: also run nanoGPT's train.py from this checkout "
+                    "of karpathy/nanoGPT, unmodified")
+    ap.add_argument("--nanogpt_python", default=sys.executable, help="the python (with torch) that runs nanoGPT")
+    ap.add_argument("--full-run", action="store_true", help="with --vs-nanogpt: time the default python train.py, "
+                    "start to end, against nanoGPT's same run")
+    ap.add_argument("--train_configs", default=",".join(TRAIN_CONFIGS), help="with --train: config files to time")
     ap.add_argument("--train_dtype", help="with --train: the compute dtype (default: train.py's auto)")
-    ap.add_argument("--baby_iters", type=int, default=3, help="with --train: timed iterations of the baby GPT")
+    ap.add_argument("--rounds", type=int, default=3, help="with --train: rounds of timing in turns")
+    ap.add_argument("--small_iters", type=int, default=30, help="with --train: iterations per round, small config")
+    ap.add_argument("--baby_iters", type=int, default=3, help="with --train: iterations per round, baby GPT")
+    ap.add_argument("--data_dir", default="data", help="where tiny Shakespeare is (or is fetched to) for nanoGPT")
     ap.add_argument("--compile-probe", help=argparse.SUPPRESS)
     ap.add_argument("--load-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -281,6 +409,14 @@ def main():
         return compile_probe(args.compile_probe, args.dtype)
     if args.load_probe:
         return load_probe(args.load_probe)
+    if args.train or args.full_run:
+        import train
+        train.prefer_eigen_dots_on_cpu()  # time the step as `python train.py` runs it
+        train.keep_freed_memory()
+    if args.full_run:
+        if not args.vs_nanogpt:
+            ap.error("--full-run needs --vs-nanogpt DIR")
+        return full_run_table(args)
     if args.train:
         return train_table(args)
 

@@ -1656,6 +1656,20 @@ def test_train_config_file_and_flags(tmp_path):
             train.resolve_config(overrides)
 
 
+def test_train_cpu_settings_leave_a_users_xla_flags_alone(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    train.prefer_eigen_dots_on_cpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    train.prefer_eigen_dots_on_cpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"  # the user's choice stands
+    monkeypatch.delenv("XLA_FLAGS")
+    train.prefer_eigen_dots_on_cpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+    train.keep_freed_memory()  # malloc tuning: must not fail, whatever the platform
+    assert np.ones(10**6).sum() == 10**6
+
+
 def test_train_cli_errors_are_one_line(tmp_path):
     (tmp_path / "bad.toml").write_text("[[[")
     for args, needle in [(["--n_layr=3"], "did you mean n_layer"), ([str(tmp_path / "bad.toml")], "not valid TOML"),
