@@ -405,6 +405,7 @@ def main():
     ap.add_argument("--load-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sampling.enable_compilation_cache()
+    sampling.keep_freed_memory()  # as main.py and train.py run
     if args.compile_probe:
         return compile_probe(args.compile_probe, args.dtype)
     if args.load_probe:
@@ -412,7 +413,6 @@ def main():
     if args.train or args.full_run:
         import train
         train.prefer_eigen_dots_on_cpu()  # time the step as `python train.py` runs it
-        train.keep_freed_memory()
     if args.full_run:
         if not args.vs_nanogpt:
             ap.error("--full-run needs --vs-nanogpt DIR")

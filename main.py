@@ -102,6 +102,7 @@ def heading(row, n_prompts, n_samples):  # "--- prompt 2, sample 1 ---" above ea
 def run(args):
     prompts = read_prompts(args)
     sampling.enable_compilation_cache()
+    sampling.keep_freed_memory()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
     encoder, hparams, params = weights.load_encoder_hparams_and_params(args.model_dir or args.model_type,
                                                                        args.models_dir, dtype)

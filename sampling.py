@@ -20,7 +20,9 @@ How it runs:
     the random numbers that the same prompt uses alone.
   - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `transformer`.
 """
+import ctypes
 import os
+import platform
 from functools import partial
 
 import jax
@@ -41,6 +43,20 @@ def enable_compilation_cache(path=None):
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed blocks of up to 1 GiB for reuse instead of handing them back to the system.
+    XLA:CPU allocates the buffers of each call anew, and memory handed back is faulted in again page by page: a small
+    model's training step took 12,500 page faults (~35 ms of system time, a third of the step; 58 -> 41 ms without
+    them), and 124M decoding at batch 8 ran 12% faster without its faults. The price: the process keeps its peak
+    memory. Linux with glibc only (elsewhere nothing is done)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # serve blocks below this from the heap, not from fresh mmaps
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and never shrink the heap
 
 
 def bucket(n, n_ctx):  # the padded length for n tokens: the next power of two, at least MIN_BUCKET, at most n_ctx

@@ -1666,7 +1666,7 @@ def test_train_cpu_settings_leave_a_users_xla_flags_alone(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     train.prefer_eigen_dots_on_cpu()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
-    train.keep_freed_memory()  # malloc tuning: must not fail, whatever the platform
+    sampling.keep_freed_memory()  # malloc tuning: must not fail, whatever the platform
     assert np.ones(10**6).sum() == 10**6
 
 

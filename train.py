@@ -48,12 +48,10 @@ does: 6 N + 12 L H Q T flops per token, N the parameters without the position ta
 T = block_size, divided by the devices' peak (a table of bfloat16 dense peaks by device kind, half of it for float32
 on GPUs, which run float32 matmuls at TF32 rate; CPUs have no entry: give --peak_flops, per device, to see MFU there).
 """
-import ctypes
 import difflib
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import threading
@@ -766,19 +764,6 @@ def is_main_thread():
     return threading.current_thread() is threading.main_thread()
 
 
-def keep_freed_memory():
-    """Have glibc's malloc keep freed blocks of up to 1 GiB for reuse instead of handing them back to the system.
-    XLA:CPU allocates a step's buffers anew at every step, and memory handed back is faulted in again page by page:
-    the small config's step took 12,500 page faults (~35 ms of system time, a third of the step; 58 -> 41 ms without
-    them). The price: the process keeps its peak memory. Linux with glibc only (elsewhere nothing is done)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL(None)
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # serve blocks below this from the heap, not from fresh mmaps
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and never shrink the heap
-
-
 def prefer_eigen_dots_on_cpu():
     """Have XLA:CPU run matrix products with its Eigen kernels instead of handing each to YNNPACK. Measured on a 2-core
     AMD EPYC (jax 0.10.2), in alternating processes: the baby GPT's training step is 10-20% faster (its [16384, 384]
@@ -795,7 +780,6 @@ def main(argv=None):
         print(help_text())
         return 0
     prefer_eigen_dots_on_cpu()
-    keep_freed_memory()
     try:
         config = resolve_config(parse_args(argv))
     except (ValueError, OSError) as e:
@@ -803,6 +787,7 @@ def main(argv=None):
         return 2
     import sampling
     sampling.enable_compilation_cache()  # a resumed or repeated run skips most of the compile time
+    sampling.keep_freed_memory()
     try:
         result = run(config)
     except (ValueError, OSError, FloatingPointError) as e:
