@@ -197,7 +197,7 @@ def hf_trainer(config):
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=65, n_positions=config["block_size"], n_embd=config["n_embd"], n_layer=config["n_layer"],
         n_head=config["n_head"], activation_function="gelu_new", resid_pdrop=config["dropout"],
-        embd_pdrop=config["dropout"], attn_pdrop=config["dropout"])).train()
+        embd_pdrop=config["dropout"], attn_pdrop=config["dropout"], bos_token_id=0, eos_token_id=0)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"],
                                   betas=(config["beta1"], config["beta2"]), weight_decay=config["weight_decay"])
     shape = (config["gradient_accumulation_steps"], config["batch_size"], config["block_size"])

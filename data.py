@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+import files
+
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 NAMED = {"shakespeare_char": "char", "shakespeare": "gpt2", "openwebtext": "gpt2"}  # name -> its tokens
 TOKENS = ("char", "gpt2")
@@ -104,38 +106,22 @@ def get_batch(data, starts, block_size):  # [n_tokens] memmap, [B] -> x [B, bloc
 
 # ----------------------------------------------------------------------------------------------------- writing
 
-def write_atomic(path, data):  # bytes -> path, via a temporary file: path is whole or absent, never half-written
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_atomic(path, data):  # bytes -> path: path is whole or as it was, never half-written
+    with files.atomic_write(path) as f:
+        f.write(data)
 
 
 def write_tokens(path, pieces):
     """Append each array of ids in pieces (an iterable) to path as uint16, atomically. Returns the count."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     n = 0
-    try:
-        with open(tmp, "wb") as f:
-            for ids in pieces:
-                ids = np.asarray(ids)
-                if ids.size and ids.max() > np.iinfo(np.uint16).max:
-                    raise ValueError(f"token id {int(ids.max())} does not fit in uint16; vocabularies of at most "
-                                     f"65,536 tokens are supported")
-                f.write(ids.astype(np.uint16).tobytes())
-                n += ids.size
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with files.atomic_write(path) as f:
+        for ids in pieces:
+            ids = np.asarray(ids)
+            if ids.size and ids.max() > np.iinfo(np.uint16).max:
+                raise ValueError(f"token id {int(ids.max())} does not fit in uint16; vocabularies of at most "
+                                 f"65,536 tokens are supported")
+            f.write(ids.astype(np.uint16).tobytes())
+            n += ids.size
     return n
 
 
@@ -175,6 +161,7 @@ def prepare_text(folder, text, tokens, vocab_dir):
     """One text -> folder/{train,val}.bin + meta.json: the first 90% of its characters train, the rest validate."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    files.remove_stale_temporaries(folder)  # what a preparation killed mid-write left behind
     (folder / "meta.json").unlink(missing_ok=True)  # unfinished until it is written again
     if len(text) < 2:
         raise ValueError(f"the text for {folder} has {len(text)} characters: too little to train on")
@@ -249,6 +236,7 @@ def prepare_folder(folder, root, tokens, vocab_dir, val_fraction=VAL_FRACTION, n
         raise ValueError(f"{root} holds {len(sources)} files; a folder needs at least two to split into train and "
                          f"val (or give the text file itself)")
     folder.mkdir(parents=True, exist_ok=True)
+    files.remove_stale_temporaries(folder)
     (folder / "meta.json").unlink(missing_ok=True)
     if tokens == "char":  # the vocabulary must be known before encoding: one pass to collect the characters
         chars = set()

@@ -9,6 +9,7 @@ Prints only the generated continuation of each prompt. The release sizes are dow
 use; --model_dir takes any folder in OpenAI's layout or Hugging Face's (config.json + model.safetensors).
 """
 import argparse
+import secrets
 import sys
 
 import jax.numpy as jnp
@@ -17,24 +18,32 @@ import sampling
 import weights
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass  # the docstring's examples as written, and each option's default
+
+
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--prompt", help="the text to continue")
-    ap.add_argument("--prompt_file", help="a file with one prompt per line (blank lines skipped), run as one batch")
+    ap.add_argument("--prompt_file", help="a UTF-8 file with one prompt per line (blank lines skipped), run as one "
+                                          "batch")
     ap.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
     ap.add_argument("--model_type", default="124M", choices=weights.MODEL_SIZES, help="OpenAI's release size")
     ap.add_argument("--models_dir", default="models", help="where the releases are downloaded")
-    ap.add_argument("--model_dir", help="a model folder (OpenAI or Hugging Face layout), instead of --model_type")
-    ap.add_argument("--n_tokens_to_generate", type=int, default=40)
+    ap.add_argument("--model_dir", help="a model folder (OpenAI's, Hugging Face's or train.py's layout), instead of "
+                                        "--model_type")
+    ap.add_argument("--n_tokens_to_generate", type=int, default=40, help="new tokens per continuation")
     ap.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, default=1.0, help="divides the logits before sampling: lower is "
+                                                                   "more conservative")
     ap.add_argument("--top_k", type=int, help="sample from the k most likely tokens only")
     ap.add_argument("--top_p", type=float, help="sample from the smallest set of tokens with probability >= p")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, help="seed of the sampling (0 to 2**63 - 1); without it a fresh one is drawn "
+                                             "and printed, so that a run can be repeated")
     ap.add_argument("--num_samples", type=int, default=1, help="continuations per prompt")
     ap.add_argument("--stop_at_eot", action="store_true", help="end a continuation at <|endoftext|>")
     ap.add_argument("--stream", action="store_true", help="print the continuation as it is generated")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the weights and compute")
     return ap.parse_args(argv)
 
 
@@ -49,8 +58,11 @@ def read_prompts(args):  # -> the prompt texts of --prompt or --prompt_file
         if not args.prompt:
             raise ValueError("the prompt is empty: give some text to continue")
         return [args.prompt]
-    with open(args.prompt_file, encoding="utf-8") as f:
-        prompts = [line for line in f.read().splitlines() if line.strip()]
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line for line in f.read().splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{args.prompt_file} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     if not prompts:
         raise ValueError(f"{args.prompt_file} holds no prompts (one per line; blank lines are skipped)")
     return prompts
@@ -75,12 +87,16 @@ def generate_texts(encoder, hparams, params, prompts, args, eot_token):
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
     ids = [encoder.encode(p) for p in prompts for _ in range(args.num_samples)]
+    if args.stream and len(ids) > 1:
+        raise ValueError("--stream prints one continuation as it is generated: give one prompt and --num_samples 1")
+    sampling.check_request(hparams, ids, args.n_tokens_to_generate, args.greedy, args.temperature, args.top_k,
+                           args.top_p)
+    if args.seed_drawn:  # once the request is known to be good, and once a process
+        print(f"seed {args.seed} (give --seed {args.seed} to repeat this sampling)", file=sys.stderr, flush=True)
+        args.seed_drawn = False
     options = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, eot_token=eot_token)
     if args.stream:
-        if len(ids) > 1:
-            raise ValueError("--stream prints one continuation as it is generated: give one prompt and "
-                             "--num_samples 1")
         chunks = sampling.generate_stream(params, hparams, ids, args.n_tokens_to_generate, **options)
         for piece in stream_text((chunk[0] for chunk in chunks), encoder.decode):
             print(piece, end="", flush=True)
@@ -99,8 +115,31 @@ def heading(row, n_prompts, n_samples):  # "--- prompt 2, sample 1 ---" above ea
     return f"--- {', '.join(names)} ---"
 
 
+def sampling_seed(args):  # -> (--seed, or when sampling without one a fresh seed; whether it was drawn)
+    # a drawn seed is printed (generate_texts) so that the run can be repeated; greedy decoding needs none
+    if args.seed is not None:
+        sampling.check_seed(args.seed)
+        return args.seed, False
+    if args.greedy:
+        return 0, False
+    return secrets.randbelow(2**31), True
+
+
+def read_interactive_prompts():  # stdin's lines, with a ready marker and, on a terminal, a prompt sign
+    print("ready: type a prompt and press Enter (Ctrl-D to end)", file=sys.stderr, flush=True)
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
 def run(args):
     prompts = read_prompts(args)
+    args.seed, args.seed_drawn = sampling_seed(args)
     sampling.enable_compilation_cache()
     sampling.keep_freed_memory()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
@@ -114,12 +153,11 @@ def run(args):
         eot_token = encoder.eot_token
     if not args.interactive:
         return generate_texts(encoder, hparams, params, prompts, args, eot_token)
-    for line in sys.stdin:  # the compiled functions are kept between prompts: only a new shape bucket compiles
-        if line.strip():
-            try:
-                generate_texts(encoder, hparams, params, [line.rstrip("\n")], args, eot_token)
-            except ValueError as e:  # a prompt too long, say: report it and go on with the next one
-                print(f"error: {e}", file=sys.stderr, flush=True)
+    for line in read_interactive_prompts():  # the compiled functions are kept between prompts: only a new shape
+        try:                                 # bucket compiles
+            generate_texts(encoder, hparams, params, [line], args, eot_token)
+        except ValueError as e:  # a prompt too long, say: report it and go on with the next one
+            print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 def main(argv=None):

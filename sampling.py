@@ -17,7 +17,8 @@ How it runs:
     setting in a bucket. jax.jit keeps them for the life of the process; enable_compilation_cache() keeps them on disk.
   - Sampling: greedy (argmax), or temperature, then top-k, then top-p (nucleus), drawn with a key derived from
     (seed, row, token index): the same seed gives the same tokens whatever the chunking, and row 0 of a batch uses
-    the random numbers that the same prompt uses alone.
+    the random numbers that the same prompt uses alone. generate() runs a request of many rows (num_samples 10,000)
+    as batches that fit in memory, each row keeping its index and padded shapes: the tokens are those of one batch.
   - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `transformer`.
 """
 import ctypes
@@ -34,6 +35,7 @@ import gpt
 
 CHUNK = 16  # tokens per jitted decode call: the granularity of streaming (a host round trip costs ~0.1 ms)
 MIN_BUCKET = 16
+BATCH_BYTES = 2 << 30  # the memory one batch of generate() may take (rows_that_fit)
 
 
 def enable_compilation_cache(path=None):
@@ -102,8 +104,8 @@ def next_tokens(logits, controls, step, *, greedy):  # [batch, n_vocab] -> [batc
     filtering = (controls["top_k"] < n_vocab) | (controls["top_p"] < 1)  # skip the bisections when they keep all
     logits = lax.cond(filtering, jax.vmap(filter_logits, in_axes=(0, None, None)), lambda logits, k, p: logits,
                       logits, controls["top_k"], controls["top_p"])
-    keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(controls["key"], row), step))(
-        jnp.arange(logits.shape[0]))
+    rows = controls["first_row"] + jnp.arange(logits.shape[0])  # each row's index in the whole request
+    keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(controls["key"], row), step))(rows)
     return jax.vmap(jax.random.categorical)(keys, logits)
 
 
@@ -228,20 +230,24 @@ def check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
 
 
 def generate_stream(params, hparams, prompts, n_tokens, *, greedy=False, temperature=1.0, top_k=None, top_p=None,
-                    seed=0, eot_token=None):
+                    seed=0, eot_token=None, first_row=0, shapes=None):
     """Generate n_tokens new tokens after each prompt (a list of token id lists), yielding them as they come: per
-    chunk, one list of new ids per prompt. With eot_token, a row stops at that token (which is not yielded)."""
+    chunk, one list of new ids per prompt. With eot_token, a row stops at that token (which is not yielded).
+    generate() passes first_row (the index of prompts[0] in its whole request, which picks the random stream) and
+    shapes (the padded prompt and cache lengths) when it splits a request into batches."""
     check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
-    params, n_ctx, lengths = unstack_layers(params), hparams["n_ctx"], [len(p) for p in prompts]
-    ids = np.zeros((len(prompts), bucket(max(lengths), n_ctx)), np.int32)
+    check_seed(seed)
+    params, lengths = unstack_layers(params), [len(p) for p in prompts]
+    prompt_len, cache_len = shapes or padded_lengths(hparams, prompts, n_tokens)
+    ids = np.zeros((len(prompts), prompt_len), np.int32)
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)] = prompt
     controls = {"key": jax.random.key(seed), "temperature": np.float32(temperature if not greedy else 1),
                 "top_k": np.int32(min(top_k or hparams["n_vocab"], hparams["n_vocab"])),
-                "top_p": np.float32(top_p or 1), "eot_token": np.int32(-1 if eot_token is None else eot_token)}
+                "top_p": np.float32(top_p or 1), "eot_token": np.int32(-1 if eot_token is None else eot_token),
+                "first_row": np.int32(first_row)}
     static = {"n_head": hparams["n_head"], "greedy": greedy}
-    state = prefill(params, ids, np.array(lengths, np.int32), controls, cache_len=bucket(max(lengths) + n_tokens, n_ctx),
-                    **static)
+    state = prefill(params, ids, np.array(lengths, np.int32), controls, cache_len=cache_len, **static)
     finished = [False] * len(prompts)
     chunk, remaining = state["token"][:, None], n_tokens - 1  # the first token comes alone, as soon as it can
     while True:
@@ -264,10 +270,40 @@ def cut_finished_rows(rows, finished, eot_token):  # each row's tokens before it
     return out
 
 
-def generate(params, hparams, prompts, n_tokens, **options):
-    """generate_stream's chunks joined: a list with the list of new token ids of each prompt."""
-    rows = [[] for _ in prompts]
-    for chunk in generate_stream(params, hparams, prompts, n_tokens, **options):
-        for row, tokens in zip(rows, chunk):
-            row.extend(tokens)
+def generate(params, hparams, prompts, n_tokens, *, max_rows=None, **options):
+    """generate_stream's chunks joined: a list with the list of new token ids of each prompt. A request of more rows
+    than fit in memory at once (max_rows; by default what BATCH_BYTES allows) runs as several batches, each row with
+    the random stream and padded shapes it has in the whole request, so that the batches give the tokens of one."""
+    check_request(hparams, prompts, n_tokens, options.get("greedy", False), options.get("temperature", 1.0),
+                  options.get("top_k"), options.get("top_p"))
+    shapes = padded_lengths(hparams, prompts, n_tokens)
+    max_rows = max_rows or rows_that_fit(hparams, *shapes, params["wte"].dtype.itemsize)
+    rows = []
+    for first in range(0, len(prompts), max_rows):
+        batch = [[] for _ in prompts[first:first + max_rows]]
+        for chunk in generate_stream(params, hparams, prompts[first:first + max_rows], n_tokens, first_row=first,
+                                     shapes=shapes, **options):
+            for row, tokens in zip(batch, chunk):
+                row.extend(tokens)
+        rows += batch
     return rows
+
+
+def padded_lengths(hparams, prompts, n_tokens):  # -> (padded prompt length, KV cache length) of a request
+    longest = max(len(p) for p in prompts)
+    return bucket(longest, hparams["n_ctx"]), bucket(longest + n_tokens, hparams["n_ctx"])
+
+
+def rows_that_fit(hparams, prompt_len, cache_len, itemsize):
+    """How many rows one batch may hold: each holds a KV cache, its prefill's activations (attention scores for one
+    layer at a time) and a few copies of its logits; BATCH_BYTES of these per batch."""
+    n_embd, n_layer, n_head = hparams["n_embd"], hparams["n_layer"], hparams["n_head"]
+    per_row = (2 * n_layer * cache_len * n_embd * itemsize
+               + prompt_len * (16 * n_embd + 2 * n_head * prompt_len) * 4
+               + 8 * hparams["n_vocab"] * 4)
+    return max(1, BATCH_BYTES // per_row)
+
+
+def check_seed(seed):
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")

@@ -1,6 +1,7 @@
 """gptjax tests: every check is against an independent reference (the fixtures in testdata/, made with
 TensorFlow, HF transformers and tiktoken; float64 numpy math; hand-worked cases), offline."""
 from functools import partial
+import atexit
 import http.server
 import io
 import json
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -33,6 +35,18 @@ import train
 import weights
 
 HERE = pathlib.Path(__file__).parent
+# Everything the tests write goes below SCRATCH, removed at exit: the model folders they load (a load writes its
+# converted cache beside the weights), the compilation cache (this process's and its children's), the runs' outputs.
+SCRATCH = pathlib.Path(tempfile.mkdtemp(prefix="gptjax-tests-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+os.environ["GPTJAX_COMPILATION_CACHE"] = str(SCRATCH / "jax-cache")
+
+
+def scratch_copy(folder):  # a copy of a testdata folder under SCRATCH, made once; tests load copies, not testdata/
+    copy = SCRATCH / "testdata" / folder.name
+    if not copy.exists():
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("params.safetensors", "*.part"))
+    return copy
 
 
 # ==================== gpt =======================================================================================
@@ -616,9 +630,14 @@ def weights_tf_tensors(flat):  # flat stacked params -> {TF checkpoint name: arr
 
 # ------------------------------------------------------------------------------------------------ HTTP server
 
+WEIGHTS_PORTAL_PAGE = b"<!DOCTYPE html><html><body>Sign in to the guest network to continue</body></html>"
+
+
 class WeightsHandler(http.server.BaseHTTPRequestHandler):
     """Serves the fixture as release 124M. server.plan maps a URL path to actions used once each, in order: an HTTP
-    status to answer with, "cut" (send half the body, then hang up) or "ignore_range" (answer 200 with everything)."""
+    status to answer with, "cut" (send half the body, then hang up), "ignore_range" (answer 200 with everything),
+    "portal" / "portal_as_file" (answer 200 with a captive portal's web page, as text/html / as a binary file),
+    "trickle" (send a byte every 50 ms), "slow" (send the file in 8 pieces over 0.4 s)."""
 
     def do_GET(self):
         self.server.log.append((self.path, self.headers.get("Range")))
@@ -627,6 +646,14 @@ class WeightsHandler(http.server.BaseHTTPRequestHandler):
         source = self.server.files.get(self.path)
         if isinstance(action, int) or source is None:
             self.send_error(action or 404)
+            return
+        if action in ("portal", "portal_as_file"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8" if action == "portal" else
+                             "application/octet-stream")
+            self.send_header("Content-Length", str(len(WEIGHTS_PORTAL_PAGE)))
+            self.end_headers()
+            self.wfile.write(WEIGHTS_PORTAL_PAGE)
             return
         data = source.read_bytes()
         ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "")) if action != "ignore_range" else None
@@ -637,7 +664,21 @@ class WeightsHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
         body = data[start:]
-        self.wfile.write(body[:len(body) // 2] if action == "cut" else body)
+        try:
+            if action == "trickle":
+                for i in range(min(len(body), 200)):  # bounded: the client gives up long before
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            elif action == "slow":
+                for i in range(8):
+                    self.wfile.write(body[i * len(body) // 8:(i + 1) * len(body) // 8])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            else:
+                self.wfile.write(body[:len(body) // 2] if action == "cut" else body)
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up
+            pass
 
     def log_message(self, *args):
         pass
@@ -789,6 +830,117 @@ def test_weights_leftover_part_file_is_resumed(tmp_path, weights_server):
     assert (folder / WEIGHTS_DATA).read_bytes() == whole
 
 
+def test_weights_a_web_page_is_never_taken_for_a_release_file(tmp_path, weights_server):
+    # a captive portal or proxy answering 200 with its own page: refused before it is renamed into place, whether it
+    # says it is HTML or passes itself off as the file; a rerun then fetches the real file
+    cases = [("portal", "model.ckpt.data-00000-of-00001"), ("portal_as_file", "encoder.json"),
+             ("portal_as_file", "vocab.bpe"), ("portal_as_file", "model.ckpt.index"),
+             ("portal_as_file", "model.ckpt.data-00000-of-00001")]
+    for case, (action, name) in enumerate(cases):
+        folder = tmp_path / str(case) / "124M"
+        weights_server.plan.clear()
+        weights_server.plan[f"/models/124M/{name}"] = [action] * (weights.RETRIES + 1)
+        with pytest.raises(ConnectionError) as e:
+            weights.download_release("124M", folder)
+        message = weights_error(e)
+        assert name in message and ("web page" in message or "not the file expected" in message), message
+        assert not (folder / name).exists() and not (folder / (name + ".part")).exists()
+        weights_server.plan.clear()
+        weights.download_release("124M", folder)  # the next run fetches the real file
+        for name in weights.RELEASE_FILES:
+            assert (folder / name).read_bytes() == (WEIGHTS_TINY_TF / name).read_bytes()
+
+
+def test_weights_a_stalled_transfer_is_cut_and_resumed(tmp_path, weights_server, monkeypatch):
+    monkeypatch.setattr(weights, "STALL_WINDOW_S", 0.3)  # the real window is a minute
+    name = "model.ckpt.data-00000-of-00001"
+    weights_server.plan[f"/models/124M/{name}"] = ["trickle"]
+    t = time.monotonic()
+    folder, hparams, params = weights.load_model("124M", tmp_path / "models")
+    assert time.monotonic() - t < 30
+    ranges = weights_requests(weights_server, name)
+    assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes=")  # cut, then resumed
+    assert (folder / name).read_bytes() == (WEIGHTS_TINY_TF / name).read_bytes()
+    weights_server.plan[f"/models/124M/{name}"] = ["trickle"] * (weights.RETRIES + 1)
+    with pytest.raises(ConnectionError, match="stalled"):
+        weights.download_release("124M", tmp_path / "other")
+
+
+def test_weights_concurrent_downloads_into_one_folder_wait_for_each_other(tmp_path, weights_server, capsys):
+    for name in weights.RELEASE_FILES:
+        weights_server.plan[f"/models/124M/{name}"] = ["slow"]
+    errors = []
+
+    def fetch():
+        try:
+            weights.download_release("124M", tmp_path / "models" / "124M")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    for name in weights.RELEASE_FILES:  # each fetched once, whole
+        assert len(weights_requests(weights_server, name)) == 1, name
+        assert (tmp_path / "models" / "124M" / name).read_bytes() == (WEIGHTS_TINY_TF / name).read_bytes()
+    assert "waiting for another process downloading into" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["tf", "hf"])
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_weights_config_must_name_the_layers_the_weights_hold(tmp_path, layout, n_layer):
+    # fewer layers in the config than in the weights once loaded a truncated model without a word
+    folder = weights_copy(tmp_path, WEIGHTS_TINY_TF if layout == "tf" else WEIGHTS_TINY_HF)
+    config = folder / ("hparams.json" if layout == "tf" else "config.json")
+    values = json.loads(config.read_text())
+    values["n_layer"] = n_layer
+    config.write_text(json.dumps(values))
+    with pytest.raises(ValueError) as e:
+        weights.load_hparams_and_params(folder)
+    message = weights_error(e)
+    assert f"{config} gives n_layer {n_layer}" in message and "holds 2 blocks" in message, message
+    assert "config does not match the weights" in message
+
+
+def test_weights_every_tensor_in_the_file_must_be_used(tmp_path):
+    folder = weights_copy(tmp_path, WEIGHTS_TINY_HF)
+    tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+    prefix = "transformer." if "transformer.wte.weight" in tensors else ""
+    tensors[prefix + "h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))  # older files' mask buffer
+    safetensors.numpy.save_file(tensors, folder / "model.safetensors")
+    weights.load_hparams_and_params(folder)  # a buffer is not a weight: fine
+    tensors[prefix + "h.1.mlp.c_gate.weight"] = np.zeros((16, 64), np.float32)
+    safetensors.numpy.save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        weights.load_hparams_and_params(folder)
+    assert f"holds {prefix}h.1.mlp.c_gate.weight, which a GPT-2 of the shape in" in weights_error(e)
+
+
+def test_weights_own_layout_is_checked_against_its_hparams(tmp_path):
+    hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}
+    params = gpt.init_params(jax.random.PRNGKey(0), hparams)
+    weights.save_params(tmp_path / "m", {**hparams, "n_layer": 1}, params)  # metadata that disagrees with the tensors
+    with pytest.raises(ValueError) as e:
+        weights.load_hparams_and_params(tmp_path / "m")
+    message = weights_error(e)
+    assert "h/attn/c_attn/b has shape [2, 24] where its hparams give [1, 24]" in message
+    assert "download" not in message  # a trained model cannot be fetched again
+
+
+def test_weights_damaged_release_is_fetched_anew_but_a_users_folder_is_not(tmp_path, weights_server):
+    folder, _, _ = weights.load_model("124M", tmp_path / "models")
+    (folder / weights.CACHE_NAME).unlink()
+    data = bytearray((folder / "model.ckpt.data-00000-of-00001").read_bytes())
+    data[100] ^= 1
+    (folder / "model.ckpt.data-00000-of-00001").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="crc32c checksum mismatch .*: delete it and run again to download it anew"):
+        weights.load_model("124M", tmp_path / "models")
+    with pytest.raises(ValueError, match="crc32c checksum mismatch .*: put back a good copy$"):
+        weights.load_model(str(folder))  # the same files, as a folder of the user's
+
+
 def test_weights_hf_folder_equals_tf_folder(tmp_path):
     _, tf_params = weights.load_hparams_and_params(weights_copy(tmp_path, WEIGHTS_TINY_TF))
     hparams, hf_params = weights.load_hparams_and_params(weights_copy(tmp_path, WEIGHTS_TINY_HF))
@@ -876,7 +1028,7 @@ def test_weights_corrupt_data_file_fails_its_checksum(tmp_path):
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(folder)
     message = weights_error(e)
-    assert str(folder / WEIGHTS_DATA) in message and "crc32c" in message and "delete it" in message
+    assert str(folder / WEIGHTS_DATA) in message and "crc32c" in message and "put back a good copy" in message
 
 
 def test_weights_truncated_data_file(tmp_path):
@@ -885,7 +1037,7 @@ def test_weights_truncated_data_file(tmp_path):
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(folder)
     message = weights_error(e)
-    assert str(folder / WEIGHTS_DATA) in message and "truncated" in message and "delete it" in message
+    assert str(folder / WEIGHTS_DATA) in message and "truncated" in message and "put back a good copy" in message
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -900,7 +1052,7 @@ def test_weights_damaged_index_file(tmp_path, damage):
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(folder)
     message = weights_error(e)
-    assert str(folder / "model.ckpt.index") in message and "delete it" in message
+    assert str(folder / "model.ckpt.index") in message and "put back a good copy" in message
     assert ("footer" if damage == "truncate" else "checksum") in message
 
 
@@ -995,7 +1147,7 @@ def test_weights_end_to_end_hf_folder_with_gpt2_tokenizer(tmp_path, weights_serv
 
 # ==================== sampling ==================================================================================
 
-SAMPLING_TINY = {"tf": HERE / "testdata" / "gpt2-tiny", "hf": HERE / "testdata" / "gpt2-tiny-hf"}
+SAMPLING_TINY = {"tf": scratch_copy(HERE / "testdata" / "gpt2-tiny"), "hf": scratch_copy(HERE / "testdata" / "gpt2-tiny-hf")}
 SAMPLING_EXPECTED = json.loads((SAMPLING_TINY["tf"] / "expected.json").read_text())
 SAMPLING_PROMPTS = SAMPLING_EXPECTED["prompts"]
 
@@ -1017,7 +1169,8 @@ def sampling_softmax64(logits):
 
 def sampling_draws(logits, n, seed, top_k=None, top_p=1.0):  # n draws from next_tokens on one logit vector
     rows = jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1))
-    controls = {"key": jax.random.key(seed), "temperature": 1.0, "top_k": top_k or len(logits), "top_p": top_p}
+    controls = {"key": jax.random.key(seed), "temperature": 1.0, "top_k": top_k or len(logits), "top_p": top_p,
+                "first_row": 0}
     return np.asarray(jax.jit(partial(sampling.next_tokens, greedy=False))(rows, controls, 0))
 
 
@@ -1160,10 +1313,62 @@ def test_no_recompilation_within_a_bucket(sampling_tf_model):
 
 
 def test_bfloat16_params_generate(sampling_tf_model):
+    # the fixture's greedy continuations hold in bfloat16 too (its smallest top-1/top-2 gap is wide enough)
     hparams, params = sampling_tf_model
     out = sampling.generate(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), hparams,
-                            [SAMPLING_PROMPTS[1]["ids"]], 12, greedy=True)
-    assert len(out[0]) == 12 and all(0 <= t < hparams["n_vocab"] for t in out[0])
+                            [p["ids"] for p in SAMPLING_PROMPTS], 20, greedy=True)
+    assert out == [p["greedy_new_ids"] for p in SAMPLING_PROMPTS]
+
+
+def test_same_seed_same_tokens_whatever_the_chunking(sampling_tf_model, monkeypatch):
+    hparams, params = sampling_tf_model
+    prompts = [SAMPLING_PROMPTS[0]["ids"][:20], SAMPLING_PROMPTS[2]["ids"][:12]]  # + 30 tokens: within n_ctx=64
+    want = sampling.generate(params, hparams, prompts, 30, seed=11, temperature=0.8)
+    monkeypatch.setattr(sampling, "CHUNK", 5)  # 30 tokens as 1 + 5 * 5 + 4 rather than 1 + 16 + 13
+    assert sampling.generate(params, hparams, prompts, 30, seed=11, temperature=0.8) == want
+
+
+def test_many_rows_run_in_batches_that_give_one_batchs_tokens(sampling_tf_model):
+    # num_samples 10,000 once ran as one batch (8.7 GB on the tiny model); now as batches that fit, each row with
+    # the random stream and padded shapes it has in the whole request
+    hparams, params = sampling_tf_model
+    prompts = [SAMPLING_PROMPTS[i % 3]["ids"][:4 + i] for i in range(7)]
+    for options in ({"seed": 3, "top_k": 40}, {"greedy": True}):
+        whole = sampling.generate(params, hparams, prompts, 12, **options)
+        assert sampling.generate(params, hparams, prompts, 12, max_rows=3, **options) == whole
+    assert sampling.rows_that_fit({"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12},
+                                  1024, 1024, 4) < 64  # 124M at a full context: ~75 MB of KV cache a row
+    assert sampling.rows_that_fit(hparams, 16, 32, 4) > 100
+
+
+def test_decoding_logits_match_the_model_row_by_row(sampling_tf_model):
+    # what prefill and decode run (per-layer weights, per-row positions, right-padded rows of different lengths, the
+    # CPU's few-row LM head) against gpt.gpt on each row alone: logits, not only greedy tokens (a LayerNorm eps or
+    # GELU variant moves logits by ~1e-3 and can leave greedy tokens alone)
+    hparams, params = sampling_tf_model
+    layers, n_head = sampling.unstack_layers(params), hparams["n_head"]
+    prompts = [SAMPLING_PROMPTS[0]["ids"][:9], SAMPLING_PROMPTS[1]["ids"][:4], SAMPLING_PROMPTS[2]["ids"][:6]]
+    lengths, n_steps = np.array([len(p) for p in prompts]), 5
+    ids = np.zeros((3, 16), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+    cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": hparams["n_embd"]}, 32)
+    caches = [jax.tree.map(lambda c: jnp.broadcast_to(c, (3, *c.shape)), cache) for _ in layers]
+    forward = jax.jit(sampling.forward_rows, static_argnums=2)
+    x, caches = forward(layers, jnp.asarray(ids), n_head, caches, jnp.zeros(3, jnp.int32))
+    logits = sampling.unembed_rows(layers, x[jnp.arange(3), lengths - 1])
+    rows = [list(p) for p in prompts]
+    for step in range(n_steps + 1):
+        for row in range(3):
+            expect = np.asarray(gpt.gpt(params, jnp.array(rows[row]), n_head)[-1], np.float64)
+            np.testing.assert_allclose(np.asarray(logits[row]), expect, atol=1e-5, err_msg=f"step {step} row {row}")
+        if step == n_steps:
+            break
+        tokens = np.asarray(jnp.argmax(logits, -1), np.int32)
+        for row in range(3):
+            rows[row].append(int(tokens[row]))
+        x, caches = forward(layers, jnp.asarray(tokens[:, None]), n_head, caches, jnp.asarray(lengths + step))
+        logits = sampling.unembed_rows(layers, x[:, 0])
 
 
 def test_bad_requests_raise_one_line_errors(sampling_tf_model):
@@ -1195,9 +1400,8 @@ def test_stream_text_holds_back_characters_split_between_tokens():
 
 
 def sampling_run_main(args, tmp_path, stdin=None):  # main.py in a fresh process -> (exit code, stdout, stderr)
-    env = {**os.environ, "GPTJAX_COMPILATION_CACHE": str(tmp_path / "jax-cache")}
     proc = subprocess.run([sys.executable, str(HERE / "main.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, input=stdin, timeout=120)
+                          cwd=tmp_path, input=stdin, timeout=120)  # the compilation cache: SCRATCH's
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -1271,7 +1475,38 @@ def test_main_prompt_file_and_interactive(sampling_main_inprocess, capsys, tmp_p
     assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["tf"], "--interactive", "--stream", *common) == 0
     out, err = capsys.readouterr()
     assert out == f"{p1['greedy_text']}\n{p2['greedy_text']}\n"
-    assert err.startswith("error: a prompt of") and err.count("\n") == 1  # the long prompt, and it went on
+    ready, error = err.splitlines()
+    assert ready == "ready: type a prompt and press Enter (Ctrl-D to end)"
+    assert error.startswith("error: a prompt of")  # the long prompt, and it went on
+
+
+def test_main_seed(sampling_main_inprocess, capsys):
+    args = ["--model_dir", SAMPLING_TINY["tf"], "--prompt", SAMPLING_PROMPTS[1]["text"], "--n_tokens_to_generate", "8"]
+    assert sampling_main_inprocess(*args) == 0  # sampling without --seed: a fresh seed, printed
+    out, err = capsys.readouterr()
+    seed = int(re.fullmatch(r"seed (\d+) \(give --seed \d+ to repeat this sampling\)\n", err).group(1))
+    assert sampling_main_inprocess(*args, "--seed", seed) == 0
+    again, err = capsys.readouterr()
+    assert again == out and err == ""
+    assert sampling_main_inprocess(*args, "--greedy") == 0  # greedy: deterministic, no seed
+    assert capsys.readouterr().err == ""
+    for bad in (2**63, -1):
+        assert sampling_main_inprocess(*args, "--seed", bad) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: seed must be an integer from 0 to 2**63 - 1, got {bad}\n"
+    assert sampling_main_inprocess(*args, "--seed", 2**63 - 1) == 0
+
+
+def test_main_prompt_file_not_utf8_and_help(sampling_main_inprocess, capsys, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["tf"], "--prompt_file", tmp_path / "latin1.txt") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'latin1.txt'} is not UTF-8 text" in err
+    assert sampling_main_inprocess("--help") == 0
+    out = capsys.readouterr().out
+    for words in ("new tokens per continuation (default: 40)", "--temperature", "(default: 1.0)", "--dtype",
+                  "a fresh one is drawn and printed"):
+        assert words in " ".join(out.split()), words
 
 
 def test_main_num_samples(sampling_main_inprocess, capsys):
@@ -1477,7 +1712,8 @@ def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_
 
 TRAIN_DEVICES_SCRIPT = """
 import json, sys
-import jax, sampling, train
+import jax, numpy as np, sampling, train
+from jax.sharding import Mesh
 sampling.enable_compilation_cache()
 assert jax.device_count() == 4, jax.devices()
 config = json.loads(sys.argv[1])
@@ -1485,6 +1721,15 @@ out = {}
 for fsdp in (False, True):
     result = train.train({**config, "fsdp": fsdp, "out_dir": config["out_dir"] + str(fsdp)})
     out[str(fsdp)] = [result["losses"][i] for i in sorted(result["losses"])]
+# what fsdp places on each device: train.run puts the params (and the optimizer state, alike) with these shardings
+config = train.resolve_config(config)
+params = train.init_params(config, train.scratch_hparams(config, 65))
+placed = jax.device_put(params, train.tree_shardings(Mesh(np.array(jax.devices()), ("data",)), params, True))
+per_device = {d: 0 for d in jax.devices()}
+for leaf in jax.tree.leaves(placed):
+    for shard in leaf.addressable_shards:
+        per_device[shard.device] += shard.data.size
+out["fsdp_share"] = max(per_device.values()) / sum(x.size for x in jax.tree.leaves(params))
 print(json.dumps(out))
 """
 
@@ -1500,8 +1745,61 @@ def test_train_four_devices_match_one(train_data_dir, tmp_path):
                                "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     four = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert four.pop("fsdp_share") == 0.25  # each of the 4 devices holds a quarter of the params, not all of them
     for fsdp, losses in four.items():
         np.testing.assert_allclose(losses, one, rtol=1e-5, atol=1e-5, err_msg=f"fsdp={fsdp}")
+    # and they end with the same params as one device
+    ref = train_ckpt_tensors(tmp_path / "one")
+    for fsdp in ("False", "True"):
+        got = train_ckpt_tensors(str(tmp_path / "four") + fsdp)
+        for name in ref:
+            if name.startswith("params/"):
+                np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-6, err_msg=f"{fsdp} {name}")
+
+
+def train_processes(config, cwds, port):  # train.py as 2 processes of 2 CPU devices each
+    procs = []
+    for process_id, cwd in enumerate(cwds):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(process_id), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+               "JAX_PLATFORMS": "cpu"}
+        args = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in config.items()]
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_two_processes_match_one_and_only_one_writes(train_data_dir, tmp_path):
+    one = train.train(train_config(train_data_dir, tmp_path / "one", max_iters=4, eval_interval=2))
+    cwds = [tmp_path / "p0", tmp_path / "p1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    config = {k: v for k, v in train_config(train_data_dir, "out", max_iters=4, eval_interval=2).items()}
+    procs = train_processes(config, cwds, free_port())  # out_dir "out": each process's own, if it wrote
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    records = [json.loads(line) for line in (cwds[0] / "out" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["val_loss"] for r in records], [e["val_loss"] for e in one["evals"]], rtol=1e-5)
+    assert not (cwds[1] / "out").exists()  # process 1 wrote nothing
+    # a process that dies takes the other down in bounded time, and the last checkpoint stays good
+    shutil.rmtree(cwds[0] / "out")  # so that the checkpoint waited for below is the new run's
+    procs = train_processes({**config, "max_iters": 100000}, cwds, free_port())
+    deadline = time.monotonic() + 120
+    while not (cwds[0] / "out" / "ckpt.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    procs[1].kill()
+    t = time.monotonic()
+    procs[0].communicate(timeout=150)
+    assert procs[0].returncode != 0 and time.monotonic() - t < 120
+    procs[1].communicate()
+    assert train.read_checkpoint_meta(cwds[0] / "out" / "ckpt.safetensors")["iter"] >= 2
 
 
 def test_train_finetune_gpt2_fixture_lowers_the_loss(tmp_path):
@@ -1531,12 +1829,11 @@ def test_train_checkpoint_survives_a_crash_mid_write(train_data_dir, tmp_path, m
     good = (out / "ckpt.safetensors").read_bytes()
     good_model = (out / "params.safetensors").read_bytes()
 
-    def crash_mid_write(tensors, path, metadata=None):  # half the bytes reach the disk, then the process "dies"
-        blob = safetensors.numpy.save(tensors, metadata)
-        pathlib.Path(path).write_bytes(blob[:len(blob) // 2])
+    def disk_full(fd):  # the bytes were written but cannot reach the disk
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(safetensors.numpy, "save_file", crash_mid_write)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(out / 'ckpt.safetensors'))}: No space left on "
+                                      f"device \\(its previous version is intact\\)"):
         train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4})
     assert (out / "ckpt.safetensors").read_bytes() == good
     assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]  # no partial file left to mistake
@@ -1551,9 +1848,19 @@ def test_train_checkpoint_survives_a_crash_mid_write(train_data_dir, tmp_path, m
     assert (out / "ckpt.safetensors").read_bytes() == good
     assert (out / "params.safetensors").read_bytes() == good_model
     assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
-    # and the intact checkpoint resumes
+    # what a kill -9 mid-write leaves (a temporary file named after its dead writer) goes at the next start; a live
+    # writer's file stays
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".ckpt.safetensors.{int(dead.stdout)}.part"
+    stale.write_bytes(good[:1000])
+    live = out / f".notes.txt.{os.getpid()}.part"
+    live.write_bytes(b"being written")
+    # and the intact checkpoint resumes as if nothing had happened
     result = train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4})
     assert sorted(result["losses"]) == [2, 3]
+    assert not stale.exists() and live.exists()
+    straight = train.train(train_config(train_data_dir, tmp_path / "straight", max_iters=4, eval_interval=2))
+    assert [result["losses"][i] for i in (2, 3)] == [straight["losses"][i] for i in (2, 3)]
 
 
 def test_train_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_data_dir, tmp_path, capsys):
@@ -1584,18 +1891,126 @@ def test_train_ctrl_c_saves_a_checkpoint_and_resumes(train_data_dir, tmp_path, m
     assert (out / "params.safetensors").is_file()  # samplable even before the first evaluation
     resumed = train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
     assert sorted(resumed["losses"]) == [4, 5]
+    straight = train.train(train_config(train_data_dir, tmp_path / "straight", max_iters=6, eval_interval=50))
+    interrupted_then_resumed = {**result["losses"], **resumed["losses"]}
+    assert [interrupted_then_resumed[i] for i in range(6)] == [straight["losses"][i] for i in range(6)]
+
+
+def folder_state(folder):  # {name: bytes} of every file in folder: to show that nothing was written
+    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir()) if p.is_file()}
+
+
+def test_train_ctrl_c_is_acknowledged_and_a_second_one_stops_at_once(train_data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    good = (out / "ckpt.safetensors").read_bytes()
+    get_batch, calls = data.get_batch, []
+
+    def get_batch_then_two_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) == 3:  # iteration 3's batch
+            signal.raise_signal(signal.SIGINT)
+            assert "Ctrl-C: stopping after this step" in capsys.readouterr().out  # said at once
+            signal.raise_signal(signal.SIGINT)
+        return get_batch(*args)
+    monkeypatch.setattr(data, "get_batch", get_batch_then_two_ctrl_c)
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=50", "--eval_interval=50"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err[-1].startswith("error: stopped at once by a second Ctrl-C; nothing was saved"), err
+    assert not [line for line in err if "Traceback" in line]
+    assert (out / "ckpt.safetensors").read_bytes() == good
 
 
 def test_train_eval_only_and_bias(train_data_dir, tmp_path):
-    result = train.train(train_config(train_data_dir, tmp_path / "e", eval_only=True, bias=True))
-    assert [e["iter"] for e in result["evals"]] == [0] and result["losses"] == {}
-    assert not (tmp_path / "e" / "ckpt.safetensors").exists()
+    out = tmp_path / "e"
+    with pytest.raises(ValueError, match="eval_only evaluates a trained model: add --init_from=resume"):
+        train.train(train_config(train_data_dir, out, eval_only=True))  # a random model, by accident
+    assert not out.exists()
+    trained = train.train(train_config(train_data_dir, out, bias=True, max_iters=2, eval_interval=2))
     # an untrained model with 65 characters is close to uniform: ln 65
-    assert result["evals"][0]["val_loss"] == pytest.approx(math.log(65), abs=0.1)
+    assert trained["evals"][0]["iter"] == 0
+    assert trained["evals"][0]["val_loss"] == pytest.approx(math.log(65), abs=0.1)
+    before = folder_state(out)
+    result = train.train({"init_from": "resume", "out_dir": str(out), "eval_only": True})
+    assert [e["iter"] for e in result["evals"]] == [2] and result["losses"] == {}
+    assert result["evals"][0]["val_loss"] == trained["evals"][-1]["val_loss"]  # the same batches, the same model
+    assert folder_state(out) == before  # metrics.jsonl, loss.png, the checkpoints: untouched
     hparams = {"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}
     without = train.drop_biases(jax.eval_shape(lambda: train.gpt.init_params(jax.random.PRNGKey(0), hparams)))
     assert sorted(train.flat_names(without, "")) == ["h/attn/c_attn/w", "h/attn/c_proj/w", "h/ln_1/g", "h/ln_2/g",
                                                      "h/mlp/c_fc/w", "h/mlp/c_proj/w", "ln_f/g", "wpe", "wte"]
+
+
+def test_train_refuses_to_replace_a_trained_model(train_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    before = folder_state(out)
+    capsys.readouterr()
+    for init_from in ("scratch", str(TRAIN_GPT2_TINY)):
+        code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", f"--init_from={init_from}"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1, err
+        assert all(w in err for w in ("already holds a trained model", "--init_from=resume", "--out_dir", "--overwrite"))
+    assert folder_state(out) == before
+    # asked to, a new run replaces the old one whole: none of its files mixes with the new run's
+    (out / "loss.png").write_bytes(b"the old run's plot")
+    result = train.train(train_config(train_data_dir, out, max_iters=1, eval_interval=1, overwrite=True, seed=7))
+    assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert not (out / "loss.png").exists() or (out / "loss.png").read_bytes() != b"the old run's plot"
+    assert train.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 1 and result["iter"] == 1
+
+
+def test_train_out_dir_holds_only_the_runs_vocabulary(tmp_path, train_data_dir):
+    # a character run in a folder that once held a GPT-2 run (and the other way round) leaves one vocabulary there
+    out, chars = tmp_path / "out", tmp_path / "chars"
+    out.mkdir()
+    for name in data.GPT2_FILES:
+        shutil.copy(TRAIN_GPT2_TINY / name, out / name)
+    chars.mkdir()
+    data.write_meta(chars, {"kind": "char", "chars": ["a", "b"]})
+    train.write_vocabulary(out, chars)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"]
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    data.copy_gpt2_vocab(TRAIN_GPT2_TINY, gpt2)
+    data.write_meta(gpt2, {"kind": "gpt2"})
+    train.write_vocabulary(out, gpt2)
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.json", "vocab.bpe"]
+
+
+TRAIN_LOCK_HOLDER = """
+import sys, time, files
+with files.locked(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_train_a_second_run_on_the_same_out_dir_is_refused(train_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", TRAIN_LOCK_HOLDER, str(out / ".lock")], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=1"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "in use by another train.py" in err, err
+        assert f"process {holder.pid}" in err and not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # as a crash would: the system drops the lock with the process
+        holder.wait()
+    result = train.train(train_config(train_data_dir, out, max_iters=1, eval_interval=1))
+    assert result["iter"] == 1
+
+
+def test_train_block_size_too_large_for_the_data_is_reported_at_start(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text(TRAIN_SHAKESPEARE.read_text(encoding="utf-8")[:3000], encoding="utf-8")  # val: 300 characters
+    with pytest.raises(ValueError, match="the val split of .* has 300 tokens, too few for sequences of block_size 512"):
+        train.train({"dataset": str(text), "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "out"),
+                     "block_size": 512, "n_layer": 1, "n_embd": 8, "n_head": 1})
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_train_char_model_folder_samples(train_data_dir, tmp_path):
@@ -1656,6 +2071,44 @@ def test_train_config_file_and_flags(tmp_path):
             train.resolve_config(overrides)
 
 
+TRAIN_DISK_FULL = """
+import resource, signal, sys, train
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing the process
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_train_full_disk_is_one_line_and_keeps_the_checkpoint(train_data_dir, tmp_path):
+    out = tmp_path / "out"
+    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    good = (out / "ckpt.safetensors").read_bytes()
+    proc = subprocess.run([sys.executable, "-c", TRAIN_DISK_FULL, str(len(good) // 2), "--init_from=resume",
+                           f"--out_dir={out}", "--max_iters=4"], capture_output=True, text=True, cwd=HERE, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1] == (f"error: cannot write {out / 'ckpt.safetensors'}: File too large (its previous version is "
+                         f"intact)"), lines[-1]
+    assert (out / "ckpt.safetensors").read_bytes() == good
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
+
+
+def test_train_gradient_accumulation_equals_one_bigger_batch(train_data_dir, tmp_path):
+    # 2 micro-batches of 4 sequences and 1 batch of 8: the same 8 sequences (batch_starts draws n * rows), the same
+    # mean gradient, so the same params after each step (to float rounding), without dropout
+    config = dict(max_iters=3, eval_interval=3, dropout=0.0)
+    two = train.train(train_config(train_data_dir, tmp_path / "two", batch_size=4, gradient_accumulation_steps=2,
+                                   **config))
+    one = train.train(train_config(train_data_dir, tmp_path / "one", batch_size=8, gradient_accumulation_steps=1,
+                                   **config))
+    np.testing.assert_allclose([two["losses"][i] for i in range(3)], [one["losses"][i] for i in range(3)], rtol=1e-5)
+    a, b = train_ckpt_tensors(tmp_path / "two"), train_ckpt_tensors(tmp_path / "one")
+    for name in a:
+        if name.startswith("params/"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_train_cpu_settings_leave_a_users_xla_flags_alone(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     train.prefer_eigen_dots_on_cpu()
@@ -1673,7 +2126,9 @@ def test_train_cpu_settings_leave_a_users_xla_flags_alone(monkeypatch):
 def test_train_cli_errors_are_one_line(tmp_path):
     (tmp_path / "bad.toml").write_text("[[[")
     for args, needle in [(["--n_layr=3"], "did you mean n_layer"), ([str(tmp_path / "bad.toml")], "not valid TOML"),
-                         (["--init_from=resume", f"--out_dir={tmp_path}"], "cannot resume")]:
+                         (["--init_from=resume", f"--out_dir={tmp_path}"], "cannot resume"),
+                         (["--seed=-1"], "seed must be from 0 to 2**63 - 1, got -1"),
+                         ([f"--seed={2**63}"], f"seed must be from 0 to 2**63 - 1, got {2**63}")]:
         proc = train_run_cli(*args)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()

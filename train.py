@@ -48,6 +48,7 @@ does: 6 N + 12 L H Q T flops per token, N the parameters without the position ta
 T = block_size, divided by the devices' peak (a table of bfloat16 dense peaks by device kind, half of it for float32
 on GPUs, which run float32 matmuls at TF32 rate; CPUs have no entry: give --peak_flops, per device, to see MFU there).
 """
+import contextlib
 import difflib
 import json
 import math
@@ -68,6 +69,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import data
+import files
 import gpt
 
 # name: (default, help). The defaults train the small character-level model of nanoGPT's CPU recipe (README, "I only
@@ -77,7 +79,8 @@ CONFIG = {
     "eval_interval": (250, "evaluate (and checkpoint) every this many iterations"),
     "log_interval": (10, "refresh the progress bar's loss, tokens/s and MFU every this many iterations"),
     "eval_iters": (50, "batches per split in each loss estimate"),
-    "eval_only": (False, "evaluate the initial model once and exit"),
+    "eval_only": (False, "evaluate the model once and exit, writing nothing (with init_from=resume or a model)"),
+    "overwrite": (False, "let a run that does not resume replace the trained model already in out_dir"),
     "always_save_checkpoint": (False, "make params.safetensors the latest params at every evaluation, not the best"),
     "init_from": ("scratch", "scratch, resume (from out_dir), a GPT-2 release (124M 355M 774M 1558M, or gpt2, "
                              "gpt2-medium, gpt2-large, gpt2-xl) or a model folder"),
@@ -116,6 +119,8 @@ NANOGPT_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "g
 GPT2_VOCAB = 50257
 CKPT_NAME = "ckpt.safetensors"
 CKPT_FORMAT = "gptjax-train-1"
+VOCABULARY_FILES = ("meta.json", "encoder.json", "vocab.bpe")  # characters, or GPT-2's BPE
+RUN_FILES = (CKPT_NAME, "params.safetensors", "metrics.jsonl", "loss.png", *VOCABULARY_FILES)  # what a run writes
 
 # Dense bfloat16 peak FLOP/s of one device, by a substring of jax's device_kind (checked in this order).
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
@@ -243,6 +248,8 @@ def check_config(config):
     if config["dtype"] not in ("auto", "float32", "bfloat16"):
         hint = " (float16 needs loss scaling; use bfloat16)" if config["dtype"] == "float16" else ""
         raise ValueError(f"dtype must be auto, float32 or bfloat16, not {config['dtype']!r}{hint}")
+    if not 0 <= config["seed"] < 2**63:
+        raise ValueError(f"seed must be from 0 to 2**63 - 1, got {config['seed']}")
     if config["tokens"] not in ("auto", "char", "gpt2"):
         raise ValueError(f"tokens must be auto, char or gpt2, not {config['tokens']!r}")
     return config
@@ -414,32 +421,6 @@ def host_array(x):  # a (possibly sharded, possibly multi-host) jax array -> num
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
-def write_file_atomically(path, write):  # write(temporary path); then fsync and rename over path
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # a failed write leaves the previous file as it was, and no stray temporary file
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder):  # make the rename itself durable
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def flat_names(tree, prefix):  # {prefix + path: leaf}, "/"-joined dict keys (params) or jax's key strings (state)
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -452,15 +433,15 @@ def flat_names(tree, prefix):  # {prefix + path: leaf}, "/"-joined dict keys (pa
 
 
 def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams):
-    """The whole training state -> out_dir/ckpt.safetensors, atomically."""
-    import safetensors.numpy
+    """The whole training state -> out_dir/ckpt.safetensors, atomically (a crash or a full disk leaves the previous
+    checkpoint as it was)."""
+    import weights
     tensors = {name: host_array(x) for name, x in {**flat_names(params, "params/"),
                                                     **flat_names(opt_state, "opt_state/")}.items()}
     metadata = {"format": CKPT_FORMAT, "iter": str(it), "best_val_loss": repr(best_val_loss),
                 "config": json.dumps(config), "hparams": json.dumps(hparams)}
     if jax.process_index() == 0:
-        write_file_atomically(Path(out_dir) / CKPT_NAME,
-                              lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
+        weights.write_safetensors(Path(out_dir) / CKPT_NAME, tensors, metadata)
 
 
 def read_checkpoint_meta(path):
@@ -522,25 +503,41 @@ def save_model(out_dir, hparams, params):
 
 
 def write_vocabulary(out_dir, dataset_dir):
-    """Copy the dataset's vocabulary into out_dir, making it a model folder that main.py can sample from."""
+    """Copy the dataset's vocabulary into out_dir, making it a model folder that main.py can sample from, and remove
+    the other kind's files (a character run after a GPT-2 run must not leave encoder.json behind: main.py would
+    prefer it)."""
     meta = data.read_meta(dataset_dir)
     if meta["kind"] == "char":
-        files = {"meta.json": json.dumps({"kind": "char", "chars": meta["chars"]}, ensure_ascii=False).encode()}
+        contents = {"meta.json": json.dumps({"kind": "char", "chars": meta["chars"]}, ensure_ascii=False).encode()}
     else:
-        files = {name: (Path(dataset_dir) / name).read_bytes() for name in data.GPT2_FILES}
-    for name, content in files.items():
-        if not (Path(out_dir) / name).is_file() or (Path(out_dir) / name).read_bytes() != content:
-            data.write_atomic(Path(out_dir) / name, content)
+        contents = {name: (Path(dataset_dir) / name).read_bytes() for name in data.GPT2_FILES}
+    for name in VOCABULARY_FILES:
+        path = Path(out_dir) / name
+        if name not in contents:
+            path.unlink(missing_ok=True)
+        elif not path.is_file() or path.read_bytes() != contents[name]:
+            data.write_atomic(path, contents[name])
 
 
-def plot_losses(out_dir, history):
-    """out_dir/loss.png from the evaluations so far, when matplotlib is installed (it is optional)."""
+def read_metrics(out_dir):  # the records of metrics.jsonl, oldest first (a line cut by a crash is skipped)
+    records = []
+    with contextlib.suppress(FileNotFoundError), open(Path(out_dir) / "metrics.jsonl") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def plot_losses(out_dir):
+    """out_dir/loss.png from every evaluation in metrics.jsonl (a resumed run's too), when matplotlib is installed
+    (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    history = read_metrics(out_dir)
     fig, ax = plt.subplots(figsize=(6, 4))
     for split in ("train", "val"):
         ax.plot([h["iter"] for h in history], [h[f"{split}_loss"] for h in history], marker=".", label=split)
@@ -548,13 +545,48 @@ def plot_losses(out_dir, history):
     ax.set_ylabel("loss (nats per token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    write_file_atomically(Path(out_dir) / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    with files.atomic_write(Path(out_dir) / "loss.png") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
 def append_metrics(out_dir, record):
-    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = Path(out_dir) / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+
+
+# -------------------------------------------------------------------------------------------------------- out_dir
+
+def check_out_dir(config):
+    """A run that does not continue out_dir's model (init_from=resume) must not replace it unasked."""
+    out_dir = Path(config["out_dir"])
+    if config["init_from"] == "resume" or config["overwrite"]:
+        return
+    for name in (CKPT_NAME, "params.safetensors"):
+        if (out_dir / name).exists():
+            raise FileExistsError(f"{out_dir} already holds a trained model ({name}): continue it with "
+                                  f"--init_from=resume, train into another --out_dir, or replace it with --overwrite")
+
+
+@contextlib.contextmanager
+def claimed_out_dir(config):
+    """Hold out_dir for the run: a lock that a second train.py on the same folder meets at once (the system drops it
+    when this process ends, however it ends), the temporary files of a killed run removed, and (unless the run
+    continues out_dir's model) the files of an earlier run removed, so that none of them mixes with this run's."""
+    out_dir = Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with files.locked(out_dir / ".lock", busy=f"{out_dir} is in use by another train.py: wait for it to end, or "
+                                               f"give another --out_dir"):
+        check_out_dir(config)  # again, now that no other run can write there
+        files.remove_stale_temporaries(out_dir)
+        if config["init_from"] != "resume":
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+        yield
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -563,8 +595,7 @@ def pretrained_model(config):
     """(hparams, params, model folder, tokenizer folder) of the GPT-2 that init_from names (a release is fetched)."""
     import weights
     model = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
-    folder = weights.model_folder(model, config["models_dir"])
-    hparams, params = weights.load_hparams_and_params(folder)
+    folder, hparams, params = weights.load_model(model, config["models_dir"])
     return hparams, params, folder, weights.tokenizer_folder(folder, config["models_dir"])
 
 
@@ -588,25 +619,21 @@ def prepare_dataset(config, vocab_dir):
     return folder, tokens
 
 
-def train(overrides):
-    """Run training with config keys overrides (over the defaults); the API behind the command line.
-    Returns {"losses": {iteration: train loss}, "evals": [metrics records], "iter": the last iteration reached,
-    "interrupted": whether Ctrl-C stopped it}."""
-    return run(resolve_config(overrides))
+def check_splits(splits, dataset_dir, block_size):  # every split must hold at least one sequence of block_size + 1
+    for split, tokens in splits.items():
+        if len(tokens) <= block_size:
+            raise ValueError(f"the {split} split of {dataset_dir} has {len(tokens):,} tokens, too few for sequences "
+                             f"of block_size {block_size} + 1: lower block_size or give more text")
 
 
-def run(config):
-    maybe_initialize_distributed()
-    out_dir = Path(config["out_dir"])
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    # the model and its data
-    best_val_loss, start = float("inf"), 0
+def starting_point(config, out_dir):
+    """What a run starts from: {"config" (tokens and the model's shape filled in), "hparams", "params", "opt_state"
+    (None unless resumed), "iter", "best_val_loss", "dataset_dir", "splits"}."""
+    start = {"opt_state": None, "iter": 0, "best_val_loss": float("inf")}
     vocab_dir = Path(config["models_dir"]) / "124M"
     if config["init_from"] == "resume":
-        params, opt_state, meta = load_checkpoint(out_dir / CKPT_NAME, lambda p: make_optimizer(config, p))
-        hparams, start, best_val_loss = meta["hparams"], meta["iter"], meta["best_val_loss"]
+        params, start["opt_state"], meta = load_checkpoint(out_dir / CKPT_NAME, lambda p: make_optimizer(config, p))
+        hparams, start["iter"], start["best_val_loss"] = meta["hparams"], meta["iter"], meta["best_val_loss"]
         vocab_dir = out_dir if (out_dir / "encoder.json").is_file() else vocab_dir
         model_tokens = meta["config"]["tokens"]
     elif config["init_from"] != "scratch":
@@ -624,8 +651,43 @@ def run(config):
         check_vocabulary(config, model_tokens, vocab, out_dir)
     if config["block_size"] > hparams["n_ctx"]:
         raise ValueError(f"block_size {config['block_size']} exceeds the model's context of {hparams['n_ctx']} tokens")
-    config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}, "bias": "b" in params["ln_f"]}
     splits = {split: data.load_split(dataset_dir, split) for split in data.SPLITS}
+    check_splits(splits, dataset_dir, config["block_size"])
+    config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}, "bias": "b" in params["ln_f"]}
+    return {**start, "config": config, "hparams": hparams, "params": params, "dataset_dir": dataset_dir,
+            "splits": splits}
+
+
+def train(overrides):
+    """Run training with config keys overrides (over the defaults); the API behind the command line.
+    Returns {"losses": {iteration: train loss}, "evals": [metrics records], "iter": the last iteration reached,
+    "interrupted": whether Ctrl-C stopped it}."""
+    return run(resolve_config(overrides))
+
+
+def run(config):
+    maybe_initialize_distributed()
+    if config["eval_only"] and config["init_from"] == "scratch":
+        raise ValueError("eval_only evaluates a trained model: add --init_from=resume (out_dir's checkpoint) or "
+                         "--init_from=<a GPT-2 size or model folder>")
+    check_out_dir(config)
+    writes = jax.process_index() == 0 and not config["eval_only"]  # eval_only writes nothing at all
+    with claimed_out_dir(config) if writes else contextlib.nullcontext():
+        return training(starting_point(config, Path(config["out_dir"])), writes)
+
+
+def ready(x):
+    # wait for a device value by polling rather than blocking in C++: Python then runs a Ctrl-C handler at once, not
+    # when a step of many seconds ends
+    while not x.is_ready():
+        time.sleep(0.001)
+    return x
+
+
+def training(state, writes):
+    """The loop: steps, evaluations, checkpoints, metrics, the progress bar and Ctrl-C; state from starting_point."""
+    config, hparams, params, splits = state["config"], state["hparams"], state["params"], state["splits"]
+    out_dir, start, best_val_loss = Path(config["out_dir"]), state["iter"], state["best_val_loss"]
 
     # devices, optimizer, compiled functions
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -634,8 +696,7 @@ def run(config):
     optimizer = make_optimizer(config, params)
     param_shardings = tree_shardings(mesh, params, config["fsdp"])
     params = jax.device_put(params, param_shardings)
-    if config["init_from"] != "resume":
-        opt_state = jax.jit(optimizer.init)(params)
+    opt_state = state["opt_state"] if state["opt_state"] is not None else jax.jit(optimizer.init)(params)
     opt_shardings = tree_shardings(mesh, opt_state, config["fsdp"])
     opt_state = jax.device_put(opt_state, opt_shardings)
     dtype, n_head = compute_dtype(config), hparams["n_head"]
@@ -655,38 +716,51 @@ def run(config):
         x, y = data.get_batch(splits[split], starts, T)
         return (device_batch(mesh, local_rows(a.reshape(n, rows, T))) for a in (x, y))
 
-    def estimate_losses(it):
-        return {split: float(evaluate(params, *batches(split, it, config["eval_iters"], B))) for split in data.SPLITS}
+    from tqdm import tqdm
+    show = jax.process_index() == 0
+
+    def estimate_losses(it):  # -> {split: mean loss over eval_iters batches}, or None if Ctrl-C cut it short
+        n = config["eval_iters"]
+        losses = {}
+        with tqdm(total=n * len(data.SPLITS), desc="evaluating", unit="batch", leave=False, delay=2,
+                  dynamic_ncols=True, disable=not show) as eval_bar:
+            for split in data.SPLITS:
+                x, y = batches(split, it, n, B)
+                total = 0.0
+                for i in range(n):  # a batch at a time: progress shows, and Ctrl-C is heard between batches
+                    total += float(ready(evaluate(params, x[i:i + 1], y[i:i + 1])))
+                    eval_bar.update(1)
+                    if stop:
+                        return None
+                losses[split] = total / n
+        return losses
 
     def save(it, best):
-        if not bool(all_finite(params)):
+        if not bool(ready(all_finite(params))):
             raise FloatingPointError(f"the params are not finite at iteration {it}; nothing was saved")
         save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams)
         if best or not (out_dir / "params.safetensors").is_file():
             save_model(out_dir, hparams, params)
 
-    if jax.process_index() == 0:
-        write_vocabulary(out_dir, dataset_dir)
-        if config["init_from"] != "resume":
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if writes:
+        write_vocabulary(out_dir, state["dataset_dir"])
 
-    # Ctrl-C asks the loop to save and stop between steps (a second one stops at once)
+    # Ctrl-C asks the loop to save and stop between steps (a second one stops at once, saving nothing)
     stop = []
 
     def on_sigint(signum, frame):
         if stop:
             raise KeyboardInterrupt
         stop.append(signum)
+        bar.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again: stop now, save nothing)")
     previous_handler = signal.signal(signal.SIGINT, on_sigint) if is_main_thread() else None
 
-    from tqdm import tqdm
     losses, history, t_start = {}, [], time.perf_counter()
     pending = None  # (iteration, loss on the device) of the step dispatched last: read one step late, so the host
     # prepares the next batch while the device computes
     window = {"t": None, "iters": 0}  # tokens/s over the iterations since the last refresh, excluding evaluation
     rate = {"tokens_per_s": None, "mfu": None}
-    bar = tqdm(total=config["max_iters"], initial=start, unit="it", dynamic_ncols=True,
-               disable=jax.process_index() != 0)
+    bar = tqdm(total=config["max_iters"], initial=start, unit="it", dynamic_ncols=True, disable=not show)
 
     def collect():  # read the loss of the pending step; stop on a non-finite one
         nonlocal pending
@@ -694,14 +768,15 @@ def run(config):
             return
         it, loss = pending
         pending = None
-        losses[it] = float(loss)
+        losses[it] = float(ready(loss))
         if not math.isfinite(losses[it]):
             raise FloatingPointError(f"loss is {losses[it]} at iteration {it}: training stopped and nothing more was "
                                      f"saved (the last good checkpoint is in {out_dir}); lower learning_rate or "
                                      f"use float32")
         now = time.perf_counter()
-        if window["t"] is None:  # the first step of a stretch includes compilation: time from its end
-            window["t"], window["iters"] = now, 0
+        if window["t"] is None:  # the first step of a stretch includes compilation: time from its end, and keep it
+            window["t"], window["iters"] = now, 0  # (and any evaluation) out of the bar's rate and time left
+            bar.last_print_t = time.time()
         else:
             window["iters"] += 1
         if window["iters"] and (window["iters"] >= config["log_interval"] or it + 1 == config["max_iters"]):
@@ -719,24 +794,25 @@ def run(config):
             if config["eval_only"] or (due and not (it == start and config["init_from"] == "resume")):
                 collect()
                 estimate = estimate_losses(it)
-                record = {"iter": it, "train_loss": estimate["train"], "val_loss": estimate["val"],
-                          "lr": float(learning_rate(it, config, np)), "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
-                          "elapsed_s": round(time.perf_counter() - t_start, 3)}
-                history.append(record)
-                bar.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
-                if not all(map(math.isfinite, estimate.values())):
-                    raise FloatingPointError(f"the estimated loss is not finite at iteration {it}: training stopped "
-                                             f"and nothing was saved (the last good checkpoint is in {out_dir}); "
-                                             f"lower learning_rate")
-                if jax.process_index() == 0:
-                    append_metrics(out_dir, record)
-                    plot_losses(out_dir, history)
-                if config["eval_only"]:
-                    break
-                if it > start:
-                    improved = estimate["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, estimate["val"])
-                    save(it, improved or config["always_save_checkpoint"])
+                if estimate is not None:
+                    record = {"iter": it, "train_loss": estimate["train"], "val_loss": estimate["val"],
+                              "lr": float(learning_rate(it, config, np)), "tokens_per_s": rate["tokens_per_s"],
+                              "mfu": rate["mfu"], "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                    history.append(record)
+                    bar.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
+                    if not all(map(math.isfinite, estimate.values())):
+                        raise FloatingPointError(f"the estimated loss is not finite at iteration {it}: training "
+                                                 f"stopped and nothing was saved (the last good checkpoint is in "
+                                                 f"{out_dir}); lower learning_rate")
+                    if writes:
+                        append_metrics(out_dir, record)
+                        plot_losses(out_dir)
+                    if config["eval_only"]:
+                        break
+                    if it > start:
+                        improved = estimate["val"] < best_val_loss
+                        best_val_loss = min(best_val_loss, estimate["val"])
+                        save(it, improved or config["always_save_checkpoint"])
                 window["t"] = None
             if it == config["max_iters"]:
                 break
@@ -749,7 +825,7 @@ def run(config):
             collect()
             pending = (it, loss)
         collect()
-        if interrupted and it > start:
+        if interrupted and it > start and not config["eval_only"]:
             save(it, False)
             bar.write(f"interrupted at iteration {it}: saved {out_dir / CKPT_NAME}; continue with "
                       f"--init_from=resume --out_dir={out_dir}")
@@ -793,6 +869,10 @@ def main(argv=None):
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"error: stopped at once by a second Ctrl-C; nothing was saved (the last checkpoint in "
+              f"{config['out_dir']} is intact)", file=sys.stderr)
+        return 130
     return 130 if result["interrupted"] else 0
 
 

@@ -35,7 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import requests
+import urllib3
 from tqdm import tqdm
+
+import files
 
 MODEL_SIZES = ("124M", "355M", "774M", "1558M")
 RELEASE_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
@@ -49,14 +52,17 @@ RETRIES = 3        # further attempts after a connection error, a cut transfer o
 BACKOFF_S = 0.5    # wait before retry k (k = 0, 1, ...): BACKOFF_S * 2**k seconds
 TIMEOUT_S = 30     # connect and read timeout of each request
 CHUNK = 1 << 16    # bytes per write; small enough that a cut transfer keeps most of what arrived
+STALL_WINDOW_S = 60  # a transfer slower than MIN_RATE bytes/s over this long is cut (and resumed by a retry)
+MIN_RATE = 1024
 
 
 # ---------------------------------------------------------------------------------------------------- download
 
-def download(url, path):
-    """Fetch url into path, streamed with a progress bar. Connection errors, cut transfers and 5xx answers are retried
-    with exponential backoff; a cut transfer resumes where it stopped (HTTP Range). The data grows in `path.part` and
-    is renamed to path only when its size matches Content-Length, so path never holds a partial file."""
+def download(url, path, check=None):
+    """Fetch url into path, streamed with a progress bar. Connection errors, stalls, cut transfers and 5xx answers are
+    retried with exponential backoff; a cut transfer resumes where it stopped (HTTP Range). The data grows in
+    `path.part` and is renamed to path only when its size matches Content-Length and check(part) (if given) accepts
+    it, so path never holds a partial file, nor a web page that a proxy or captive portal sent in its place."""
     path = Path(path)
     part = path.with_name(path.name + ".part")
     for attempt in range(RETRIES + 1):
@@ -71,10 +77,18 @@ def download(url, path):
             if status < 500:
                 raise ConnectionError(f"downloading {url} failed: HTTP {status} {e.response.reason}") from None
             problem = f"HTTP {status}"
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.HTTPError) as e:  # the last: what the raw socket reads below raise on a cut
             problem = short_reason(e)
         else:
             if expected is None or size == expected:
+                try:
+                    if check is not None:
+                        check(part)
+                except (ValueError, IndexError, KeyError) as e:
+                    part.unlink(missing_ok=True)
+                    raise ConnectionError(f"what {url} sent is not the file expected ({e}); was it a proxy's or a "
+                                          f"captive portal's page? Check the network") from None
                 os.replace(part, path)
                 return path
             problem = f"transfer cut at {size} of {expected} bytes"
@@ -91,48 +105,103 @@ def fetch_into(url, part, desc):  # -> (bytes now in part, whole size or None if
             part.unlink()
             return fetch_into(url, part, desc)
         r.raise_for_status()
+        if r.headers.get("Content-Type", "").startswith("text/html"):  # no release file is a web page
+            raise requests.ConnectionError(f"the server answered with a web page (Content-Type "
+                                           f"{r.headers['Content-Type']}), not the file")
         if r.status_code != 206:  # a 200 is the whole file: the server ignored the Range request
             have = 0
         length = r.headers.get("Content-Length")
         expected = have + int(length) if length is not None else None
         with open(part, "ab" if have else "wb") as f, tqdm(total=expected, initial=have, desc=desc, unit="B",
                                                           unit_scale=True, unit_divisor=1024) as bar:
+            window = [(time.monotonic(), 0)]  # (time, bytes so far) at the start of the current rate window
             try:
-                for chunk in r.iter_content(CHUNK):
+                # read1: what one read of the socket brings, so that a trickle is seen as it trickles (iter_content
+                # would wait for a whole chunk, which a byte every few seconds never fills in any time)
+                while chunk := r.raw.read1(CHUNK):
                     f.write(chunk)
                     bar.update(len(chunk))
+                    check_rate(window, len(chunk))
             finally:  # keep what arrived, for the next attempt to resume from
                 f.flush()
                 os.fsync(f.fileno())
     return part.stat().st_size, expected
 
 
+def check_rate(window, n):
+    """A transfer that trickles (a byte every few seconds keeps the read timeout from ever firing) is cut once a whole
+    STALL_WINDOW_S brings fewer than MIN_RATE bytes a second; the next attempt resumes it."""
+    start, count = window[-1]
+    count += n
+    now = time.monotonic()
+    if now - start >= STALL_WINDOW_S:
+        if count < MIN_RATE * (now - start):
+            raise requests.ConnectionError(f"stalled: {count} bytes in {now - start:.0f} s")
+        start, count = now, 0
+    window[-1] = (start, count)
+
+
 def short_reason(error):  # requests' messages run to several nested reprs; keep the OS's words when there are any
     found = re.search(r"\[Errno -?\d+\][^'\")]*", str(error))
-    return found.group(0).strip() if found else type(error).__name__
+    if found:
+        return found.group(0).strip()
+    return str(error) if 0 < len(str(error)) < 200 else type(error).__name__
 
 
 def base_url():
     return os.environ.get("GPTJAX_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
 
 
+def release_file_check(folder, name):
+    """What a file of OpenAI's release must look like before it is renamed into place -> check(path), raising
+    ValueError: JSON that parses, the vocabulary's header, a tensor bundle's index table, data of the length that
+    the index gives."""
+    def check(path):
+        if name.endswith(".json"):
+            if not isinstance(json.loads(path.read_bytes()), dict):
+                raise ValueError("not a JSON object")
+        elif name == "vocab.bpe":
+            if not path.read_bytes()[:64].startswith(b"#version"):
+                raise ValueError("no '#version' header")
+        elif name == "checkpoint":
+            if b"model_checkpoint_path" not in path.read_bytes()[:4096]:
+                raise ValueError("no model_checkpoint_path")
+        elif name.endswith(".index"):
+            read_table(path.read_bytes())
+        elif ".data-" in name and (folder / "model.ckpt.index").exists():
+            entries, _ = read_bundle_index(folder / "model.ckpt.index")
+            end = max(e["offset"] + e["size"] for e in entries.values())
+            if path.stat().st_size != end:
+                raise ValueError(f"{path.stat().st_size:,} bytes where the index gives {end:,}")
+        elif name.endswith(".meta"):
+            parse_proto(path.read_bytes())
+    return check
+
+
 def download_release(model_type, folder, names=RELEASE_FILES):
     """Fetch the files of OpenAI's GPT-2 release `model_type` that folder lacks. A file exists only once it has
-    arrived whole (see download), so a folder holding all of them is complete and is never fetched again."""
+    arrived whole and looks right (see download), so a folder holding all of them is complete and is never fetched
+    again. One process downloads into a folder at a time; another waits for it, then fetches only what is still
+    missing."""
     folder = Path(folder)
+    missing = [name for name in names if not (folder / name).exists()]
+    if not missing:
+        return
     folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if (folder / name).exists():
-            continue
-        url = f"{base_url()}/models/{model_type}/{name}"
-        try:
-            download(url, folder / name)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}: is {model_type!r} one of the releases {', '.join(MODEL_SIZES)}, and is "
-                                    f"GPTJAX_BASE_URL (if set) right?") from None
-        except ConnectionError as e:
-            raise ConnectionError(f"{e}; check the network, or place the files {', '.join(names)} in {folder}/ "
-                                  f"by hand") from None
+    with files.locked(folder / ".download.lock", waiting=f"waiting for another process downloading into {folder}"):
+        # the index before the data file: the data's length is checked against it
+        for name in sorted(missing, key=lambda name: ".data-" in name):
+            if (folder / name).exists():  # fetched meanwhile by the process we waited for
+                continue
+            url = f"{base_url()}/models/{model_type}/{name}"
+            try:
+                download(url, folder / name, release_file_check(folder, name))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e}: is {model_type!r} one of the releases {', '.join(MODEL_SIZES)}, and "
+                                        f"is GPTJAX_BASE_URL (if set) right?") from None
+            except ConnectionError as e:
+                raise ConnectionError(f"{e}; check the network, or place the files {', '.join(names)} in {folder}/ "
+                                      f"by hand") from None
 
 
 # ----------------------------------------------------------------------------------------------------- crc32c
@@ -357,8 +426,16 @@ def bundle_tensor(f, path, name, entry):  # one tensor of an open data file -> f
     return buf.view(dtype).reshape(entry["shape"]).astype(np.float32, copy=False)
 
 
-def damaged(path, problem):  # the one-line error for a file that fails its checks
-    return ValueError(f"{path} is damaged ({problem}): delete it and run again to fetch it anew, or put back a good copy")
+class Damaged(ValueError):
+    """A file that fails its checks. The advice that ends the message depends on where the file came from: a
+    downloaded release can be fetched again (load_encoder_hparams_and_params says so), a user's own file cannot."""
+    def __init__(self, path, problem, advice="put back a good copy"):
+        super().__init__(f"{path} is damaged ({problem}): {advice}")
+        self.path, self.problem = path, problem
+
+
+def damaged(path, problem):
+    return Damaged(path, problem)
 
 
 def checkpoint_prefix(folder):  # "model.ckpt" in the release; the `checkpoint` file names it for other TF checkpoints
@@ -420,33 +497,65 @@ def read_tf_params(folder, hparams):  # OpenAI's checkpoint -> flat stacked para
     prefix = checkpoint_prefix(folder)
     index = folder / f"{prefix}.index"
     entries, n_shards = read_bundle_index(index)
+    check_layer_count(entries, r"model/h(\d+)/", hparams, folder / "hparams.json", index)
     paths = [folder / f"{prefix}.data-{i:05d}-of-{n_shards:05d}" for i in range(n_shards)]
     require_files(folder, paths)
+    used = set()
     with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(p, "rb")) for p in paths]
+        data_files = [stack.enter_context(open(p, "rb")) for p in paths]
 
         def read(name, layer, shape):
             tensor = tf_name(name, layer)
             if tensor not in entries:
                 raise ValueError(f"{index} has no tensor {tensor}; is it a GPT-2 checkpoint?")
             entry = entries[tensor]
-            return checked_shape(bundle_tensor(files[entry["shard"]], paths[entry["shard"]], tensor, entry),
+            used.add(tensor)
+            return checked_shape(bundle_tensor(data_files[entry["shard"]], paths[entry["shard"]], tensor, entry),
                                  index, tensor, shape)
-        return stack_params(hparams, read)
+        flat = stack_params(hparams, read)
+    # a TensorFlow finetune may also hold its optimizer's slots and step counter: those are not weights
+    check_all_used([name for name in entries if name.startswith("model/") and "/Adam" not in name], used, index,
+                   folder / "hparams.json")
+    return flat
 
 
 def read_hf_params(folder, hparams):  # Hugging Face's model.safetensors -> flat stacked params (np.float32)
     path = folder / "model.safetensors"
+    used = set()
     with open(path, "rb") as f:
         tensors, _, start = safetensors_header(f, path)
+        check_layer_count(tensors, r"(?:transformer\.)?h\.(\d+)\.", hparams, folder / "config.json", path)
         prefix = "transformer." if "transformer.wte.weight" in tensors else ""  # some files drop the prefix
 
         def read(name, layer, shape):
             tensor = prefix + hf_name(name, layer)
             if tensor not in tensors:
                 raise ValueError(f"{path} has no tensor {tensor}; is it a GPT-2 model?")
+            used.add(tensor)
             return checked_shape(safetensor(f, path, start, tensors[tensor]), path, tensor, shape)
-        return stack_params(hparams, read)
+        flat = stack_params(hparams, read)
+    # not weights: older files' causal-mask buffers, and the LM head that config.json ties to wte
+    buffers = re.compile(r"(.*\.)?attn\.(masked_)?bias$|(.*\.)?lm_head\.weight$")
+    check_all_used([name for name in tensors if not buffers.match(name)], used, path, folder / "config.json")
+    return flat
+
+
+def check_layer_count(names, pattern, hparams, config_path, weights_path):
+    """The config's n_layer must be the number of blocks the weights hold: neither a truncated model nor an error
+    that blames the weights for a wrong config."""
+    layers = sorted({int(m.group(1)) for name in names if (m := re.match(pattern, name))})
+    if layers != list(range(hparams["n_layer"])):
+        held = f"{len(layers)} blocks" if layers == list(range(len(layers))) else f"the blocks {layers}"
+        raise ValueError(f"{config_path} gives n_layer {hparams['n_layer']} but {weights_path} holds {held}: the "
+                         f"config does not match the weights")
+
+
+def check_all_used(names, used, weights_path, config_path):  # every weight in the file went into the params
+    unused = sorted(set(names) - used)
+    if unused:
+        raise ValueError(f"{weights_path} holds {unused[0]}{f' and {len(unused) - 1} more' if len(unused) > 1 else ''}"
+                         f", which a GPT-2 of the shape in {config_path} does not have: the config does not match "
+                         f"the weights")
 
 
 # ------------------------------------------------------------------------------------------------- safetensors
@@ -489,24 +598,21 @@ def empty_aligned(nbytes):  # [nbytes] uint8 at a 64-byte boundary, which lets j
     return raw[start:start + nbytes]
 
 
-def write_safetensors(path, tensors, metadata):  # {name: float32 array}, {str: str} -> path, atomically
+def write_safetensors(path, tensors, metadata):  # {name: numpy array}, {str: str} -> path, atomically
+    # each array keeps its dtype (float32 params, int32 counters); files.atomic_write: a crash leaves path as it was
+    dtypes = {np.dtype(d): name for name, d in SAFETENSORS_DTYPES.items()} | {np.dtype("<i4"): "I32",
+                                                                             np.dtype("<i8"): "I64"}
     header, offset = {"__metadata__": metadata}, 0
     for name, array in tensors.items():
-        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {"dtype": dtypes[np.dtype(array.dtype)], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)  # the format asks for the data to start 8-byte aligned
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # per process: two loads at once do not mix
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little") + blob)
-            for array in tensors.values():
-                f.write(memoryview(np.ascontiguousarray(array, np.float32)).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # after a failure, leave nothing half-written behind
-        tmp.unlink(missing_ok=True)
+    with files.atomic_write(path) as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for array in tensors.values():
+            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
 # ------------------------------------------------------------------------------------------------ model folders
@@ -607,9 +713,20 @@ def unflatten(flat):  # {"h/ln_1/g": x, ...} -> {"h": {"ln_1": {"g": x}}, ...}
     return tree
 
 
-def read_params(path, dtype=None):  # params.safetensors -> params (jax arrays), one tensor in host memory at a time
+def read_params(path, hparams, dtype=None):
+    """params.safetensors -> params (jax arrays), one tensor in host memory at a time, each checked against the shapes
+    that hparams give (train.py's models may have no biases)."""
+    shapes = param_shapes(hparams)
     with open(path, "rb") as f:
         tensors, _, start = safetensors_header(f, path)
+        for name, info in tensors.items():
+            if name not in shapes:
+                raise damaged(path, f"it holds {name}, which is no GPT-2 weight")
+            if tuple(info["shape"]) != shapes[name]:
+                raise damaged(path, f"{name} has shape {info['shape']} where its hparams give {list(shapes[name])}")
+        missing = [name for name in shapes if name not in tensors and not name.endswith("/b")]
+        if missing:
+            raise damaged(path, f"it lacks {missing[0]}")
         return unflatten({name: to_device(safetensor(f, path, start, info), dtype) for name, info in tensors.items()})
 
 
@@ -620,14 +737,21 @@ def load_hparams_and_params(model_dir, dtype=None):
     read_source, hparams, sources = model_sources(folder)
     cache, stamp = folder / CACHE_NAME, sources_stamp(sources)
     if read_source is not None and not cache_is_current(cache, stamp):
+        files.remove_stale_temporaries(folder)  # what a load killed while writing its cache left behind
         flat = read_source(folder, hparams)
         try:
             write_safetensors(cache, flat, {"format": CACHE_FORMAT, "hparams": json.dumps(hparams), "sources": stamp})
         except OSError as e:  # a read-only folder, a full disk: the model still loads, converted anew each time
-            warnings.warn(f"could not write {cache} ({e.strerror or e}); the weights will be converted on every load")
+            warnings.warn(f"{e.strerror or e}; the weights will be converted on every load")
             return hparams, unflatten({name: to_device(x, dtype) for name, x in flat.items()})
         del flat  # read the cache back rather than convert these: one copy of the weights in memory, not two
-    return hparams, read_params(cache, dtype)
+    try:
+        return hparams, read_params(cache, hparams, dtype)
+    except Damaged:
+        if read_source is None:  # the folder's only copy (train.py's output)
+            raise
+        cache.unlink()  # the cache is ours to remake
+        return load_hparams_and_params(model_dir, dtype)
 
 
 def save_params(model_dir, hparams, params):
@@ -658,10 +782,21 @@ def tokenizer_folder(folder, models_dir):
     return Path(models_dir) / "124M"
 
 
-def load_encoder_hparams_and_params(model, models_dir="models", dtype=None):
-    """(encoder, hparams, params) of model: a GPT-2 release size, downloaded into models_dir/<size> when incomplete,
+def load_model(model, models_dir="models", dtype=None):
+    """(folder, hparams, params) of model: a GPT-2 release size, downloaded into models_dir/<size> when incomplete,
     or a model folder (see the module docstring). params are jax arrays of dtype (float32 by default)."""
     folder = model_folder(model, models_dir)
-    hparams, params = load_hparams_and_params(folder, dtype)
+    try:
+        hparams, params = load_hparams_and_params(folder, dtype)
+    except Damaged as e:
+        if str(model) in MODEL_SIZES:  # a downloaded release can be fetched again; a user's own files cannot
+            raise Damaged(e.path, e.problem, "delete it and run again to download it anew") from None
+        raise
+    return folder, hparams, params
+
+
+def load_encoder_hparams_and_params(model, models_dir="models", dtype=None):
+    """(encoder, hparams, params) of model: see load_model."""
+    folder, hparams, params = load_model(model, models_dir, dtype)
     from encoder import get_encoder  # here, so that scripts that only download (data.py) need not load the tokenizer
     return get_encoder(tokenizer_folder(folder, models_dir)), hparams, params

@@ -1,0 +1,114 @@
+"""Files that a crash or a second process cannot damage: atomic writes, the clean-up of what a killed writer left
+behind, and locks.
+
+    with atomic_write(path) as f:   # f writes to a temporary file beside path; path is replaced only when f is whole
+        f.write(data)
+    remove_stale_temporaries(folder)  # the temporary files of writers that died (kill -9, power cut)
+    with locked(folder / ".lock", waiting="..."):   # one process at a time; a dead holder releases it at once
+
+A temporary file is named `.{name}.{pid}.part` after its writer's process id, so that a later process can tell a
+file that is still being written from one whose writer is gone.
+"""
+import contextlib
+import fcntl
+import os
+import re
+import sys
+from pathlib import Path
+
+TEMPORARY = re.compile(r"^\..+\.(\d+)\.part$")
+
+
+def temporary_path(path):
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file beside path for writing; when the block ends without an error, flush it to the disk and
+    rename it over path (then the rename itself). After an error path is as it was and the temporary file is gone. A
+    failed write (a full disk, say) raises an OSError that names path."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        previous = " (its previous version is intact)" if path.exists() else ""
+        error = OSError(f"cannot write {path}: {e.strerror or e}{previous}")
+        error.errno = e.errno  # kept for callers, but not in the message (OSError(errno, text) prints "[Errno N]")
+        raise error from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(folder):  # make a rename in folder durable; some file systems cannot, which is no error
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder):
+    """Delete folder's temporary files (see atomic_write) whose writer process no longer runs."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        found = TEMPORARY.match(name)
+        if found and not process_runs(int(found.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+
+
+def process_runs(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked(path, waiting=None, busy=None):
+    """Hold an exclusive lock on the file path (created if absent) for the block. The operating system releases it
+    when its holder exits, however it exits. If another process holds it: with busy (a message), raise BlockingIOError
+    with it at once; else print waiting (if given) to stderr and wait for it."""
+    path = Path(path)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy is not None:
+                f.seek(0)
+                holder = f.read().strip()
+                raise BlockingIOError(busy + (f" (process {holder})" if holder else "")) from None
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                f.seek(0)
+                f.truncate()
