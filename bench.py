@@ -15,6 +15,7 @@ torch and transformers are needed only for --vs-hf (`pip install -e ".[bench]"`)
 karpathy/nanoGPT, run unmodified by a python that has torch and numpy (a CPU build of torch is enough).
 """
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -105,16 +106,7 @@ def hf_model(params, hparams):
                         n_layer=hparams["n_layer"], n_head=hparams["n_head"], activation_function="gelu_new",
                         resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
     model = GPT2LMHeadModel(config).eval()
-    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
-    state = {"transformer.wte.weight": t(params["wte"]), "transformer.wpe.weight": t(params["wpe"]),
-             "transformer.ln_f.weight": t(params["ln_f"]["g"]), "transformer.ln_f.bias": t(params["ln_f"]["b"])}
-    for i in range(hparams["n_layer"]):
-        for hf_name, ours in [("ln_1", "ln_1"), ("ln_2", "ln_2")]:
-            state[f"transformer.h.{i}.{hf_name}.weight"] = t(params["h"][ours]["g"][i])
-            state[f"transformer.h.{i}.{hf_name}.bias"] = t(params["h"][ours]["b"][i])
-        for group, name in [("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")]:
-            state[f"transformer.h.{i}.{group}.{name}.weight"] = t(params["h"][group][name]["w"][i])
-            state[f"transformer.h.{i}.{group}.{name}.bias"] = t(params["h"][group][name]["b"][i])
+    state = {name: torch.from_numpy(x) for name, x in weights.hf_tensors(hparams, params).items()}  # HF's layout
     model.load_state_dict(state, strict=False)
     model.tie_weights()
     return model
@@ -404,6 +396,10 @@ def main():
     ap.add_argument("--compile-probe", help=argparse.SUPPRESS)
     ap.add_argument("--load-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.vs_hf and not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        ap.error('--vs-hf needs torch and transformers: pip install -e ".[bench]" --extra-index-url '
+                 'https://download.pytorch.org/whl/cpu (the CPU build of torch; without the index, pip fetches the '
+                 'CUDA build and its GBs of nvidia wheels)')
     sampling.enable_compilation_cache()
     sampling.keep_freed_memory()  # as main.py and train.py run
     if args.compile_probe:

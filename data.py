@@ -23,8 +23,7 @@ Tiny Shakespeare is read from {data_dir}/shakespeare_char/input.txt (or shakespe
 karpathy/char-rnn when it is in neither place; put it there by hand to work offline. OpenWebText is not downloaded
 (about 40 GB of text and 12 GB of tokens): point --source at a folder of its .txt documents, or at the folder of .xz
 archives that the original release (Skylion007's openwebtext.tar.xz) unpacks to; these are read with the standard
-library, nothing else is needed. GPT-2's vocabulary files come from --vocab_dir (default models/124M, fetched there
-from OpenAI's release when missing).
+library, nothing else is needed. GPT-2's vocabulary files are the ones shipped in vocab/ (or --vocab_dir's).
 
 Batches (get_batch) gather block_size + 1 tokens at a few random offsets from the memmap, so a dataset larger than
 memory trains just as well; only the pages touched are read.
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+import encoder
 import files
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -143,16 +143,17 @@ def char_encoder(chars):  # -> text -> [n_chars] int64 ids, by a table look-up o
 
 
 def gpt2_encoder(vocab_dir):
-    """GPT-2's tokenizer from vocab_dir (encoder.json + vocab.bpe), fetched from OpenAI's release when missing."""
-    import encoder
-    vocab_dir = Path(vocab_dir)
-    if not all((vocab_dir / name).is_file() for name in GPT2_FILES):
-        import weights  # imports jax: only when there is something to fetch
-        weights.download_release("124M", vocab_dir, names=GPT2_FILES)
+    """GPT-2's tokenizer from vocab_dir (encoder.json + vocab.bpe; None: GPT-2's own, shipped in vocab/)."""
+    vocab_dir = Path(vocab_dir or encoder.GPT2_VOCAB)
+    missing = [name for name in GPT2_FILES if not (vocab_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{vocab_dir} lacks {', '.join(missing)}: give a --vocab_dir that holds GPT-2's "
+                                f"encoder.json and vocab.bpe, or leave it out to use the ones in {encoder.GPT2_VOCAB}")
     return encoder.get_encoder(vocab_dir)
 
 
 def copy_gpt2_vocab(vocab_dir, folder):
+    vocab_dir = vocab_dir or encoder.GPT2_VOCAB
     for name in GPT2_FILES:
         write_atomic(Path(folder) / name, (Path(vocab_dir) / name).read_bytes())
 
@@ -246,8 +247,8 @@ def prepare_folder(folder, root, tokens, vocab_dir, val_fraction=VAL_FRACTION, n
         vocab = char_vocab(chars)
         meta = {"kind": "char", "chars": vocab}
     else:
-        gpt2_encoder(vocab_dir)  # fetch the vocabulary once, before the workers need it
-        vocab, meta = str(vocab_dir), {"kind": "gpt2"}
+        gpt2_encoder(vocab_dir)  # a missing vocabulary is reported once, here, not by every worker
+        vocab, meta = str(vocab_dir or encoder.GPT2_VOCAB), {"kind": "gpt2"}
         copy_gpt2_vocab(vocab_dir, folder)
     val = val_sources(len(sources), val_fraction)
     counts = {}
@@ -293,7 +294,7 @@ def source_stamp(path):  # identifies the version of a user's text file or folde
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
-def prepare(dataset, data_dir="data", tokens=None, vocab_dir="models/124M", source=None, num_proc=1):
+def prepare(dataset, data_dir="data", tokens=None, vocab_dir=None, source=None, num_proc=1):
     """Prepare dataset unless it already is; returns its folder. dataset: a name (shakespeare_char, shakespeare,
     openwebtext, or a folder already under data_dir) or a path to a text file or a folder of documents. tokens:
     "char" or "gpt2" (a named dataset has its own). A text's dataset is prepared again when the text changes."""
@@ -345,8 +346,8 @@ def main(argv=None):
     parser.add_argument("dataset", help="shakespeare_char, shakespeare, openwebtext, or a text file or folder")
     parser.add_argument("--data_dir", default="data", help="where datasets are prepared (default: data)")
     parser.add_argument("--tokens", choices=TOKENS, help="for a text file or folder: char (default) or gpt2")
-    parser.add_argument("--vocab_dir", default="models/124M",
-                        help="GPT-2's encoder.json + vocab.bpe (fetched there when missing; default: models/124M)")
+    parser.add_argument("--vocab_dir", help="a folder with GPT-2's encoder.json + vocab.bpe (default: the ones "
+                                            "shipped in vocab/)")
     parser.add_argument("--source", help="openwebtext: the folder of its .txt documents or .xz archives")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="processes encoding documents")
     args = parser.parse_args(argv)

@@ -43,6 +43,9 @@ PRE_SPLIT_RE = regex.compile(PRE_SPLIT)
 EOT = "<|endoftext|>"
 BPE_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 CHAR_FILE = "meta.json"
+# GPT-2's own encoder.json + vocab.bpe (OpenAI's release, MIT; vocab/LICENSE), shipped so that tokenizing never
+# needs the network: for models saved without a tokenizer, and for datasets tokenized with GPT-2's BPE
+GPT2_VOCAB = Path(__file__).resolve().parent / "vocab"
 
 
 def bytes_to_unicode():

@@ -2,6 +2,7 @@
 TensorFlow, HF transformers and tiktoken; float64 numpy math; hand-worked cases), offline."""
 from functools import partial
 import atexit
+import hashlib
 import http.server
 import io
 import json
@@ -723,12 +724,12 @@ def test_weights_crc32c_check_values():
     assert weights.crc32c(b"") == 0
 
 
-def test_weights_crc32c_matches_bitwise_definition(monkeypatch):
-    monkeypatch.setattr(weights, "CRC_BLOCK", 64)  # exercise the merging of blocks, not only of leaves
+def test_weights_crc32c_matches_bitwise_definition():
     rng = np.random.default_rng(0)
     for n in (1, 2, 15, 16, 17, 63, 64, 65, 100, 1000):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         assert weights.crc32c(data) == weights_crc32c_bitwise(data), n
+        assert weights.crc32c(np.frombuffer(data, np.uint8).copy()) == weights_crc32c_bitwise(data), n  # writable
         assert weights.crc32c(data[n // 3:], weights.crc32c(data[:n // 3])) == weights_crc32c_bitwise(data), n
 
 
@@ -1099,30 +1100,31 @@ def test_weights_hf_config_outside_gpt2_is_refused(tmp_path, change):
     assert str(folder / "config.json") in weights_error(e) and next(iter(change)) in weights_error(e)
 
 
-def test_weights_hf_folder_gets_gpt2_tokenizer_files(tmp_path, weights_server):
+def test_weights_hf_folder_without_tokenizer_gets_the_shipped_gpt2_vocabulary(tmp_path, weights_server):
     folder = weights_copy(tmp_path, WEIGHTS_TINY_HF)
-    assert weights.tokenizer_folder(folder, tmp_path / "models") == tmp_path / "models" / "124M"
-    assert sorted(path for path, _ in weights_server.log) == ["/models/124M/encoder.json", "/models/124M/vocab.bpe"]
-    for name in ("encoder.json", "vocab.bpe"):
-        assert (tmp_path / "models" / "124M" / name).read_bytes() == (WEIGHTS_TINY_TF / name).read_bytes()
-    weights_server.log.clear()
-    assert weights.tokenizer_folder(folder, tmp_path / "models") == tmp_path / "models" / "124M"
-    assert weights.tokenizer_folder(WEIGHTS_TINY_TF, tmp_path / "models") == WEIGHTS_TINY_TF
-    assert weights_server.log == []
+    assert weights.tokenizer_folder(folder) == encoder.GPT2_VOCAB
+    assert weights.tokenizer_folder(WEIGHTS_TINY_TF) == WEIGHTS_TINY_TF
+    # the shipped files are OpenAI's: the sha256 that tiktoken pins for its gpt2 encoding
+    pinned = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+    for name, digest in pinned.items():
+        assert hashlib.sha256((encoder.GPT2_VOCAB / name).read_bytes()).hexdigest() == digest
+    assert weights_server.log == []  # nothing fetched
 
 
 def test_weights_load_encoder_hparams_and_params_finds_the_vocabulary(tmp_path, weights_server, monkeypatch):
     stub = type(sys)("encoder")  # records which folder the tokenizer would be read from
     stub.get_encoder = lambda folder: pathlib.Path(folder)
+    stub.GPT2_VOCAB = encoder.GPT2_VOCAB
     monkeypatch.setitem(sys.modules, "encoder", stub)
     models = tmp_path / "models"
     folder, hparams, params = weights.load_encoder_hparams_and_params("124M", models, dtype=jnp.bfloat16)
     assert folder == models / "124M" and hparams == WEIGHTS_EXPECTED["hparams"]
     assert weights_flat(params)["wte"].dtype == jnp.bfloat16
     weights_server.log.clear()
-    hf = weights_copy(tmp_path, WEIGHTS_TINY_HF)  # no tokenizer files: GPT-2's, already in models/124M
+    hf = weights_copy(tmp_path, WEIGHTS_TINY_HF)  # no tokenizer files: GPT-2's, shipped with gptjax
     folder, _, params = weights.load_encoder_hparams_and_params(str(hf), models)
-    assert folder == models / "124M" and weights_server.log == []
+    assert folder == encoder.GPT2_VOCAB and weights_server.log == []
     weights_assert_params_equal(params, weights_reference_params())
 
 
@@ -1136,13 +1138,83 @@ def test_weights_unwritable_cache_still_loads(tmp_path):
 
 
 def test_weights_end_to_end_hf_folder_with_gpt2_tokenizer(tmp_path, weights_server):
-    hf = weights_copy(tmp_path, WEIGHTS_TINY_HF)
-    encoder, hparams, params = weights.load_encoder_hparams_and_params(str(hf), tmp_path / "models")
+    hf = weights_copy(tmp_path, WEIGHTS_TINY_HF)  # saved without a tokenizer: loads offline all the same
+    enc, hparams, params = weights.load_encoder_hparams_and_params(str(hf), tmp_path / "models")
+    assert weights_server.log == [] and not (tmp_path / "models").exists()
     for prompt in WEIGHTS_EXPECTED["prompts"]:
-        ids = list(encoder.encode(prompt["text"]))
+        ids = list(enc.encode(prompt["text"]))
         assert ids == prompt["ids"]
         logits = weights_numpy_gpt2(weights_flat(params), ids, hparams["n_head"])
         np.testing.assert_allclose(logits[-1], prompt["last_logits"], atol=1e-4)
+
+
+# -------------------------------------------------------------------------------- export to Hugging Face
+
+
+def weights_safetensors(path):  # {name: array}, read by the safetensors package: a reader that is not gptjax's
+    return safetensors.numpy.load_file(str(path))
+
+
+def test_weights_to_hf_writes_what_transformers_writes(tmp_path, capsys):
+    # gpt2-tiny-hf was written by transformers' save_pretrained from gpt2-tiny's weights: exporting gpt2-tiny must
+    # give the same tensors under the same names, a config that describes the same model, GPT-2's vocabulary under
+    # HF's file names, and (read back by gptjax's HF reader) the reference logits
+    dest = tmp_path / "exported"
+    assert weights.main(["to_hf", str(weights_copy(tmp_path, WEIGHTS_TINY_TF)), str(dest)]) == 0
+    got = weights_safetensors(dest / "model.safetensors")
+    want = weights_safetensors(WEIGHTS_TINY_HF / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    config, reference = (json.loads((d / "config.json").read_text()) for d in (dest, WEIGHTS_TINY_HF))
+    for key in ("architectures", "model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+                "activation_function", "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert config[key] == reference[key], key
+    assert (dest / "vocab.json").read_bytes() == (WEIGHTS_TINY_TF / "encoder.json").read_bytes()
+    assert (dest / "merges.txt").read_bytes() == (WEIGHTS_TINY_TF / "vocab.bpe").read_bytes()
+    encoder, hparams, params = weights.load_encoder_hparams_and_params(str(dest), tmp_path / "models")
+    for prompt in WEIGHTS_EXPECTED["prompts"]:
+        assert list(encoder.encode(prompt["text"])) == prompt["ids"]
+        logits = weights_numpy_gpt2(weights_flat(params), prompt["ids"], hparams["n_head"])
+        np.testing.assert_allclose(logits[-1], prompt["last_logits"], atol=1e-4)
+    # a folder that holds a model is not written over
+    assert weights.main(["to_hf", str(WEIGHTS_TINY_TF), str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a model (config.json)" in err
+
+
+def test_weights_to_hf_loads_in_transformers(tmp_path):
+    # with the bench extra installed, transformers itself reads the export: its tokenizer gives tiktoken's ids and
+    # its model the reference logits
+    transformers, torch = pytest.importorskip("transformers"), pytest.importorskip("torch")
+    dest = tmp_path / "exported"
+    weights.to_hf(str(weights_copy(tmp_path, WEIGHTS_TINY_TF)), dest)
+    model = transformers.GPT2LMHeadModel.from_pretrained(dest).eval()
+    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(dest)
+    assert tokenizer.eos_token_id == 50256
+    for prompt in WEIGHTS_EXPECTED["prompts"]:
+        ids = tokenizer(prompt["text"])["input_ids"]
+        assert ids == prompt["ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].double().numpy()
+        np.testing.assert_allclose(logits, prompt["last_logits"], atol=1e-4)
+
+
+def test_weights_to_hf_of_a_trained_char_model_without_biases(train_data_dir, tmp_path, capsys):
+    out, dest = tmp_path / "out", tmp_path / "exported"
+    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))  # bias=False: no bias tensors
+    assert weights.main(["to_hf", str(out), str(dest)]) == 0
+    assert "character vocabulary (meta.json) has no Hugging Face tokenizer" in capsys.readouterr().err
+    assert not (dest / "vocab.json").exists()
+    tensors = weights_safetensors(dest / "model.safetensors")  # HF's layers all have biases: here zeros
+    assert not tensors["transformer.h.1.attn.c_attn.bias"].any() and not tensors["transformer.ln_f.bias"].any()
+    trained_encoder, hparams, trained = weights.load_encoder_hparams_and_params(str(out))
+    encoder, exported_hparams, exported = weights.load_encoder_hparams_and_params(str(dest))
+    assert exported_hparams == hparams and encoder.encode("ROMEO: O") == trained_encoder.encode("ROMEO: O")
+    ids = jnp.array(encoder.encode("ROMEO: O Juliet"))
+    np.testing.assert_allclose(gpt.gpt(exported, ids, hparams["n_head"]), gpt.gpt(trained, ids, hparams["n_head"]),
+                               atol=1e-5)
 
 
 # ==================== sampling ==================================================================================
@@ -1460,12 +1532,9 @@ def test_main_errors(sampling_main_inprocess, capsys, tmp_path, monkeypatch):
 
 def test_main_prompt_file_and_interactive(sampling_main_inprocess, capsys, tmp_path, monkeypatch):
     p1, p2 = SAMPLING_PROMPTS[0], SAMPLING_PROMPTS[1]
-    models = tmp_path / "models" / "124M"  # the HF folder has no tokenizer: main takes GPT-2's from models/124M
-    models.mkdir(parents=True)
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copy(SAMPLING_TINY["tf"] / name, models / name)
     (tmp_path / "prompts.txt").write_text(f"{p1['text']}\n\n{p2['text']}\n")
     common = ["--greedy", "--n_tokens_to_generate", "20", "--models_dir", tmp_path / "models"]
+    # the HF folder has no tokenizer: GPT-2's, shipped with gptjax
     assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["hf"], "--prompt_file", tmp_path / "prompts.txt",
                                    *common) == 0
     want = f"--- prompt 1 ---\n{p1['greedy_text']}\n--- prompt 2 ---\n{p2['greedy_text']}\n"

@@ -596,7 +596,7 @@ def pretrained_model(config):
     import weights
     model = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
     folder, hparams, params = weights.load_model(model, config["models_dir"])
-    return hparams, params, folder, weights.tokenizer_folder(folder, config["models_dir"])
+    return hparams, params, folder, weights.tokenizer_folder(folder)
 
 
 def check_vocabulary(config, model_tokens, vocab, out_dir):
@@ -630,7 +630,7 @@ def starting_point(config, out_dir):
     """What a run starts from: {"config" (tokens and the model's shape filled in), "hparams", "params", "opt_state"
     (None unless resumed), "iter", "best_val_loss", "dataset_dir", "splits"}."""
     start = {"opt_state": None, "iter": 0, "best_val_loss": float("inf")}
-    vocab_dir = Path(config["models_dir"]) / "124M"
+    vocab_dir = None  # GPT-2's, shipped with gptjax (data.gpt2_encoder)
     if config["init_from"] == "resume":
         params, start["opt_state"], meta = load_checkpoint(out_dir / CKPT_NAME, lambda p: make_optimizer(config, p))
         hparams, start["iter"], start["best_val_loss"] = meta["hparams"], meta["iter"], meta["best_val_loss"]
