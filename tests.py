@@ -1482,6 +1482,15 @@ def test_main_prints_the_greedy_continuation(tmp_path):
     code, out, err = sampling_run_main(["--model_dir", SAMPLING_TINY["tf"], "--greedy", "--n_tokens_to_generate", "20",
                                         "--prompt", prompt["text"]], tmp_path)
     assert (code, out) == (0, prompt["greedy_text"] + "\n"), err
+    assert err == ""
+
+
+def test_main_bfloat16_on_a_cpu_says_it_is_slow_and_generates(tmp_path):
+    prompt = SAMPLING_PROMPTS[0]  # its 20 greedy tokens hold in bfloat16 too
+    code, out, err = sampling_run_main(["--model_dir", SAMPLING_TINY["tf"], "--greedy", "--n_tokens_to_generate", "20",
+                                        "--prompt", prompt["text"], "--dtype", "bfloat16"], tmp_path)
+    assert (code, out) == (0, prompt["greedy_text"] + "\n"), err
+    assert err.count("\n") == 1 and err.startswith("note: on a CPU bfloat16") and "slower than float32" in err
 
 
 def test_main_bad_input_exits_2_with_one_line(tmp_path):
