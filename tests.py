@@ -1217,6 +1217,23 @@ def test_weights_to_hf_of_a_trained_char_model_without_biases(train_data_dir, tm
                                atol=1e-5)
 
 
+BENCH_WITHOUT_TORCH = """
+import importlib.util, sys
+find_spec = importlib.util.find_spec  # as if torch and transformers were not installed
+importlib.util.find_spec = lambda name, *a: None if name in ("torch", "transformers") else find_spec(name, *a)
+sys.argv = ["bench.py", "--vs-hf"]
+import bench
+bench.main()
+"""
+
+
+def test_bench_vs_hf_without_the_extra_says_what_to_install():
+    proc = subprocess.run([sys.executable, "-c", BENCH_WITHOUT_TORCH], capture_output=True, text=True, cwd=HERE,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert 'pip install -e ".[bench]" --extra-index-url https://download.pytorch.org/whl/cpu' in proc.stderr
+
+
 # ==================== sampling ==================================================================================
 
 SAMPLING_TINY = {"tf": scratch_copy(HERE / "testdata" / "gpt2-tiny"), "hf": scratch_copy(HERE / "testdata" / "gpt2-tiny-hf")}
