@@ -7,6 +7,7 @@
     python bench.py --train --vs-hf      # ... and the same models trained by HF transformers on PyTorch
     python bench.py --train --vs-nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python   # ... and by nanoGPT
     python bench.py --full-run --vs-nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python  # the default run, whole
+    python bench.py --finetune           # finetuning GPT-2 124M / 1558M shapes: planned memory, s/step, peak RSS
 
 With no --model_dir the weights are random with GPT-2 124M's shapes (no download). Timings are medians of repeated runs
 after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm. Peers are
@@ -178,6 +179,66 @@ def gptjax_trainer(config):
         return times
     run(2)  # compile and warm up
     return run
+
+
+FINETUNE_SHAPES = {"124M": GPT2_124M, "1558M": GPT2_1558M}
+
+
+def finetune_probe(spec):
+    """In a fresh process (its peak RSS is its own): one finetuning configuration of GPT-2-shaped random weights,
+    "SHAPE,remat" or "SHAPE,plain", block 1024, batch 1, float32: XLA's memory plan for the step and, when it fits,
+    seconds per step and the process's peak RSS. Prints one JSON line."""
+    import train
+
+    shape, mode = spec.split(",")
+    hparams = FINETUNE_SHAPES[shape]
+    config = train.resolve_config({"n_layer": hparams["n_layer"], "n_head": hparams["n_head"],
+                                   "n_embd": hparams["n_embd"], "block_size": 1024, "batch_size": 1,
+                                   "gradient_accumulation_steps": 1, "dropout": 0.0, "bias": True,
+                                   "remat": mode == "remat"})
+    params = train.init_params(config, hparams)
+    optimizer = train.make_optimizer(config, params)
+    mesh = train.Mesh(np.array(jax.devices()[:1]), ("data",))
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = train.tree_shardings(mesh, opt_shapes, False)
+    batch = jax.ShapeDtypeStruct((1, 1, 1024), jnp.int32, sharding=train.NamedSharding(mesh, train.P()))
+    step = jax.jit(train.step_function(config, optimizer, hparams["n_head"]), donate_argnums=(0, 1))
+    plan, step = train.memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch))
+    result = {"plan_gb": plan["total"] / 1e9, "step_gb": plan["step"] / 1e9, "fits": True}
+    try:
+        train.check_memory(plan, config)
+    except MemoryError:
+        result["fits"] = False
+        print(json.dumps(result))
+        return
+    opt_state = jax.jit(optimizer.init)(params)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, hparams["n_vocab"], (1, 1, 1024), dtype=np.int32))
+    times = []
+    for it in range(2 if hparams["n_layer"] > 12 else 4):  # compiled above: every call is a plain step
+        t = time.perf_counter()
+        params, opt_state, loss = step(params, opt_state, x, x, it)
+        float(loss)
+        times.append(time.perf_counter() - t)
+    result.update(s_per_step=float(np.median(times[1:])), peak_rss_gb=train.peak_memory() / 1e9)
+    print(json.dumps(result))
+
+
+def finetune_table():
+    rows = []
+    for shape in FINETUNE_SHAPES:
+        for mode in ("plain", "remat"):
+            out = subprocess.run([sys.executable, __file__, "--finetune-probe", f"{shape},{mode}"], capture_output=True,
+                                 text=True)
+            if out.returncode:
+                rows.append(f"| {shape} | {mode} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | |")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            timing = (f"{r['s_per_step']:.2f} | {r['peak_rss_gb']:.2f}" if r["fits"] else "does not fit: refused | ")
+            rows.append(f"| {shape} | {mode} | {r['plan_gb']:.2f} ({r['step_gb']:.2f} of it the step's) | {timing} |")
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; full finetuning, float32, AdamW, "
+          f"block 1024, batch 1, random weights of GPT-2's shapes")
+    print("| shape | | planned GB (XLA) | s/step | peak RSS GB |\n|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 def hf_trainer(config):
@@ -393,6 +454,9 @@ def main():
     ap.add_argument("--small_iters", type=int, default=30, help="with --train: iterations per round, small config")
     ap.add_argument("--baby_iters", type=int, default=3, help="with --train: iterations per round, baby GPT")
     ap.add_argument("--data_dir", default="data", help="where tiny Shakespeare is (or is fetched to) for nanoGPT")
+    ap.add_argument("--finetune", action="store_true", help="memory and step time of finetuning GPT-2 124M and 1558M "
+                    "shapes at block 1024, with and without --remat (each in a fresh process)")
+    ap.add_argument("--finetune-probe", help=argparse.SUPPRESS)
     ap.add_argument("--compile-probe", help=argparse.SUPPRESS)
     ap.add_argument("--load-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -402,6 +466,10 @@ def main():
                  'CUDA build and its GBs of nvidia wheels)')
     sampling.enable_compilation_cache()
     sampling.keep_freed_memory()  # as main.py and train.py run
+    if args.finetune_probe or args.finetune:
+        import train
+        train.prefer_eigen_dots_on_cpu()  # as `python train.py` runs
+        return finetune_probe(args.finetune_probe) if args.finetune_probe else finetune_table()
     if args.compile_probe:
         return compile_probe(args.compile_probe, args.dtype)
     if args.load_probe:

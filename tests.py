@@ -227,6 +227,23 @@ def test_dropout_bits_look_independent():
     np.testing.assert_array_equal(np.asarray(gpt.random_bits(key, (3, 5))), np.asarray(gpt.random_bits(key, (3, 5))))
 
 
+def test_remat_gives_the_same_gradients_in_less_memory():
+    # gradient checkpointing recomputes activations in the backward pass: the same loss and gradients (dropout on, so
+    # the recomputed masks must be the same ones), and XLA's plan for the step holds fewer temporary bytes
+    hparams = {"n_vocab": 65, "n_ctx": 256, "n_embd": 64, "n_head": 4, "n_layer": 4}
+    params = gpt.init_params(jax.random.PRNGKey(0), hparams)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (8, 256), 0, 65)
+    targets = jnp.roll(ids, -1, axis=-1)
+    steps = {remat: jax.jit(jax.value_and_grad(lambda p, remat=remat: gpt.lm_loss(
+        p, ids, targets, 4, 0.1, jax.random.PRNGKey(2), unroll=True, remat=remat))) for remat in (False, True)}
+    (loss, grads), (remat_loss, remat_grads) = steps[False](params), steps[True](params)
+    assert float(remat_loss) == pytest.approx(float(loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+    temp = {remat: f.lower(params).compile().memory_analysis().temp_size_in_bytes for remat, f in steps.items()}
+    assert temp[True] < 0.75 * temp[False], temp
+
+
 def test_dropout_masks_do_not_depend_on_sharding():
     # each element's bits depend on its global index, so a batch split across devices draws the masks it would draw
     # whole: this runs in a child process with 4 CPU devices
@@ -1784,6 +1801,49 @@ def train_ckpt_tensors(out_dir):
     return safetensors.numpy.load_file(pathlib.Path(out_dir) / "ckpt.safetensors")
 
 
+def test_train_remat_gives_the_same_losses(train_data_dir, tmp_path):
+    plain = train.train(train_config(train_data_dir, tmp_path / "plain", max_iters=4, eval_interval=4))
+    remat = train.train(train_config(train_data_dir, tmp_path / "remat", max_iters=4, eval_interval=4, remat=True))
+    np.testing.assert_allclose([remat["losses"][i] for i in range(4)], [plain["losses"][i] for i in range(4)],
+                               rtol=1e-5)
+    np.testing.assert_allclose(remat["evals"][-1]["val_loss"], plain["evals"][-1]["val_loss"], rtol=1e-5)
+
+
+def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, monkeypatch, capsys):
+    hparams = {"n_vocab": 65, "n_ctx": 256, "n_embd": 64, "n_head": 4, "n_layer": 4}
+    config = train.resolve_config({**TRAIN_TINY, "block_size": 256, "batch_size": 8, "gradient_accumulation_steps": 1})
+    params = gpt.init_params(jax.random.PRNGKey(0), hparams)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    optimizer = train.make_optimizer(config, params)
+    mesh = train.Mesh(np.array(jax.devices()[:1]), ("data",))
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = train.tree_shardings(mesh, opt_shapes, False)
+    batch = jax.ShapeDtypeStruct((1, 8, 256), jnp.int32, sharding=train.NamedSharding(mesh, train.P()))
+    plans = {}
+    for remat in (False, True):
+        step = jax.jit(train.step_function({**config, "remat": remat}, optimizer, 4), donate_argnums=(0, 1))
+        plans[remat], _ = train.memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch))
+    plan = plans[False]
+    assert plan["params"] == 4 * n_params  # float32
+    assert 8 * n_params <= plan["optimizer"] <= 8 * n_params + 64  # AdamW's two moments and its step counts
+    assert plan["step"] >= 4 * n_params  # the gradients at least
+    assert plan["total"] == plan["params"] + plan["optimizer"] + plan["step"]
+    assert plans[True]["step"] < 0.8 * plan["step"]  # --remat plans fewer bytes of activations
+    # a run whose plan exceeds the device stops at once, in one line, with the ways to bring it under
+    monkeypatch.setattr(train, "available_memory", lambda: (10**6, "this machine has"))
+    out = tmp_path / "out"
+    assert train.main([f"--data_dir={train_data_dir}", f"--out_dir={out}", "--max_iters=2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: this run needs params") and "this machine has 1 MB" in err
+    assert all(w in err for w in ("--remat", "batch_size", "gradient_accumulation_steps", "block_size")), err
+    assert not (out / "ckpt.safetensors").exists()
+    # when it fits: the plan is printed, and each evaluation records the peak
+    monkeypatch.undo()
+    result = train.train(train_config(train_data_dir, tmp_path / "fits", max_iters=2, eval_interval=2))
+    assert "memory: params" in capsys.readouterr().err
+    assert all(e["peak_memory_gb"] > 0 for e in result["evals"])
+
+
 def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_path):
     extra = {"eval_interval": 6}
     straight = train.train(train_config(train_data_dir, tmp_path / "a", max_iters=12, **extra))
@@ -1802,7 +1862,8 @@ def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_
     assert straight["evals"][-1]["val_loss"] == second["evals"][-1]["val_loss"]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iter"] for line in lines] == [0, 6, 12]
-    assert set(json.loads(lines[-1])) == {"iter", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "elapsed_s"}
+    assert set(json.loads(lines[-1])) == {"iter", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "elapsed_s",
+                                         "peak_memory_gb"}
 
 
 TRAIN_DEVICES_SCRIPT = """

@@ -110,6 +110,8 @@ CONFIG = {
     "dtype": ("auto", "compute dtype: float32, bfloat16, or auto (bfloat16 on GPU/TPU, float32 on CPU); weights and "
                       "optimizer state stay float32"),
     "fsdp": (False, "shard params and optimizer state across devices, not only the batch"),
+    "remat": (False, "gradient checkpointing: recompute each block's activations in the backward pass (less memory, "
+                     "about a third more compute)"),
     "peak_flops": (0.0, "peak FLOP/s of one device for MFU; 0 looks the device kind up"),
     "seed": (1337, "seed of the initial weights, the batches and the dropout masks"),
 }
@@ -324,27 +326,27 @@ def compute_dtype(config):
     return jnp.dtype(config["dtype"]).type
 
 
-def batch_loss(params, x, y, key, n_head, dropout, dtype):  # [B, T], [B, T] -> mean cross-entropy
+def batch_loss(params, x, y, key, n_head, dropout, dtype, remat=False):  # [B, T], [B, T] -> mean cross-entropy
     # the whole batch in one call, not a vmap over rows: the linear layers then multiply [B * T, n_in] matrices
     # (gpt.linear says why that matters); no key: no dropout
     if dtype != jnp.float32:
         params = gpt.cast(params, dtype)  # float32 master weights, 16-bit compute
-    return gpt.lm_loss(params, x, y, n_head, dropout, key, unroll=True)
+    return gpt.lm_loss(params, x, y, n_head, dropout, key, unroll=True, remat=remat)
 
 
 def step_function(config, optimizer, n_head):  # train_step with all but its array arguments bound, ready for jax.jit
     return partial(train_step, optimizer=optimizer, seed=config["seed"], n_head=n_head, dropout=config["dropout"],
-                   dtype=compute_dtype(config))
+                   dtype=compute_dtype(config), remat=config["remat"])
 
 
-def train_step(params, opt_state, x, y, it, *, optimizer, seed, n_head, dropout, dtype):
+def train_step(params, opt_state, x, y, it, *, optimizer, seed, n_head, dropout, dtype, remat=False):
     # [n_micro, B, T] batches -> new params, new optimizer state, mean loss over the micro-batches
     step_key = jax.random.fold_in(jax.random.PRNGKey(seed), it)
 
     def micro_step(grad_sum, batch):
         xb, yb, m = batch
         loss, grads = jax.value_and_grad(batch_loss)(params, xb, yb, jax.random.fold_in(step_key, m), n_head,
-                                                     dropout, dtype)
+                                                     dropout, dtype, remat)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     n_micro = x.shape[0]
@@ -373,6 +375,73 @@ def peak_flops(config, dtype):  # of all devices together, or None when unknown
             tf32 = jax.default_backend() == "gpu" and dtype == jnp.float32
             return flops / (2 if tf32 else 1) * jax.device_count()
     return None
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+GB = 1e9
+
+
+def memory_plan(step, params, opt_shapes, opt_shardings, batch):
+    """What one training step will hold on each device, from XLA's plan for the compiled step, before any of it is
+    allocated: {"params", "optimizer", "step" (gradients, activations and the other temporaries of a step), "total"}
+    in bytes. opt_shapes: jax.eval_shape of the optimizer state (not yet created); batch: (x, y) as the loop feeds it.
+    -> (the plan, the compiled step, which the loop then runs)."""
+    opt_args = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_shapes,
+                            opt_shardings)
+    compiled = step.lower(params, opt_args, *batch, 0).compile()
+    analysis = compiled.memory_analysis()
+    shard_bytes = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                                   for x in jax.tree.leaves(tree))
+    plan = {"params": shard_bytes(params), "optimizer": shard_bytes(opt_args),
+            "step": analysis.temp_size_in_bytes if analysis is not None else 0}
+    return {**plan, "total": sum(plan.values())}, compiled
+
+
+def available_memory():  # -> (bytes a device can hold for this run, what it is) or (None, None) when unknown
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"], f"{device.device_kind} has"
+    try:  # a CPU: what the system can still give, plus what this process holds already (the params, mostly)
+        meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+        status = dict(line.split(":") for line in Path("/proc/self/status").read_text().splitlines())
+        kib = lambda text: int(text.split()[0]) * 1024
+        return kib(meminfo["MemAvailable"]) + kib(status["VmRSS"]), "this machine has"
+    except (OSError, KeyError, ValueError):
+        return None, None
+
+
+def peak_memory():  # bytes at the peak so far: the device's, or on a CPU the process's resident set
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"]
+    try:
+        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def size(n_bytes):  # "1.23 GB", or "45 MB" below a tenth of a GB
+    return f"{n_bytes / GB:.2f} GB" if n_bytes >= GB / 10 else f"{n_bytes / 1e6:.0f} MB"
+
+
+def describe_plan(plan):
+    return (f"params {size(plan['params'])}, optimizer state {size(plan['optimizer'])}, one step's gradients and "
+            f"activations {size(plan['step'])}: {size(plan['total'])} per device")
+
+
+def check_memory(plan, config):
+    """Refuse, in one line and before anything big is allocated, a run whose plan exceeds what the device has."""
+    available, where = available_memory()
+    if available is None or plan["total"] <= available:
+        return
+    ways = [] if config["remat"] else ["--remat"]
+    ways += [f"a smaller batch_size (now {config['batch_size']}) with more gradient_accumulation_steps",
+             f"a smaller block_size (now {config['block_size']})"]
+    raise MemoryError(f"this run needs {describe_plan(plan)}, and {where} {size(available)}: try "
+                      f"{', or '.join(ways)}")
 
 
 # ------------------------------------------------------------------------------------------------- devices
@@ -696,9 +765,8 @@ def training(state, writes):
     optimizer = make_optimizer(config, params)
     param_shardings = tree_shardings(mesh, params, config["fsdp"])
     params = jax.device_put(params, param_shardings)
-    opt_state = state["opt_state"] if state["opt_state"] is not None else jax.jit(optimizer.init)(params)
-    opt_shardings = tree_shardings(mesh, opt_state, config["fsdp"])
-    opt_state = jax.device_put(opt_state, opt_shardings)
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = tree_shardings(mesh, opt_shapes, config["fsdp"])
     dtype, n_head = compute_dtype(config), hparams["n_head"]
     replicated = NamedSharding(mesh, P())
     step = jax.jit(step_function(config, optimizer, n_head), donate_argnums=(0, 1),
@@ -707,6 +775,14 @@ def training(state, writes):
     all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
 
     B, T, n_micro = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
+    # memory: XLA's plan for a step, checked against the device before the optimizer state is created
+    batch_shape = jax.ShapeDtypeStruct((n_micro, B, T), jnp.int32, sharding=NamedSharding(mesh, P(None, "data", None)))
+    plan, step = memory_plan(step, params, opt_shapes, opt_shardings, (batch_shape, batch_shape))
+    check_memory(plan, config)
+    if jax.process_index() == 0 and not config["eval_only"]:
+        print(f"memory: {describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
+    opt_state = state["opt_state"] if state["opt_state"] is not None else jax.jit(optimizer.init)(params)
+    opt_state = jax.device_put(opt_state, opt_shardings)
     tokens_per_iter = B * T * n_micro
     flops_per_iter = flops_per_token(params, hparams, T) * tokens_per_iter
     peak = peak_flops(config, dtype)
@@ -777,6 +853,9 @@ def training(state, writes):
         if window["t"] is None:  # the first step of a stretch includes compilation: time from its end, and keep it
             window["t"], window["iters"] = now, 0  # (and any evaluation) out of the bar's rate and time left
             bar.last_print_t = time.time()
+            if it == start and peak_memory() is not None:  # after the first step: what the plan became
+                bar.write(f"memory: peak {size(peak_memory())} after the first step (planned {size(plan['total'])}"
+                          f"{', and the process itself' if jax.default_backend() == 'cpu' else ''})")
         else:
             window["iters"] += 1
         if window["iters"] and (window["iters"] >= config["log_interval"] or it + 1 == config["max_iters"]):
@@ -797,7 +876,8 @@ def training(state, writes):
                 if estimate is not None:
                     record = {"iter": it, "train_loss": estimate["train"], "val_loss": estimate["val"],
                               "lr": float(learning_rate(it, config, np)), "tokens_per_s": rate["tokens_per_s"],
-                              "mfu": rate["mfu"], "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                              "mfu": rate["mfu"], "elapsed_s": round(time.perf_counter() - t_start, 3),
+                              "peak_memory_gb": round(peak_memory() / GB, 3) if peak_memory() else None}
                     history.append(record)
                     bar.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
                     if not all(map(math.isfinite, estimate.values())):
@@ -866,7 +946,7 @@ def main(argv=None):
     sampling.keep_freed_memory()
     try:
         result = run(config)
-    except (ValueError, OSError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C
