@@ -186,24 +186,27 @@ FINETUNE_SHAPES = {"124M": GPT2_124M, "1558M": GPT2_1558M}
 
 def finetune_probe(spec):
     """In a fresh process (its peak RSS is its own): one finetuning configuration of GPT-2-shaped random weights,
-    "SHAPE,remat" or "SHAPE,plain", block 1024, batch 1, float32: XLA's memory plan for the step and, when it fits,
+    "SHAPE,MODE" with MODE plain, remat, lora or lora+remat, block 1024, batch 1, float32: XLA's memory plan for the step and, when it fits,
     seconds per step and the process's peak RSS. Prints one JSON line."""
     import train
 
     shape, mode = spec.split(",")
     hparams = FINETUNE_SHAPES[shape]
+    lora = "lora" in mode
     config = train.resolve_config({"n_layer": hparams["n_layer"], "n_head": hparams["n_head"],
                                    "n_embd": hparams["n_embd"], "block_size": 1024, "batch_size": 1,
                                    "gradient_accumulation_steps": 1, "dropout": 0.0, "bias": True,
-                                   "remat": mode == "remat"})
-    params = train.init_params(config, hparams)
+                                   "remat": "remat" in mode, "init_from": "124M" if lora else "scratch",
+                                   "lora_rank": 16 if lora else 0})
+    frozen = train.init_params(config, hparams) if lora else None
+    params = gpt.init_adapters(jax.random.PRNGKey(0), frozen, 16) if lora else train.init_params(config, hparams)
     optimizer = train.make_optimizer(config, params)
     mesh = train.Mesh(np.array(jax.devices()[:1]), ("data",))
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_shardings = train.tree_shardings(mesh, opt_shapes, False)
     batch = jax.ShapeDtypeStruct((1, 1, 1024), jnp.int32, sharding=train.NamedSharding(mesh, train.P()))
     step = jax.jit(train.step_function(config, optimizer, hparams["n_head"]), donate_argnums=(0, 1))
-    plan, step = train.memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch))
+    plan, step = train.memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch), frozen)
     result = {"plan_gb": plan["total"] / 1e9, "step_gb": plan["step"] / 1e9, "fits": True}
     try:
         train.check_memory(plan, config)
@@ -216,7 +219,7 @@ def finetune_probe(spec):
     times = []
     for it in range(2 if hparams["n_layer"] > 12 else 4):  # compiled above: every call is a plain step
         t = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state, x, x, it)
+        params, opt_state, loss = step(params, opt_state, x, x, it, frozen)
         float(loss)
         times.append(time.perf_counter() - t)
     result.update(s_per_step=float(np.median(times[1:])), peak_rss_gb=train.peak_memory() / 1e9)
@@ -226,7 +229,7 @@ def finetune_probe(spec):
 def finetune_table():
     rows = []
     for shape in FINETUNE_SHAPES:
-        for mode in ("plain", "remat"):
+        for mode in ("plain", "remat", "lora", "lora+remat"):
             out = subprocess.run([sys.executable, __file__, "--finetune-probe", f"{shape},{mode}"], capture_output=True,
                                  text=True)
             if out.returncode:
@@ -235,8 +238,8 @@ def finetune_table():
             r = json.loads(out.stdout.strip().splitlines()[-1])
             timing = (f"{r['s_per_step']:.2f} | {r['peak_rss_gb']:.2f}" if r["fits"] else "does not fit: refused | ")
             rows.append(f"| {shape} | {mode} | {r['plan_gb']:.2f} ({r['step_gb']:.2f} of it the step's) | {timing} |")
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; full finetuning, float32, AdamW, "
-          f"block 1024, batch 1, random weights of GPT-2's shapes")
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; finetuning (all weights, or LoRA rank 16 on "
+          f"the attention and MLP matrices), float32, AdamW, block 1024, batch 1, random weights of GPT-2's shapes")
     print("| shape | | planned GB (XLA) | s/step | peak RSS GB |\n|---|---|---|---|---|")
     print("\n".join(rows))
 

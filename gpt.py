@@ -55,10 +55,14 @@ def normalized_backward(eps, saved, dy):
 normalized.defvjp(normalized_and_saved, normalized_backward)
 
 
-def linear(x, w, b=None):  # [..., n_in] -> [..., n_out]
+def linear(x, w, b=None, lora_a=None, lora_b=None):  # [..., n_in] -> [..., n_out]
     # one 2-D matmul over the rows of all sequences: for a [batch, n_seq, n_in] operand XLA:CPU computes the weight
     # gradient by first copying the activations transposed, which made training ~1.3x slower
-    y = (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+    rows = x.reshape(-1, x.shape[-1])
+    y = rows @ w
+    if lora_a is not None:  # a low-rank adapter (LoRA, see with_adapters): x W + (x A) B, never forming A B
+        y = y + (rows @ lora_a) @ lora_b
+    y = y.reshape(*x.shape[:-1], w.shape[-1])
     return y if b is None else y + b
 
 
@@ -226,6 +230,43 @@ def init_params(key, hparams, dtype=jnp.float32):
         },
         "ln_f": {"g": ones(E), "b": zeros(E)},
     }
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+# Low-rank adapters (Hu et al., 2021): a frozen matrix W [n_in, n_out] gets a trainable A [n_in, r] and B [r, n_out],
+# and the layer computes x W + (alpha / r) x A B. The adapters are a dict of their own, shaped like the params they
+# adapt: {"h": {"attn": {"c_attn": {"lora_a": [n_layer, n_in, r], "lora_b": [n_layer, r, n_out]}, ...}, ...}}.
+
+LORA_TARGETS = ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
+
+
+def init_adapters(key, params, rank, targets=LORA_TARGETS):
+    # A ~ N(0, 1 / n_in), B = 0: the adapted model starts as the base model exactly
+    adapters = {}
+    for i, target in enumerate(targets):
+        group, name = target.split("/")
+        w = params["h"][group][name]["w"]  # [n_layer, n_in, n_out]
+        n_layer, n_in, n_out = w.shape
+        a = jax.random.normal(jax.random.fold_in(key, i), (n_layer, n_in, rank), jnp.float32) / jnp.sqrt(n_in)
+        adapters.setdefault(group, {})[name] = {"lora_a": a, "lora_b": jnp.zeros((n_layer, rank, n_out), jnp.float32)}
+    return {"h": adapters}
+
+
+def with_adapters(params, adapters, scale):  # params whose adapted layers also hold lora_a and lora_b * scale
+    h = {group: dict(layers) for group, layers in params["h"].items()}
+    for group, layers in adapters["h"].items():
+        for name, ab in layers.items():
+            h[group][name] = {**h[group][name], "lora_a": ab["lora_a"], "lora_b": ab["lora_b"] * scale}
+    return {**params, "h": h}
+
+
+def merge_adapters(params, adapters, scale):  # -> plain params computing the same: W + scale * A B
+    h = {group: dict(layers) for group, layers in params["h"].items()}
+    for group, layers in adapters["h"].items():
+        for name, ab in layers.items():
+            w = h[group][name]["w"]
+            h[group][name] = {**h[group][name], "w": w + scale * (ab["lora_a"] @ ab["lora_b"]).astype(w.dtype)}
+    return {**params, "h": h}
 
 
 def cast(params, dtype):  # e.g. cast(params, jnp.bfloat16) for bf16 inference or mixed-precision compute

@@ -1958,6 +1958,71 @@ def test_train_two_processes_match_one_and_only_one_writes(train_data_dir, tmp_p
     assert train.read_checkpoint_meta(cwds[0] / "out" / "ckpt.safetensors")["iter"] >= 2
 
 
+def test_lora_adapters_start_at_the_base_model_and_merge_exactly():
+    hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
+    params = gpt.init_params(jax.random.PRNGKey(0), hparams)
+    ids = jnp.array([3, 1, 4, 1, 5, 9, 2, 6])
+    adapters = gpt.init_adapters(jax.random.PRNGKey(1), params, 4)
+    base = gpt.gpt(params, ids, 2)
+    np.testing.assert_array_equal(gpt.gpt(gpt.with_adapters(params, adapters, 2.0), ids, 2), base)  # B = 0
+    # trained adapters (random B): the adapted forward pass == the merged model == W + scale A B formed in float64
+    adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape), adapters)
+    adapted = gpt.gpt(gpt.with_adapters(params, adapters, 2.0), ids, 2)
+    assert not np.allclose(adapted, base, atol=1e-3)
+    np.testing.assert_allclose(gpt.gpt(gpt.merge_adapters(params, adapters, 2.0), ids, 2), adapted, atol=1e-5)
+    flat = weights_flat(params)
+    for target in gpt.LORA_TARGETS:
+        group, name = target.split("/")
+        ab = adapters["h"][group][name]
+        flat[f"h/{group}/{name}/w"] = (np.asarray(flat[f"h/{group}/{name}/w"], np.float64) + 2.0
+                                       * np.asarray(ab["lora_a"], np.float64) @ np.asarray(ab["lora_b"], np.float64))
+    np.testing.assert_allclose(weights_numpy_gpt2(flat, np.asarray(ids), 2), adapted, atol=1e-4)
+
+
+def test_train_lora_trains_adapters_only_resumes_bitwise_and_merges_into_out_dir(tmp_path, capsys):
+    model = tmp_path / "gpt2-tiny"
+    shutil.copytree(TRAIN_GPT2_TINY, model, ignore=shutil.ignore_patterns(weights.CACHE_NAME))
+    text = tmp_path / "sonnets.txt"
+    text.write_text(TRAIN_SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    config = {"init_from": str(model), "dataset": str(text), "data_dir": str(tmp_path / "data"), "block_size": 32,
+              "batch_size": 4, "max_iters": 8, "eval_interval": 4, "eval_iters": 2, "learning_rate": 1e-2,
+              "decay_lr": False, "dropout": 0.1, "lora_rank": 4, "lora_targets": "attn.c_attn,mlp.c_fc"}
+    straight = train.train({**config, "out_dir": str(tmp_path / "a")})
+    val = [e["val_loss"] for e in straight["evals"]]
+    assert val[-1] < val[0] - 0.1, val
+    _, base = weights.load_hparams_and_params(model)
+    plain = train.train({**config, "out_dir": str(tmp_path / "base"), "lora_rank": 0, "max_iters": 0})
+    assert straight["evals"][0]["val_loss"] == pytest.approx(plain["evals"][0]["val_loss"], rel=1e-6)  # B = 0
+    # the checkpoint holds the adapters and their optimizer state only, and names the base model
+    ckpt = train_ckpt_tensors(tmp_path / "a")
+    assert {n.split("/")[-1] for n in ckpt if n.startswith("params/")} == {"lora_a", "lora_b"}
+    assert sum(x.size for n, x in ckpt.items() if n.startswith("params/")) == 2 * (16 * 4 + 4 * 48 + 16 * 4 + 4 * 64)  # 2 layers
+    assert train.read_checkpoint_meta(tmp_path / "a" / "ckpt.safetensors")["base"] == str(model.resolve())
+    # out_dir's model is the base with the adapters merged: untargeted weights bitwise the base's
+    _, merged = weights.load_hparams_and_params(tmp_path / "a")
+    merged, base = weights_flat(merged), weights_flat(base)
+    for name in base:
+        if name.endswith("c_attn/w") or name.endswith("c_fc/w"):
+            a = ckpt[f"params/h/{name[2:-2]}/lora_a"].astype(np.float64)
+            b = ckpt[f"params/h/{name[2:-2]}/lora_b"].astype(np.float64)
+            np.testing.assert_allclose(merged[name], base[name] + (16 / 4) * a @ b, atol=1e-6, err_msg=name)
+            assert not np.array_equal(merged[name], base[name])
+        else:
+            np.testing.assert_array_equal(merged[name], base[name], err_msg=name)
+    # resume is bitwise
+    train.train({**config, "out_dir": str(tmp_path / "b"), "max_iters": 4})
+    train.train({"init_from": "resume", "out_dir": str(tmp_path / "b"), "max_iters": 8})
+    resumed = train_ckpt_tensors(tmp_path / "b")
+    assert resumed.keys() == ckpt.keys()
+    for name in ckpt:
+        np.testing.assert_array_equal(resumed[name], ckpt[name], err_msg=name)
+    # main.py generates from it as from any model folder
+    capsys.readouterr()
+    assert main.main(["--model_dir", str(tmp_path / "a"), "--prompt", "ROMEO:", "--greedy",
+                      "--n_tokens_to_generate", "5"]) is None
+    assert capsys.readouterr().out.strip()
+
+
 def test_train_finetune_gpt2_fixture_lowers_the_loss(tmp_path):
     model = tmp_path / "gpt2-tiny"
     shutil.copytree(TRAIN_GPT2_TINY, model)  # weights.py writes its converted cache beside the checkpoint
@@ -2284,7 +2349,11 @@ def test_train_cli_errors_are_one_line(tmp_path):
     for args, needle in [(["--n_layr=3"], "did you mean n_layer"), ([str(tmp_path / "bad.toml")], "not valid TOML"),
                          (["--init_from=resume", f"--out_dir={tmp_path}"], "cannot resume"),
                          (["--seed=-1"], "seed must be from 0 to 2**63 - 1, got -1"),
-                         ([f"--seed={2**63}"], f"seed must be from 0 to 2**63 - 1, got {2**63}")]:
+                         ([f"--seed={2**63}"], f"seed must be from 0 to 2**63 - 1, got {2**63}"),
+                         (["--lora_rank=-1"], "lora_rank must be 0 (no adapters) or a positive rank, got -1"),
+                         (["--lora_rank=8"], "lora_rank adapts a pretrained model"),
+                         (["--init_from=124M", "--lora_rank=8", "--lora_targets=attn.c_atn"],
+                          "lora_targets: unknown layer 'attn.c_atn'; choose from attn.c_attn")]:
         proc = train_run_cli(*args)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()

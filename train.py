@@ -20,6 +20,14 @@ rule, ">= 2 dimensions" before gpt.py stacks the layers). The params and optimiz
 updated in place. Master weights are float32; dtype=bfloat16 computes the forward and backward passes in bfloat16
 (dtype=auto: bfloat16 on GPU and TPU, float32 on CPU). Dropout masks come from explicit PRNG keys.
 
+Memory. Before anything big is allocated, train.py compiles the step and prints XLA's plan for it (params, optimizer
+state, one step's gradients and activations), and refuses a run that the device cannot hold. remat=true recomputes
+each block's activations in the backward pass (gpt.transformer). lora_rank=r (finetuning only) freezes the pretrained
+weights and trains low-rank adapters beside the lora_targets matrices (gpt.init_adapters, gpt.with_adapters): the
+gradients and AdamW state cover the adapters alone. ckpt.safetensors then holds the adapters and their optimizer
+state and names the base model (found again on resume); params.safetensors holds the base with the adapters merged
+(gpt.merge_adapters), so out_dir is a plain model folder.
+
 Determinism. The batch of iteration `it` and its dropout keys are pure functions of (seed, it), so the checkpoint's
 iteration number is the whole state of the data sampler and the random streams: resuming repeats exactly what an
 uninterrupted run would have done (bitwise on CPU).
@@ -31,7 +39,8 @@ and the previous version stays intact until the new one is whole):
   - params.safetensors: the best params by val loss (with always_save_checkpoint, the latest at each evaluation), in
     weights.py's model-folder format, beside the vocabulary (meta.json for characters, encoder.json + vocab.bpe for
     GPT-2 tokens): out_dir is a model folder that main.py --model_dir and weights.load_hparams_and_params read;
-  - metrics.jsonl: one JSON object per evaluation (iter, train_loss, val_loss, lr, tokens_per_s, mfu, elapsed_s);
+  - metrics.jsonl: one JSON object per evaluation (iter, train_loss, val_loss, lr, tokens_per_s, mfu, elapsed_s,
+    peak_memory_gb);
   - loss.png: the loss curves, when matplotlib is installed.
 A non-finite loss stops training with an error and saves nothing, so the last good checkpoint stays.
 
@@ -110,13 +119,16 @@ CONFIG = {
     "dtype": ("auto", "compute dtype: float32, bfloat16, or auto (bfloat16 on GPU/TPU, float32 on CPU); weights and "
                       "optimizer state stay float32"),
     "fsdp": (False, "shard params and optimizer state across devices, not only the batch"),
+    "lora_rank": (0, "LoRA: finetune rank-r adapters beside the frozen pretrained weights (0: finetune all weights)"),
+    "lora_alpha": (16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank"),
+    "lora_targets": ("attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", "LoRA: the layers that get adapters"),
     "remat": (False, "gradient checkpointing: recompute each block's activations in the backward pass (less memory, "
                      "about a third more compute)"),
     "peak_flops": (0.0, "peak FLOP/s of one device for MFU; 0 looks the device kind up"),
     "seed": (1337, "seed of the initial weights, the batches and the dropout masks"),
 }
 DEFAULTS = {name: default for name, (default, _) in CONFIG.items()}
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "bias")  # fixed by the checkpoint when resuming
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "bias", "lora_rank", "lora_alpha", "lora_targets")  # fixed on resume
 NANOGPT_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 GPT2_VOCAB = 50257
 CKPT_NAME = "ckpt.safetensors"
@@ -250,6 +262,15 @@ def check_config(config):
     if config["dtype"] not in ("auto", "float32", "bfloat16"):
         hint = " (float16 needs loss scaling; use bfloat16)" if config["dtype"] == "float16" else ""
         raise ValueError(f"dtype must be auto, float32 or bfloat16, not {config['dtype']!r}{hint}")
+    if config["lora_rank"] < 0:
+        raise ValueError(f"lora_rank must be 0 (no adapters) or a positive rank, got {config['lora_rank']}")
+    if config["init_from"] == "scratch" and config["lora_rank"]:
+        raise ValueError("lora_rank adapts a pretrained model: give --init_from=<a GPT-2 size or a model folder>, or "
+                         "train from scratch without --lora_rank")
+    for target in lora_targets(config):
+        if target not in gpt.LORA_TARGETS:
+            names = ", ".join(t.replace("/", ".") for t in gpt.LORA_TARGETS)
+            raise ValueError(f"lora_targets: unknown layer {target.replace('/', '.')!r}; choose from {names}")
     if not 0 <= config["seed"] < 2**63:
         raise ValueError(f"seed must be from 0 to 2**63 - 1, got {config['seed']}")
     if config["tokens"] not in ("auto", "char", "gpt2"):
@@ -326,9 +347,23 @@ def compute_dtype(config):
     return jnp.dtype(config["dtype"]).type
 
 
-def batch_loss(params, x, y, key, n_head, dropout, dtype, remat=False):  # [B, T], [B, T] -> mean cross-entropy
-    # the whole batch in one call, not a vmap over rows: the linear layers then multiply [B * T, n_in] matrices
-    # (gpt.linear says why that matters); no key: no dropout
+def lora_targets(config):  # "attn.c_attn,mlp.c_fc" -> ("attn/c_attn", "mlp/c_fc")
+    return tuple(t.strip().replace(".", "/") for t in config["lora_targets"].split(",") if t.strip())
+
+
+def lora_scale(config):
+    return config["lora_alpha"] / config["lora_rank"]
+
+
+def model_params(params, frozen, scale):  # the model's params: params, or with LoRA the frozen base plus params
+    return params if frozen is None else gpt.with_adapters(frozen, params, scale)
+
+
+def batch_loss(params, x, y, key, n_head, dropout, dtype, remat=False, frozen=None, scale=None):
+    # [B, T], [B, T] -> mean cross-entropy. The whole batch in one call, not a vmap over rows: the linear layers then
+    # multiply [B * T, n_in] matrices (gpt.linear says why that matters); no key: no dropout. With LoRA, params are
+    # the adapters and frozen the base model: the gradient is the adapters' only.
+    params = model_params(params, frozen, scale)
     if dtype != jnp.float32:
         params = gpt.cast(params, dtype)  # float32 master weights, 16-bit compute
     return gpt.lm_loss(params, x, y, n_head, dropout, key, unroll=True, remat=remat)
@@ -336,17 +371,20 @@ def batch_loss(params, x, y, key, n_head, dropout, dtype, remat=False):  # [B, T
 
 def step_function(config, optimizer, n_head):  # train_step with all but its array arguments bound, ready for jax.jit
     return partial(train_step, optimizer=optimizer, seed=config["seed"], n_head=n_head, dropout=config["dropout"],
-                   dtype=compute_dtype(config), remat=config["remat"])
+                   dtype=compute_dtype(config), remat=config["remat"],
+                   scale=lora_scale(config) if config["lora_rank"] else None)
 
 
-def train_step(params, opt_state, x, y, it, *, optimizer, seed, n_head, dropout, dtype, remat=False):
-    # [n_micro, B, T] batches -> new params, new optimizer state, mean loss over the micro-batches
+def train_step(params, opt_state, x, y, it, frozen=None, *, optimizer, seed, n_head, dropout, dtype, remat=False,
+               scale=None):
+    # [n_micro, B, T] batches -> new params, new optimizer state, mean loss over the micro-batches (frozen: LoRA's
+    # base model, not trained)
     step_key = jax.random.fold_in(jax.random.PRNGKey(seed), it)
 
     def micro_step(grad_sum, batch):
         xb, yb, m = batch
         loss, grads = jax.value_and_grad(batch_loss)(params, xb, yb, jax.random.fold_in(step_key, m), n_head,
-                                                     dropout, dtype, remat)
+                                                     dropout, dtype, remat, frozen, scale)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     n_micro = x.shape[0]
@@ -356,8 +394,10 @@ def train_step(params, opt_state, x, y, it, *, optimizer, seed, n_head, dropout,
     return optax.apply_updates(params, updates), opt_state, losses.mean()
 
 
-def eval_loss(params, x, y, *, n_head, dtype):  # [n_batches, B, T] -> mean loss, batch by batch (bounded memory)
-    return lax.map(lambda b: batch_loss(params, b[0], b[1], None, n_head, 0.0, dtype), (x, y)).mean()
+def eval_loss(params, x, y, frozen=None, *, n_head, dtype, scale=None):
+    # [n_batches, B, T] -> mean loss, batch by batch (bounded memory)
+    return lax.map(lambda b: batch_loss(params, b[0], b[1], None, n_head, 0.0, dtype, False, frozen, scale),
+                   (x, y)).mean()
 
 
 def flops_per_token(params, hparams, block_size):  # PaLM's (and nanoGPT's) estimate for a forward + backward pass
@@ -382,18 +422,18 @@ def peak_flops(config, dtype):  # of all devices together, or None when unknown
 GB = 1e9
 
 
-def memory_plan(step, params, opt_shapes, opt_shardings, batch):
+def memory_plan(step, params, opt_shapes, opt_shardings, batch, frozen=None):
     """What one training step will hold on each device, from XLA's plan for the compiled step, before any of it is
     allocated: {"params", "optimizer", "step" (gradients, activations and the other temporaries of a step), "total"}
     in bytes. opt_shapes: jax.eval_shape of the optimizer state (not yet created); batch: (x, y) as the loop feeds it.
     -> (the plan, the compiled step, which the loop then runs)."""
     opt_args = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_shapes,
                             opt_shardings)
-    compiled = step.lower(params, opt_args, *batch, 0).compile()
+    compiled = step.lower(params, opt_args, *batch, 0, frozen).compile()
     analysis = compiled.memory_analysis()
     shard_bytes = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                                    for x in jax.tree.leaves(tree))
-    plan = {"params": shard_bytes(params), "optimizer": shard_bytes(opt_args),
+    plan = {"params": shard_bytes(params) + shard_bytes(frozen), "optimizer": shard_bytes(opt_args),
             "step": analysis.temp_size_in_bytes if analysis is not None else 0}
     return {**plan, "total": sum(plan.values())}, compiled
 
@@ -438,6 +478,8 @@ def check_memory(plan, config):
     if available is None or plan["total"] <= available:
         return
     ways = [] if config["remat"] else ["--remat"]
+    if not config["lora_rank"] and config["init_from"] != "scratch":
+        ways.append("--lora_rank=8 (train adapters only)")
     ways += [f"a smaller batch_size (now {config['batch_size']}) with more gradient_accumulation_steps",
              f"a smaller block_size (now {config['block_size']})"]
     raise MemoryError(f"this run needs {describe_plan(plan)}, and {where} {size(available)}: try "
@@ -501,7 +543,7 @@ def flat_names(tree, prefix):  # {prefix + path: leaf}, "/"-joined dict keys (pa
     return out
 
 
-def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams):
+def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams, base=None):
     """The whole training state -> out_dir/ckpt.safetensors, atomically (a crash or a full disk leaves the previous
     checkpoint as it was)."""
     import weights
@@ -509,6 +551,8 @@ def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hpara
                                                     **flat_names(opt_state, "opt_state/")}.items()}
     metadata = {"format": CKPT_FORMAT, "iter": str(it), "best_val_loss": repr(best_val_loss),
                 "config": json.dumps(config), "hparams": json.dumps(hparams)}
+    if base is not None:  # LoRA: params are adapters of this model (what init_from named)
+        metadata["base"] = base
     if jax.process_index() == 0:
         weights.write_safetensors(Path(out_dir) / CKPT_NAME, tensors, metadata)
 
@@ -525,7 +569,8 @@ def read_checkpoint_meta(path):
     if metadata.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path} is not a gptjax training checkpoint (format {metadata.get('format')!r})")
     return {"iter": int(metadata["iter"]), "best_val_loss": float(metadata["best_val_loss"]),
-            "config": json.loads(metadata["config"]), "hparams": json.loads(metadata["hparams"])}
+            "config": json.loads(metadata["config"]), "hparams": json.loads(metadata["hparams"]),
+            "base": metadata.get("base")}
 
 
 def load_checkpoint(path, optimizer_for):
@@ -696,20 +741,30 @@ def check_splits(splits, dataset_dir, block_size):  # every split must hold at l
 
 
 def starting_point(config, out_dir):
-    """What a run starts from: {"config" (tokens and the model's shape filled in), "hparams", "params", "opt_state"
+    """What a run starts from: {"config" (tokens and the model's shape filled in), "hparams", "params" (the trained
+    ones: with LoRA the adapters), "frozen" (LoRA's base model, else None), "base" (its name or folder), "opt_state"
     (None unless resumed), "iter", "best_val_loss", "dataset_dir", "splits"}."""
-    start = {"opt_state": None, "iter": 0, "best_val_loss": float("inf")}
+    start = {"opt_state": None, "iter": 0, "best_val_loss": float("inf"), "frozen": None, "base": None}
     vocab_dir = None  # GPT-2's, shipped with gptjax (data.gpt2_encoder)
     if config["init_from"] == "resume":
         params, start["opt_state"], meta = load_checkpoint(out_dir / CKPT_NAME, lambda p: make_optimizer(config, p))
         hparams, start["iter"], start["best_val_loss"] = meta["hparams"], meta["iter"], meta["best_val_loss"]
         vocab_dir = out_dir if (out_dir / "encoder.json").is_file() else vocab_dir
         model_tokens = meta["config"]["tokens"]
+        if meta["base"] is not None:  # LoRA: the checkpoint holds adapters of this base model
+            _, start["frozen"], _, _ = pretrained_model({**config, "init_from": meta["base"]})
+            start["base"] = meta["base"]
     elif config["init_from"] != "scratch":
         hparams, params, folder, vocab_dir = pretrained_model(config)
         if out_dir.resolve() == folder.resolve():
             raise ValueError(f"out_dir {out_dir} is the folder of the model being finetuned; choose another")
         model_tokens = "gpt2"
+        if config["lora_rank"]:  # the pretrained weights stay as they are; the adapters train
+            name = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
+            start["base"] = name if name in NANOGPT_NAMES.values() else str(folder.resolve())  # found on resume
+            start["frozen"] = params
+            params = gpt.init_adapters(jax.random.PRNGKey(config["seed"]), params, config["lora_rank"],
+                                       lora_targets(config))
     dataset_dir, tokens = prepare_dataset(config, vocab_dir)
     config = {**config, "tokens": tokens}
     vocab = data.read_meta(dataset_dir)
@@ -722,7 +777,8 @@ def starting_point(config, out_dir):
         raise ValueError(f"block_size {config['block_size']} exceeds the model's context of {hparams['n_ctx']} tokens")
     splits = {split: data.load_split(dataset_dir, split) for split in data.SPLITS}
     check_splits(splits, dataset_dir, config["block_size"])
-    config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}, "bias": "b" in params["ln_f"]}
+    model = start["frozen"] if start["frozen"] is not None else params
+    config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}, "bias": "b" in model["ln_f"]}
     return {**start, "config": config, "hparams": hparams, "params": params, "dataset_dir": dataset_dir,
             "splits": splits}
 
@@ -757,6 +813,8 @@ def training(state, writes):
     """The loop: steps, evaluations, checkpoints, metrics, the progress bar and Ctrl-C; state from starting_point."""
     config, hparams, params, splits = state["config"], state["hparams"], state["params"], state["splits"]
     out_dir, start, best_val_loss = Path(config["out_dir"]), state["iter"], state["best_val_loss"]
+    frozen = state["frozen"]  # LoRA's base model (params are then its adapters), else None
+    scale = lora_scale(config) if frozen is not None else None
 
     # devices, optimizer, compiled functions
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -765,26 +823,29 @@ def training(state, writes):
     optimizer = make_optimizer(config, params)
     param_shardings = tree_shardings(mesh, params, config["fsdp"])
     params = jax.device_put(params, param_shardings)
+    if frozen is not None:
+        frozen = jax.device_put(frozen, tree_shardings(mesh, frozen, config["fsdp"]))
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_shardings = tree_shardings(mesh, opt_shapes, config["fsdp"])
     dtype, n_head = compute_dtype(config), hparams["n_head"]
     replicated = NamedSharding(mesh, P())
     step = jax.jit(step_function(config, optimizer, n_head), donate_argnums=(0, 1),
                    out_shardings=(param_shardings, opt_shardings, replicated))
-    evaluate = jax.jit(partial(eval_loss, n_head=n_head, dtype=dtype))
+    evaluate = jax.jit(partial(eval_loss, n_head=n_head, dtype=dtype, scale=scale))
+    merged = jax.jit(partial(gpt.merge_adapters, scale=scale)) if frozen is not None else None
     all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
 
     B, T, n_micro = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
     # memory: XLA's plan for a step, checked against the device before the optimizer state is created
     batch_shape = jax.ShapeDtypeStruct((n_micro, B, T), jnp.int32, sharding=NamedSharding(mesh, P(None, "data", None)))
-    plan, step = memory_plan(step, params, opt_shapes, opt_shardings, (batch_shape, batch_shape))
+    plan, step = memory_plan(step, params, opt_shapes, opt_shardings, (batch_shape, batch_shape), frozen)
     check_memory(plan, config)
     if jax.process_index() == 0 and not config["eval_only"]:
         print(f"memory: {describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
     opt_state = state["opt_state"] if state["opt_state"] is not None else jax.jit(optimizer.init)(params)
     opt_state = jax.device_put(opt_state, opt_shardings)
     tokens_per_iter = B * T * n_micro
-    flops_per_iter = flops_per_token(params, hparams, T) * tokens_per_iter
+    flops_per_iter = flops_per_token(params if frozen is None else frozen, hparams, T) * tokens_per_iter
     peak = peak_flops(config, dtype)
 
     def batches(split, it, n, rows):  # -> x, y [n, rows, T] on the devices
@@ -804,7 +865,7 @@ def training(state, writes):
                 x, y = batches(split, it, n, B)
                 total = 0.0
                 for i in range(n):  # a batch at a time: progress shows, and Ctrl-C is heard between batches
-                    total += float(ready(evaluate(params, x[i:i + 1], y[i:i + 1])))
+                    total += float(ready(evaluate(params, x[i:i + 1], y[i:i + 1], frozen)))
                     eval_bar.update(1)
                     if stop:
                         return None
@@ -814,9 +875,9 @@ def training(state, writes):
     def save(it, best):
         if not bool(ready(all_finite(params))):
             raise FloatingPointError(f"the params are not finite at iteration {it}; nothing was saved")
-        save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams)
+        save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams, state["base"])
         if best or not (out_dir / "params.safetensors").is_file():
-            save_model(out_dir, hparams, params)
+            save_model(out_dir, hparams, params if frozen is None else merged(frozen, params))  # LoRA: merged
 
     if writes:
         write_vocabulary(out_dir, state["dataset_dir"])
@@ -901,7 +962,7 @@ def training(state, writes):
                 interrupted = True
                 break
             x, y = batches("train", it, n_micro, B)
-            params, opt_state, loss = step(params, opt_state, x, y, it)
+            params, opt_state, loss = step(params, opt_state, x, y, it, frozen)
             collect()
             pending = (it, loss)
         collect()
