@@ -186,7 +186,7 @@ FINETUNE_SHAPES = {"124M": GPT2_124M, "1558M": GPT2_1558M}
 
 def finetune_probe(spec):
     """In a fresh process (its peak RSS is its own): one finetuning configuration of GPT-2-shaped random weights,
-    "SHAPE,MODE" with MODE plain, remat, lora or lora+remat, block 1024, batch 1, float32: XLA's memory plan for the step and, when it fits,
+    "SHAPE,MODE" with MODE plain, remat, lora, lora+remat or lora+remat+bf16 (the frozen weights in bfloat16), block 1024, batch 1, float32: XLA's memory plan for the step and, when it fits,
     seconds per step and the process's peak RSS. Prints one JSON line."""
     import train
 
@@ -197,8 +197,11 @@ def finetune_probe(spec):
                                    "n_embd": hparams["n_embd"], "block_size": 1024, "batch_size": 1,
                                    "gradient_accumulation_steps": 1, "dropout": 0.0, "bias": True,
                                    "remat": "remat" in mode, "init_from": "124M" if lora else "scratch",
-                                   "lora_rank": 16 if lora else 0})
+                                   "lora_rank": 16 if lora else 0,
+                                   "lora_base_dtype": "bfloat16" if "bf16" in mode else "float32"})
     frozen = train.init_params(config, hparams) if lora else None
+    if lora:
+        frozen = gpt.cast(frozen, jnp.dtype(config["lora_base_dtype"]))
     params = gpt.init_adapters(jax.random.PRNGKey(0), frozen, 16) if lora else train.init_params(config, hparams)
     optimizer = train.make_optimizer(config, params)
     mesh = train.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -229,7 +232,7 @@ def finetune_probe(spec):
 def finetune_table():
     rows = []
     for shape in FINETUNE_SHAPES:
-        for mode in ("plain", "remat", "lora", "lora+remat"):
+        for mode in ("plain", "remat", "lora", "lora+remat", "lora+remat+bf16"):
             out = subprocess.run([sys.executable, __file__, "--finetune-probe", f"{shape},{mode}"], capture_output=True,
                                  text=True)
             if out.returncode:

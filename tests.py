@@ -2016,6 +2016,9 @@ def test_train_lora_trains_adapters_only_resumes_bitwise_and_merges_into_out_dir
     assert resumed.keys() == ckpt.keys()
     for name in ckpt:
         np.testing.assert_array_equal(resumed[name], ckpt[name], err_msg=name)
+    # frozen weights held in bfloat16: trains as well, to bfloat16's rounding of the base
+    low = train.train({**config, "out_dir": str(tmp_path / "bf16"), "lora_base_dtype": "bfloat16"})
+    assert [e["val_loss"] for e in low["evals"]] == pytest.approx(val, rel=2e-3)
     # main.py generates from it as from any model folder
     capsys.readouterr()
     assert main.main(["--model_dir", str(tmp_path / "a"), "--prompt", "ROMEO:", "--greedy",
@@ -2352,6 +2355,7 @@ def test_train_cli_errors_are_one_line(tmp_path):
                          ([f"--seed={2**63}"], f"seed must be from 0 to 2**63 - 1, got {2**63}"),
                          (["--lora_rank=-1"], "lora_rank must be 0 (no adapters) or a positive rank, got -1"),
                          (["--lora_rank=8"], "lora_rank adapts a pretrained model"),
+                         (["--lora_base_dtype=float16"], "lora_base_dtype must be float32 or bfloat16"),
                          (["--init_from=124M", "--lora_rank=8", "--lora_targets=attn.c_atn"],
                           "lora_targets: unknown layer 'attn.c_atn'; choose from attn.c_attn")]:
         proc = train_run_cli(*args)

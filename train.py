@@ -122,6 +122,8 @@ CONFIG = {
     "lora_rank": (0, "LoRA: finetune rank-r adapters beside the frozen pretrained weights (0: finetune all weights)"),
     "lora_alpha": (16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank"),
     "lora_targets": ("attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", "LoRA: the layers that get adapters"),
+    "lora_base_dtype": ("float32", "LoRA: the dtype the frozen weights are held in (bfloat16 halves them; for "
+                                   "GPUs: a float32 step on a CPU widens them all again)"),
     "remat": (False, "gradient checkpointing: recompute each block's activations in the backward pass (less memory, "
                      "about a third more compute)"),
     "peak_flops": (0.0, "peak FLOP/s of one device for MFU; 0 looks the device kind up"),
@@ -262,6 +264,8 @@ def check_config(config):
     if config["dtype"] not in ("auto", "float32", "bfloat16"):
         hint = " (float16 needs loss scaling; use bfloat16)" if config["dtype"] == "float16" else ""
         raise ValueError(f"dtype must be auto, float32 or bfloat16, not {config['dtype']!r}{hint}")
+    if config["lora_base_dtype"] not in ("float32", "bfloat16"):
+        raise ValueError(f"lora_base_dtype must be float32 or bfloat16, not {config['lora_base_dtype']!r}")
     if config["lora_rank"] < 0:
         raise ValueError(f"lora_rank must be 0 (no adapters) or a positive rank, got {config['lora_rank']}")
     if config["init_from"] == "scratch" and config["lora_rank"]:
@@ -366,6 +370,10 @@ def batch_loss(params, x, y, key, n_head, dropout, dtype, remat=False, frozen=No
     params = model_params(params, frozen, scale)
     if dtype != jnp.float32:
         params = gpt.cast(params, dtype)  # float32 master weights, 16-bit compute
+    else:  # frozen bfloat16 layers (lora_base_dtype) widen where the matmuls read them. XLA:CPU still converts the
+        # whole stack at the step's start (GPT-2 XL: 15.5 GB planned against 12.4 with float32 weights), so the
+        # option pays where steps compute in bfloat16 (GPUs), using the frozen weights as they are
+        params = {k: v if k == "h" else gpt.cast(v, dtype) for k, v in params.items()}
     return gpt.lm_loss(params, x, y, n_head, dropout, key, unroll=True, remat=remat)
 
 
@@ -754,6 +762,7 @@ def starting_point(config, out_dir):
         if meta["base"] is not None:  # LoRA: the checkpoint holds adapters of this base model
             _, start["frozen"], _, _ = pretrained_model({**config, "init_from": meta["base"]})
             start["base"] = meta["base"]
+            start["frozen"] = gpt.cast(start["frozen"], jnp.dtype(config["lora_base_dtype"]))
     elif config["init_from"] != "scratch":
         hparams, params, folder, vocab_dir = pretrained_model(config)
         if out_dir.resolve() == folder.resolve():
@@ -762,7 +771,7 @@ def starting_point(config, out_dir):
         if config["lora_rank"]:  # the pretrained weights stay as they are; the adapters train
             name = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
             start["base"] = name if name in NANOGPT_NAMES.values() else str(folder.resolve())  # found on resume
-            start["frozen"] = params
+            start["frozen"] = gpt.cast(params, jnp.dtype(config["lora_base_dtype"]))
             params = gpt.init_adapters(jax.random.PRNGKey(config["seed"]), params, config["lora_rank"],
                                        lora_targets(config))
     dataset_dir, tokens = prepare_dataset(config, vocab_dir)
