@@ -10,7 +10,9 @@ cache holds one sequence; batch decoding with `jax.vmap`, which also gives each 
     x, cache = transformer(params, ids, n_head, cache, pos) # [n_seq], with a KV cache for decoding
 
 The compute dtype is the params' dtype (float32, or bfloat16 via `cast`); LayerNorm statistics, attention softmax and
-the loss are always computed in float32.
+the loss are always computed in float32. For finetuning big models: `remat=True` recomputes each block's activations
+in the backward pass (gradient checkpointing), and LoRA adapters are a second dict that `with_adapters` puts beside
+the frozen weights (`init_adapters`, `merge_adapters`).
 """
 import math
 from functools import partial

@@ -1842,6 +1842,14 @@ def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, m
     result = train.train(train_config(train_data_dir, tmp_path / "fits", max_iters=2, eval_interval=2))
     assert "memory: params" in capsys.readouterr().err
     assert all(e["peak_memory_gb"] > 0 for e in result["evals"])
+    # the plan against what a fresh train.py process measures after its first step: the peak is the plan plus the
+    # process itself (the JAX runtime and Python: 0.3-0.8 GB here), within a stated 1 GB
+    proc = train_run_cli(f"--data_dir={train_data_dir}", f"--out_dir={tmp_path / 'cli'}", "--max_iters=2",
+                         "--eval_interval=2", "--eval_iters=1", "--block_size=256", "--batch_size=8")
+    found = re.search(r"memory: peak ([\d.]+) (GB|MB) after the first step \(planned ([\d.]+) (GB|MB)", proc.stdout)
+    assert proc.returncode == 0 and found, proc.stdout[-2000:]
+    peak, planned = (float(found.group(i)) * (1e9 if found.group(i + 1) == "GB" else 1e6) for i in (1, 3))
+    assert planned < peak < planned + 1e9, (planned, peak)
 
 
 def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_path):
