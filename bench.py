@@ -186,8 +186,9 @@ FINETUNE_SHAPES = {"124M": GPT2_124M, "1558M": GPT2_1558M}
 
 def finetune_probe(spec):
     """In a fresh process (its peak RSS is its own): one finetuning configuration of GPT-2-shaped random weights,
-    "SHAPE,MODE" with MODE plain, remat, lora, lora+remat or lora+remat+bf16 (the frozen weights in bfloat16), block 1024, batch 1, float32: XLA's memory plan for the step and, when it fits,
-    seconds per step and the process's peak RSS. Prints one JSON line."""
+    "SHAPE,MODE" with MODE plain, remat, lora, lora+remat or lora+remat+bf16 (the frozen weights in bfloat16), block
+    1024, batch 1, float32: XLA's memory plan for the step and, when it fits, seconds per step and the process's peak
+    RSS. Prints one JSON line."""
     import train
 
     shape, mode = spec.split(",")
@@ -199,17 +200,13 @@ def finetune_probe(spec):
                                    "remat": "remat" in mode, "init_from": "124M" if lora else "scratch",
                                    "lora_rank": 16 if lora else 0,
                                    "lora_base_dtype": "bfloat16" if "bf16" in mode else "float32"})
-    frozen = train.init_params(config, hparams) if lora else None
-    if lora:
-        frozen = gpt.cast(frozen, jnp.dtype(config["lora_base_dtype"]))
-    params = gpt.init_adapters(jax.random.PRNGKey(0), frozen, 16) if lora else train.init_params(config, hparams)
+    params, frozen = train.init_params(config, hparams), None
+    if lora:  # the random weights are the frozen base; the adapters train
+        frozen = gpt.cast(params, jnp.dtype(config["lora_base_dtype"]))
+        params = gpt.init_adapters(jax.random.PRNGKey(0), frozen, 16)
     optimizer = train.make_optimizer(config, params)
     mesh = train.Mesh(np.array(jax.devices()[:1]), ("data",))
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = train.tree_shardings(mesh, opt_shapes, False)
-    batch = jax.ShapeDtypeStruct((1, 1, 1024), jnp.int32, sharding=train.NamedSharding(mesh, train.P()))
-    step = jax.jit(train.step_function(config, optimizer, hparams["n_head"]), donate_argnums=(0, 1))
-    plan, step = train.memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch), frozen)
+    step, plan, _ = train.compiled_step(config, optimizer, hparams["n_head"], mesh, params, frozen)
     result = {"plan_gb": plan["total"] / 1e9, "step_gb": plan["step"] / 1e9, "fits": True}
     try:
         train.check_memory(plan, config)

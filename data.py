@@ -143,8 +143,8 @@ def char_encoder(chars):  # -> text -> [n_chars] int64 ids, by a table look-up o
 
 
 def gpt2_encoder(vocab_dir):
-    """GPT-2's tokenizer from vocab_dir (encoder.json + vocab.bpe; None: GPT-2's own, shipped in vocab/)."""
-    vocab_dir = Path(vocab_dir or encoder.GPT2_VOCAB)
+    """GPT-2's tokenizer from vocab_dir (encoder.json + vocab.bpe)."""
+    vocab_dir = Path(vocab_dir)
     missing = [name for name in GPT2_FILES if not (vocab_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{vocab_dir} lacks {', '.join(missing)}: give a --vocab_dir that holds GPT-2's "
@@ -153,7 +153,6 @@ def gpt2_encoder(vocab_dir):
 
 
 def copy_gpt2_vocab(vocab_dir, folder):
-    vocab_dir = vocab_dir or encoder.GPT2_VOCAB
     for name in GPT2_FILES:
         write_atomic(Path(folder) / name, (Path(vocab_dir) / name).read_bytes())
 
@@ -248,7 +247,7 @@ def prepare_folder(folder, root, tokens, vocab_dir, val_fraction=VAL_FRACTION, n
         meta = {"kind": "char", "chars": vocab}
     else:
         gpt2_encoder(vocab_dir)  # a missing vocabulary is reported once, here, not by every worker
-        vocab, meta = str(vocab_dir or encoder.GPT2_VOCAB), {"kind": "gpt2"}
+        vocab, meta = str(vocab_dir), {"kind": "gpt2"}
         copy_gpt2_vocab(vocab_dir, folder)
     val = val_sources(len(sources), val_fraction)
     counts = {}
@@ -298,6 +297,7 @@ def prepare(dataset, data_dir="data", tokens=None, vocab_dir=None, source=None, 
     """Prepare dataset unless it already is; returns its folder. dataset: a name (shakespeare_char, shakespeare,
     openwebtext, or a folder already under data_dir) or a path to a text file or a folder of documents. tokens:
     "char" or "gpt2" (a named dataset has its own). A text's dataset is prepared again when the text changes."""
+    vocab_dir = Path(vocab_dir or encoder.GPT2_VOCAB)  # GPT-2's own vocabulary unless told another
     if tokens is not None and tokens not in TOKENS:
         raise ValueError(f"tokens must be char or gpt2, not {tokens!r}")
     if dataset in NAMED:

@@ -39,12 +39,15 @@ def atomic_write(path, mode="wb"):
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
-        previous = " (its previous version is intact)" if path.exists() else ""
-        error = OSError(f"cannot write {path}: {e.strerror or e}{previous}")
-        error.errno = e.errno  # kept for callers, but not in the message (OSError(errno, text) prints "[Errno N]")
-        raise error from None
+        raise cannot_write(path, e, " (its previous version is intact)" if path.exists() else "") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cannot_write(path, error, note=""):  # an OSError whose one-line message names path and the system's reason
+    out = OSError(f"cannot write {path}: {error.strerror or error}{note}")
+    out.errno = error.errno  # kept for callers, but not in the message (OSError(errno, text) prints "[Errno N]")
+    return out
 
 
 def fsync_dir(folder):  # make a rename in folder durable; some file systems cannot, which is no error

@@ -255,19 +255,19 @@ def init_adapters(key, params, rank, targets=LORA_TARGETS):
 
 
 def with_adapters(params, adapters, scale):  # params whose adapted layers also hold lora_a and lora_b * scale
-    h = {group: dict(layers) for group, layers in params["h"].items()}
-    for group, layers in adapters["h"].items():
-        for name, ab in layers.items():
-            h[group][name] = {**h[group][name], "lora_a": ab["lora_a"], "lora_b": ab["lora_b"] * scale}
-    return {**params, "h": h}
+    return map_adapted(params, adapters, lambda p, ab: {**p, "lora_a": ab["lora_a"], "lora_b": ab["lora_b"] * scale})
 
 
 def merge_adapters(params, adapters, scale):  # -> plain params computing the same: W + scale * A B
+    return map_adapted(params, adapters,
+                        lambda p, ab: {**p, "w": p["w"] + scale * (ab["lora_a"] @ ab["lora_b"]).astype(p["w"].dtype)})
+
+
+def map_adapted(params, adapters, update):  # params with update(layer, its adapter) for each adapted layer's dict
     h = {group: dict(layers) for group, layers in params["h"].items()}
     for group, layers in adapters["h"].items():
         for name, ab in layers.items():
-            w = h[group][name]["w"]
-            h[group][name] = {**h[group][name], "w": w + scale * (ab["lora_a"] @ ab["lora_b"]).astype(w.dtype)}
+            h[group][name] = update(h[group][name], ab)
     return {**params, "h": h}
 
 

@@ -367,13 +367,10 @@ def batch_loss(params, x, y, key, n_head, dropout, dtype, remat=False, frozen=No
     # [B, T], [B, T] -> mean cross-entropy. The whole batch in one call, not a vmap over rows: the linear layers then
     # multiply [B * T, n_in] matrices (gpt.linear says why that matters); no key: no dropout. With LoRA, params are
     # the adapters and frozen the base model: the gradient is the adapters' only.
-    params = model_params(params, frozen, scale)
-    if dtype != jnp.float32:
-        params = gpt.cast(params, dtype)  # float32 master weights, 16-bit compute
-    else:  # frozen bfloat16 layers (lora_base_dtype) widen where the matmuls read them. XLA:CPU still converts the
-        # whole stack at the step's start (GPT-2 XL: 15.5 GB planned against 12.4 with float32 weights), so the
-        # option pays where steps compute in bfloat16 (GPUs), using the frozen weights as they are
-        params = {k: v if k == "h" else gpt.cast(v, dtype) for k, v in params.items()}
+    # float32 master weights and 16-bit compute, or LoRA's bfloat16-held frozen weights widened to a float32 step
+    # (XLA:CPU widens the whole stack at the step's start: GPT-2 XL plans 15.5 GB against 12.4 with float32 weights,
+    # so lora_base_dtype pays where steps compute in bfloat16, on GPUs)
+    params = gpt.cast(model_params(params, frozen, scale), dtype)
     return gpt.lm_loss(params, x, y, n_head, dropout, key, unroll=True, remat=remat)
 
 
@@ -446,29 +443,47 @@ def memory_plan(step, params, opt_shapes, opt_shardings, batch, frozen=None):
     return {**plan, "total": sum(plan.values())}, compiled
 
 
+def compiled_step(config, optimizer, n_head, mesh, params, frozen=None):
+    """train_step for config, jitted (params and optimizer state donated, kept in their shardings) and compiled for
+    its batch before the optimizer state exists -> (the compiled step, XLA's memory plan for it, the optimizer
+    state's shardings). params: on the devices already; frozen: LoRA's base model, else None."""
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = tree_shardings(mesh, opt_shapes, config["fsdp"])
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    step = jax.jit(step_function(config, optimizer, n_head), donate_argnums=(0, 1),
+                   out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())))
+    shape = (config["gradient_accumulation_steps"], config["batch_size"], config["block_size"])
+    batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, P(None, "data", None)))
+    plan, step = memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch), frozen)
+    return step, plan, opt_shardings
+
+
 def available_memory():  # -> (bytes a device can hold for this run, what it is) or (None, None) when unknown
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return stats["bytes_limit"], f"{device.device_kind} has"
-    try:  # a CPU: what the system can still give, plus what this process holds already (the params, mostly)
-        meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
-        status = dict(line.split(":") for line in Path("/proc/self/status").read_text().splitlines())
-        kib = lambda text: int(text.split()[0]) * 1024
-        return kib(meminfo["MemAvailable"]) + kib(status["VmRSS"]), "this machine has"
-    except (OSError, KeyError, ValueError):
-        return None, None
+    stats = device_memory_stats()
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"], f"{jax.local_devices()[0].device_kind} has"
+    # a CPU: what the system can still give, plus what this process holds already (the params, mostly)
+    free, held = proc_bytes("/proc/meminfo", "MemAvailable"), proc_bytes("/proc/self/status", "VmRSS")
+    return (free + held, "this machine has") if free is not None and held is not None else (None, None)
 
 
-def peak_memory():  # bytes at the peak so far: the device's, or on a CPU the process's resident set
+def peak_memory():  # bytes at the peak so far: the device's, or on a CPU the process's resident set; None: unknown
+    return device_memory_stats().get("peak_bytes_in_use") or proc_bytes("/proc/self/status", "VmHWM")
+
+
+def device_memory_stats():  # an accelerator's memory statistics ({} on a CPU, whose figures come from /proc)
     device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "peak_bytes_in_use" in stats:
-        return stats["peak_bytes_in_use"]
+    return (device.memory_stats() or {}) if device.platform != "cpu" else {}
+
+
+def proc_bytes(path, key):  # "VmHWM:   123 kB" in a /proc file -> bytes, or None where there is no such file
     try:
-        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
-    except (OSError, IndexError, ValueError):
-        return None
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def size(n_bytes):  # "1.23 GB", or "45 MB" below a tenth of a GB
@@ -678,7 +693,7 @@ def append_metrics(out_dir, record):
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+        raise files.cannot_write(path, e) from None
 
 
 # -------------------------------------------------------------------------------------------------------- out_dir
@@ -762,7 +777,6 @@ def starting_point(config, out_dir):
         if meta["base"] is not None:  # LoRA: the checkpoint holds adapters of this base model
             _, start["frozen"], _, _ = pretrained_model({**config, "init_from": meta["base"]})
             start["base"] = meta["base"]
-            start["frozen"] = gpt.cast(start["frozen"], jnp.dtype(config["lora_base_dtype"]))
     elif config["init_from"] != "scratch":
         hparams, params, folder, vocab_dir = pretrained_model(config)
         if out_dir.resolve() == folder.resolve():
@@ -771,7 +785,7 @@ def starting_point(config, out_dir):
         if config["lora_rank"]:  # the pretrained weights stay as they are; the adapters train
             name = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
             start["base"] = name if name in NANOGPT_NAMES.values() else str(folder.resolve())  # found on resume
-            start["frozen"] = gpt.cast(params, jnp.dtype(config["lora_base_dtype"]))
+            start["frozen"] = params
             params = gpt.init_adapters(jax.random.PRNGKey(config["seed"]), params, config["lora_rank"],
                                        lora_targets(config))
     dataset_dir, tokens = prepare_dataset(config, vocab_dir)
@@ -786,6 +800,8 @@ def starting_point(config, out_dir):
         raise ValueError(f"block_size {config['block_size']} exceeds the model's context of {hparams['n_ctx']} tokens")
     splits = {split: data.load_split(dataset_dir, split) for split in data.SPLITS}
     check_splits(splits, dataset_dir, config["block_size"])
+    if start["frozen"] is not None:
+        start["frozen"] = gpt.cast(start["frozen"], jnp.dtype(config["lora_base_dtype"]))
     model = start["frozen"] if start["frozen"] is not None else params
     config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}, "bias": "b" in model["ln_f"]}
     return {**start, "config": config, "hparams": hparams, "params": params, "dataset_dir": dataset_dir,
@@ -834,23 +850,17 @@ def training(state, writes):
     params = jax.device_put(params, param_shardings)
     if frozen is not None:
         frozen = jax.device_put(frozen, tree_shardings(mesh, frozen, config["fsdp"]))
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = tree_shardings(mesh, opt_shapes, config["fsdp"])
     dtype, n_head = compute_dtype(config), hparams["n_head"]
-    replicated = NamedSharding(mesh, P())
-    step = jax.jit(step_function(config, optimizer, n_head), donate_argnums=(0, 1),
-                   out_shardings=(param_shardings, opt_shardings, replicated))
+    # the step compiled, and XLA's plan for its memory checked against the device, before the optimizer state exists
+    step, plan, opt_shardings = compiled_step(config, optimizer, n_head, mesh, params, frozen)
+    check_memory(plan, config)
+    if jax.process_index() == 0 and not config["eval_only"]:
+        print(f"memory: {describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
     evaluate = jax.jit(partial(eval_loss, n_head=n_head, dtype=dtype, scale=scale))
     merged = jax.jit(partial(gpt.merge_adapters, scale=scale)) if frozen is not None else None
     all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
 
     B, T, n_micro = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
-    # memory: XLA's plan for a step, checked against the device before the optimizer state is created
-    batch_shape = jax.ShapeDtypeStruct((n_micro, B, T), jnp.int32, sharding=NamedSharding(mesh, P(None, "data", None)))
-    plan, step = memory_plan(step, params, opt_shapes, opt_shardings, (batch_shape, batch_shape), frozen)
-    check_memory(plan, config)
-    if jax.process_index() == 0 and not config["eval_only"]:
-        print(f"memory: {describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
     opt_state = state["opt_state"] if state["opt_state"] is not None else jax.jit(optimizer.init)(params)
     opt_state = jax.device_put(opt_state, opt_shardings)
     tokens_per_iter = B * T * n_micro
@@ -922,9 +932,10 @@ def training(state, writes):
         now = time.perf_counter()
         if window["t"] is None:  # the first step of a stretch includes compilation: time from its end, and keep it
             window["t"], window["iters"] = now, 0  # (and any evaluation) out of the bar's rate and time left
-            bar.last_print_t = time.time()
-            if it == start and peak_memory() is not None:  # after the first step: what the plan became
-                bar.write(f"memory: peak {size(peak_memory())} after the first step (planned {size(plan['total'])}"
+            bar.unpause()
+            used = peak_memory()
+            if it == start and used is not None:  # after the first step: what the plan became
+                bar.write(f"memory: peak {size(used)} after the first step (planned {size(plan['total'])}"
                           f"{', and the process itself' if jax.default_backend() == 'cpu' else ''})")
         else:
             window["iters"] += 1
@@ -947,7 +958,7 @@ def training(state, writes):
                     record = {"iter": it, "train_loss": estimate["train"], "val_loss": estimate["val"],
                               "lr": float(learning_rate(it, config, np)), "tokens_per_s": rate["tokens_per_s"],
                               "mfu": rate["mfu"], "elapsed_s": round(time.perf_counter() - t_start, 3),
-                              "peak_memory_gb": round(peak_memory() / GB, 3) if peak_memory() else None}
+                              "peak_memory_gb": round(used / GB, 3) if (used := peak_memory()) else None}
                     history.append(record)
                     bar.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
                     if not all(map(math.isfinite, estimate.values())):

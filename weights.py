@@ -616,6 +616,11 @@ def to_device(array, dtype):  # np.float32 -> jax array of dtype (float32 when N
     return jax.device_put(array if dtype is None else array.astype(dtype, copy=False)).block_until_ready()
 
 
+def flatten(params):  # {"h": {"ln_1": {"g": x}}, ...} -> {"h/ln_1/g": x as np.float32, ...}
+    return {"/".join(k.key for k in path): np.asarray(x, np.float32)
+            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
 def unflatten(flat):  # {"h/ln_1/g": x, ...} -> {"h": {"ln_1": {"g": x}}, ...}
     tree = {}
     for name, value in flat.items():
@@ -673,9 +678,7 @@ def save_params(model_dir, hparams, params):
     load_hparams_and_params and main.py --model_dir read like any other."""
     folder = Path(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(k.key for k in path): np.asarray(x, np.float32)
-            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    write_safetensors(folder / CACHE_NAME, flat, {"format": CACHE_FORMAT, "hparams": json.dumps(hparams)})
+    write_safetensors(folder / CACHE_NAME, flatten(params), {"format": CACHE_FORMAT, "hparams": json.dumps(hparams)})
 
 
 def model_folder(model, models_dir):  # a release size (downloaded when incomplete) or a path -> folder
@@ -721,10 +724,6 @@ def load_encoder_hparams_and_params(model, models_dir="models", dtype=None):
 # [in, out], as gpt.py's), ties lm_head to wte (not stored), and names the vocabulary files vocab.json + merges.txt:
 # the same contents as encoder.json + vocab.bpe.
 
-HF_TOKENIZER_FILES = {"vocab.json": ("encoder.json", "vocab.json"), "merges.txt": ("vocab.bpe", "merges.txt")}
-EOT = "<|endoftext|>"
-
-
 def hf_config(hparams, eot_token):  # -> config.json for transformers' GPT2LMHeadModel: GPT-2's architecture
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": hparams["n_vocab"],
             "n_positions": hparams["n_ctx"], "n_embd": hparams["n_embd"], "n_layer": hparams["n_layer"],
@@ -737,9 +736,7 @@ def hf_config(hparams, eot_token):  # -> config.json for transformers' GPT2LMHea
 
 def hf_tensors(hparams, params):  # params (biases optional) -> {HF name: np.float32 array}
     # train.py's bias=False models have no biases; HF's layers always add one, so theirs are zeros (the same function)
-    flat = {"/".join(k.key for k in path): np.asarray(x, np.float32)
-            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    tensors = {}
+    flat, tensors = flatten(params), {}
     for name, shape in param_shapes(hparams).items():
         array = flat[name] if name in flat else np.zeros(shape, np.float32)
         if name.startswith("h/"):
@@ -760,26 +757,23 @@ def to_hf(model, dest, models_dir="models"):
     taken = [name for name in model_files if (dest / name).exists()]
     if taken:
         raise FileExistsError(f"{dest} already holds a model ({taken[0]}): give a new folder as the destination")
+    from encoder import BPE_FILE_PAIRS, EOT
     folder, hparams, params = load_model(model, models_dir)
     vocab = tokenizer_folder(folder)
-    sources = {hf: next((vocab / n for n in names if (vocab / n).is_file()), None)
-               for hf, names in HF_TOKENIZER_FILES.items()}
-    bpe = all(sources.values())
-    eot_token = None
-    if bpe:
-        eot_token = read_json(sources["vocab.json"]).get(EOT)
+    pair = next((pair for pair in BPE_FILE_PAIRS if all((vocab / name).is_file() for name in pair)), None)
+    eot_token = read_json(vocab / pair[0]).get(EOT) if pair else None
     dest.mkdir(parents=True, exist_ok=True)
     write_safetensors(dest / "model.safetensors", hf_tensors(hparams, params), {"format": "pt"})
     with files.atomic_write(dest / "config.json", "w") as f:
         json.dump(hf_config(hparams, eot_token), f, indent=2)
-    if not bpe:  # keep the character vocabulary for gptjax (main.py --model_dir dest); transformers has no reader
+    if pair is None:  # keep the character vocabulary for gptjax (main.py --model_dir dest); transformers has no reader
         with files.atomic_write(dest / "meta.json", "wb") as f:
             f.write((vocab / "meta.json").read_bytes())
         return (f"{dest}: the model's character vocabulary (meta.json) has no Hugging Face tokenizer; "
                 f"transformers loads the weights, gptjax the whole model")
-    for hf, source in sources.items():
-        with files.atomic_write(dest / hf, "wb") as f:
-            f.write(source.read_bytes())
+    for hf_file, name in zip(("vocab.json", "merges.txt"), pair):  # HF's names for encoder.json and vocab.bpe
+        with files.atomic_write(dest / hf_file, "wb") as f:
+            f.write((vocab / name).read_bytes())
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot_token is not None else {}
     with files.atomic_write(dest / "tokenizer_config.json", "w") as f:
         json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": hparams["n_ctx"],
