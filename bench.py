@@ -1,25 +1,30 @@
 """Benchmarks for gptjax, side by side with the implementation users would otherwise pick, in one run.
 
-    python bench.py                      # generation: decode tok/s (batch 1, 8), prefill, compile, load, memory
-    python bench.py --vs-hf              # ... and the same with Hugging Face transformers on PyTorch, with ratios
-    python bench.py --model_dir models/124M
-    python bench.py --train              # training ms/iter and tokens/s for the small and baby-GPT configs
-    python bench.py --train --vs-hf      # ... and the same models trained by HF transformers on PyTorch
-    python bench.py --train --vs-nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python   # ... and by nanoGPT
-    python bench.py --full-run --vs-nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python  # the default run, whole
-    python bench.py --finetune           # finetuning GPT-2 124M / 1558M shapes: planned memory, s/step, peak RSS
+    python bench.py generate                  # decode tok/s (batch 1, 8), prefill, compile, load, memory
+    python bench.py generate --vs_hf          # ... and the same with Hugging Face transformers on PyTorch, with ratios
+    python bench.py generate --model_dir models/124M
+    python bench.py train                     # training ms/iter and tokens/s for the small and baby-GPT configs
+    python bench.py train --vs_hf             # ... and the same models trained by HF transformers on PyTorch
+    python bench.py train --vs_nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python      # ... and by nanoGPT
+    python bench.py full_run --vs_nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python   # the default run, whole
+    python bench.py finetune                  # finetuning GPT-2 124M / 1558M shapes: planned memory, s/step, peak RSS
 
 With no --model_dir the weights are random with GPT-2 124M's shapes (no download). Timings are medians of repeated runs
 after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm. Peers are
 timed in turns with gptjax, round after round, in the same run: shared machines drift by 2-3x over minutes.
-torch and transformers are needed only for --vs-hf (`pip install -e ".[bench]"`); --vs-nanogpt takes a checkout of
+torch and transformers are needed only for --vs_hf (`pip install -e ".[bench]"`); --vs_nanogpt takes a checkout of
 karpathy/nanoGPT, run unmodified by a python that has torch and numpy (a CPU build of torch is enough).
+
+Probes. What must be measured in a fresh process (compile time with a cold cache, load time and peak RSS, a finetuning
+step's memory) runs as `python bench.py probe KIND ARG`: the probe does one measurement and prints it as one JSON
+object on the last line of its stdout, which the parent parses (probe_json); anything else it prints is ignored.
 """
 import argparse
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,8 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cli
+import data
 import gpt
 import sampling
+import train
+import train_config
 import weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +51,7 @@ def random_params(hparams, dtype=jnp.float32, seed=0):
     # numpy draws, so that making weights compiles nothing (keeps compile-time measurements clean)
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda: gpt.init_params(jax.random.PRNGKey(0), hparams))
-    return jax.tree.map(lambda s: jnp.asarray((0.02 * rng.standard_normal(s.shape, np.float32))).astype(dtype), shapes)
+    return jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, np.float32)).astype(dtype), shapes)
 
 
 def median_time(fn, repeats):
@@ -142,12 +151,10 @@ NANOGPT_WARMUP = 5  # nanoGPT iterations left out of its median: iteration 0 eva
 
 
 def bench_config(config_file, dtype_name=None):
-    import train
-
-    overrides = train.read_config_file(os.path.join(HERE, config_file))
+    overrides = train_config.read_config_file(os.path.join(HERE, config_file))
     if dtype_name:
         overrides["dtype"] = dtype_name
-    return train.resolve_config(overrides)
+    return train_config.resolve_config(overrides)
 
 
 def gptjax_trainer(config):
@@ -155,8 +162,6 @@ def gptjax_trainer(config):
     train.py's own compiled step (forward, backward, AdamW) on a fresh batch of random characters every iteration,
     driven as train.py's loop drives it (each loss is read on the host one step late, so the next batch is made while
     the device computes), each timed from one loss read to the next. Compiled here, before any timing."""
-    import train
-
     params = train.init_params(config, train.scratch_hparams(config, 65))  # 65: tiny Shakespeare's characters
     optimizer = train.make_optimizer(config, params)
     state = {"params": params, "opt_state": jax.jit(optimizer.init)(params), "it": 0}
@@ -189,12 +194,10 @@ def finetune_probe(spec):
     "SHAPE,MODE" with MODE plain, remat, lora, lora+remat or lora+remat+bf16 (the frozen weights in bfloat16), block
     1024, batch 1, float32: XLA's memory plan for the step and, when it fits, seconds per step and the process's peak
     RSS. Prints one JSON line."""
-    import train
-
     shape, mode = spec.split(",")
     hparams = FINETUNE_SHAPES[shape]
     lora = "lora" in mode
-    config = train.resolve_config({"n_layer": hparams["n_layer"], "n_head": hparams["n_head"],
+    config = train_config.resolve_config({"n_layer": hparams["n_layer"], "n_head": hparams["n_head"],
                                    "n_embd": hparams["n_embd"], "block_size": 1024, "batch_size": 1,
                                    "gradient_accumulation_steps": 1, "dropout": 0.0, "bias": True,
                                    "remat": "remat" in mode, "init_from": "124M" if lora else "scratch",
@@ -230,12 +233,11 @@ def finetune_table():
     rows = []
     for shape in FINETUNE_SHAPES:
         for mode in ("plain", "remat", "lora", "lora+remat", "lora+remat+bf16"):
-            out = subprocess.run([sys.executable, __file__, "--finetune-probe", f"{shape},{mode}"], capture_output=True,
-                                 text=True)
-            if out.returncode:
-                rows.append(f"| {shape} | {mode} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | |")
+            try:
+                r = probe_json("finetune", f"{shape},{mode}")
+            except ValueError as e:
+                rows.append(f"| {shape} | {mode} | failed: {str(e)[:80]} | | |")
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             timing = (f"{r['s_per_step']:.2f} | {r['peak_rss_gb']:.2f}" if r["fits"] else "does not fit: refused | ")
             rows.append(f"| {shape} | {mode} | {r['plan_gb']:.2f} ({r['step_gb']:.2f} of it the step's) | {timing} |")
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; finetuning (all weights, or LoRA rank 16 on "
@@ -295,15 +297,13 @@ def nanogpt_command(args, config, out_dir, **overrides):
 def prepare_nanogpt_data(args):
     """nanoGPT reads data/shakespeare_char/{train,val}.bin from its checkout: made by its own prepare.py from the
     input.txt that gptjax uses (data.py fetches it when missing)."""
-    import data
-
     folder = os.path.join(args.vs_nanogpt, "data", "shakespeare_char")
     if not os.path.isfile(os.path.join(folder, "prepare.py")):
-        sys.exit(f"error: {args.vs_nanogpt} is not a checkout of karpathy/nanoGPT (no data/shakespeare_char/prepare.py)")
+        raise ValueError(f"{args.vs_nanogpt} is not a checkout of karpathy/nanoGPT (no data/shakespeare_char/"
+                         f"prepare.py)")
     if os.path.isfile(os.path.join(folder, "train.bin")):
         return
     ours = data.prepare("shakespeare_char", args.data_dir)
-    import shutil
     shutil.copyfile(os.path.join(ours, "input.txt"), os.path.join(folder, "input.txt"))
     subprocess.run([args.nanogpt_python, "prepare.py"], cwd=folder, check=True, capture_output=True)
 
@@ -319,7 +319,7 @@ def nanogpt_trainer(args, config):
                                         eval_iters=1, log_interval=1, always_save_checkpoint=False)
             proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
         if proc.returncode:
-            sys.exit(f"error: nanoGPT's train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+            raise ValueError(f"nanoGPT's train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
         times = [float(ms) / 1e3 for it, ms in re.findall(r"^iter (\d+): loss [0-9.]+, time ([0-9.]+)ms",
                                                            proc.stdout, re.M) if int(it) >= NANOGPT_WARMUP]
         return times
@@ -332,8 +332,8 @@ def train_table(args):
     iters = {TRAIN_CONFIGS[0]: args.small_iters, TRAIN_CONFIGS[1]: args.baby_iters}
     peers = (["HF transformers"] if args.vs_hf else []) + (["nanoGPT"] if args.vs_nanogpt else [])
     rows = []
-    for config_file in args.train_configs.split(","):
-        config = bench_config(config_file, args.train_dtype)
+    for config_file in args.configs.split(","):
+        config = bench_config(config_file, args.dtype)
         trainers = {"gptjax": gptjax_trainer(config)}
         if args.vs_hf:
             trainers["HF transformers"] = hf_trainer(config)
@@ -362,21 +362,20 @@ def train_table(args):
 def full_run_table(args):
     """Wall time of the default `python train.py` (2000 iterations with its evaluations, startup and compilation,
     into an empty compilation cache) and of nanoGPT's train.py with the same settings, in turns."""
-    import train
-
-    config = train.resolve_config({})
+    config = train_config.resolve_config({})
     prepare_nanogpt_data(args)
     seconds = {"gptjax": [], "nanoGPT": []}
     losses = {}
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, "GPTJAX_COMPILATION_CACHE": os.path.join(tmp, "cache")}
-            argv = [sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp}/out", f"--data_dir={args.data_dir}"]
+            argv = [sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp}/out",
+                    f"--data_dir={args.data_dir}"]
             t = time.perf_counter()
             proc = subprocess.run(argv, env=env, capture_output=True, text=True)
             seconds["gptjax"].append(time.perf_counter() - t)
             if proc.returncode:
-                sys.exit(f"error: train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+                raise ValueError(f"train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
             last = json.loads(open(os.path.join(tmp, "out", "metrics.jsonl")).read().splitlines()[-1])
             losses["gptjax"] = last["val_loss"]
             argv, cwd = nanogpt_command(args, config, os.path.join(tmp, "nano"))
@@ -384,7 +383,7 @@ def full_run_table(args):
             proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
             seconds["nanoGPT"].append(time.perf_counter() - t)
             if proc.returncode:
-                sys.exit(f"error: nanoGPT's train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+                raise ValueError(f"nanoGPT's train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
             losses["nanoGPT"] = float(re.findall(r"val loss ([0-9.]+)", proc.stdout)[-1])
     ours, theirs = float(np.median(seconds["gptjax"])), float(np.median(seconds["nanoGPT"]))
     print(f"\ndevice: {jax.devices()[0].device_kind} ({jax.device_count()} x {jax.default_backend()}), jax "
@@ -395,8 +394,9 @@ def full_run_table(args):
           f"{losses['nanoGPT']:.4f} | {ours / theirs:.2f} (gptjax / nanoGPT) |")
 
 
-def compile_probe(hparams_name, dtype):
-    # run in a fresh process: time the first generation (compile + run) and a second one (run only)
+def compile_probe(spec):
+    # "SHAPE,DTYPE", in a fresh process: time the first generation (compile + run) and a second one (run only)
+    hparams_name, dtype = spec.split(",")
     hparams = {"124M": GPT2_124M, "1558M": GPT2_1558M}[hparams_name]
     shapes = jax.eval_shape(lambda: gpt.init_params(jax.random.PRNGKey(0), hparams, jnp.dtype(dtype)))
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -411,10 +411,7 @@ def compile_probe(hparams_name, dtype):
 
 
 def compile_time(hparams_name, cache_dir, dtype="float32"):
-    env = {**os.environ, "GPTJAX_COMPILATION_CACHE": cache_dir}
-    out = subprocess.run([sys.executable, __file__, "--compile-probe", hparams_name, "--dtype", dtype],
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["compile_s"]
+    return probe_json("compile", f"{hparams_name},{dtype}", GPTJAX_COMPILATION_CACHE=cache_dir)["compile_s"]
 
 
 def load_probe(model_dir):
@@ -430,63 +427,77 @@ def load_probe(model_dir):
 
 
 def load_time(model_dir):
-    out = subprocess.run([sys.executable, __file__, "--load-probe", str(model_dir)], capture_output=True, text=True,
-                         check=True)
+    return probe_json("load", str(model_dir))
+
+
+def probe_json(kind, arg, **env):
+    """Run `python bench.py probe KIND ARG` in a fresh process (env: extra environment variables) -> the JSON object
+    on the last line of its stdout; ValueError with its last line of stderr when it fails."""
+    out = subprocess.run([sys.executable, __file__, "probe", kind, arg], capture_output=True, text=True,
+                         env={**os.environ, **env})
+    if out.returncode:
+        raise ValueError(f"probe {kind} {arg} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_dir", help="a model folder (TF release or HF layout); default: random 124M-shaped weights")
-    ap.add_argument("--vs-hf", action="store_true", help="also run HF transformers (PyTorch) on the same weights")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--batches", default="1,8", help="decode batch sizes, comma separated")
-    ap.add_argument("--n_prompt", type=int, default=10)
-    ap.add_argument("--n_new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip_compile", action="store_true", help="skip the cold/warm compile-time probes")
-    ap.add_argument("--train", action="store_true", help="time training steps instead of generation")
-    ap.add_argument("--vs-nanogpt", metavar="DIR", help="with --train: also run nanoGPT's train.py from this checkout "
-                    "of karpathy/nanoGPT, unmodified")
-    ap.add_argument("--nanogpt_python", default=sys.executable, help="the python (with torch) that runs nanoGPT")
-    ap.add_argument("--full-run", action="store_true", help="with --vs-nanogpt: time the default python train.py, "
-                    "start to end, against nanoGPT's same run")
-    ap.add_argument("--train_configs", default=",".join(TRAIN_CONFIGS), help="with --train: config files to time")
-    ap.add_argument("--train_dtype", help="with --train: the compute dtype (default: train.py's auto)")
-    ap.add_argument("--rounds", type=int, default=3, help="with --train: rounds of timing in turns")
-    ap.add_argument("--small_iters", type=int, default=30, help="with --train: iterations per round, small config")
-    ap.add_argument("--baby_iters", type=int, default=3, help="with --train: iterations per round, baby GPT")
-    ap.add_argument("--data_dir", default="data", help="where tiny Shakespeare is (or is fetched to) for nanoGPT")
-    ap.add_argument("--finetune", action="store_true", help="memory and step time of finetuning GPT-2 124M and 1558M "
-                    "shapes at block 1024, with and without --remat (each in a fresh process)")
-    ap.add_argument("--finetune-probe", help=argparse.SUPPRESS)
-    ap.add_argument("--compile-probe", help=argparse.SUPPRESS)
-    ap.add_argument("--load-probe", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.vs_hf and not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
-        ap.error('--vs-hf needs torch and transformers: pip install -e ".[bench]" --extra-index-url '
+    commands = ap.add_subparsers(dest="command", required=True, metavar="{generate,train,full_run,finetune}")
+    gen = commands.add_parser("generate", help="decoding, prefill, compile and load times")
+    gen.add_argument("--model_dir", help="a model folder (any layout main.py reads); default: random 124M-shaped "
+                                         "weights")
+    gen.add_argument("--vs_hf", action="store_true", help="also run HF transformers (PyTorch) on the same weights")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--batches", default="1,8", help="decode batch sizes, comma separated")
+    gen.add_argument("--n_prompt", type=int, default=10)
+    gen.add_argument("--n_new", type=int, default=64)
+    gen.add_argument("--repeats", type=int, default=5)
+    gen.add_argument("--skip_compile", action="store_true", help="skip the cold/warm compile-time probes")
+    tr = commands.add_parser("train", help="training ms/iter, in turns with the peers")
+    tr.add_argument("--vs_hf", action="store_true", help="also train the same models with HF transformers")
+    tr.add_argument("--configs", default=",".join(TRAIN_CONFIGS), help="config files to time")
+    tr.add_argument("--dtype", help="the compute dtype (default: train.py's auto)")
+    tr.add_argument("--small_iters", type=int, default=30, help="iterations per round, small config")
+    tr.add_argument("--baby_iters", type=int, default=3, help="iterations per round, baby GPT")
+    full = commands.add_parser("full_run", help="the default python train.py, start to end, beside nanoGPT's")
+    for sub in (tr, full):
+        sub.add_argument("--vs_nanogpt", metavar="DIR", required=sub is full,
+                         help="also run nanoGPT's train.py from this checkout of karpathy/nanoGPT, unmodified")
+        sub.add_argument("--nanogpt_python", default=sys.executable, help="the python (with torch) that runs nanoGPT")
+        sub.add_argument("--rounds", type=int, default=3, help="rounds of timing in turns")
+        sub.add_argument("--data_dir", default="data", help="where tiny Shakespeare is (or is fetched to) for nanoGPT")
+    commands.add_parser("finetune", help="memory and step time of finetuning GPT-2 124M and 1558M shapes at block "
+                                         "1024, with and without remat and LoRA (each in a fresh process)")
+    probe = commands.add_parser("probe")  # internal: see "Probes" above
+    probe.add_argument("kind", choices=["compile", "load", "finetune"])
+    probe.add_argument("arg")
+    args = ap.parse_args(argv)
+    if getattr(args, "vs_hf", False) and not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        ap.error('--vs_hf needs torch and transformers: pip install -e ".[bench]" --extra-index-url '
                  'https://download.pytorch.org/whl/cpu (the CPU build of torch; without the index, pip fetches the '
                  'CUDA build and its GBs of nvidia wheels)')
-    sampling.enable_compilation_cache()
-    sampling.keep_freed_memory()  # as main.py and train.py run
-    if args.finetune_probe or args.finetune:
-        import train
-        train.prefer_eigen_dots_on_cpu()  # as `python train.py` runs
-        return finetune_probe(args.finetune_probe) if args.finetune_probe else finetune_table()
-    if args.compile_probe:
-        return compile_probe(args.compile_probe, args.dtype)
-    if args.load_probe:
-        return load_probe(args.load_probe)
-    if args.train or args.full_run:
-        import train
-        train.prefer_eigen_dots_on_cpu()  # time the step as `python train.py` runs it
-    if args.full_run:
-        if not args.vs_nanogpt:
-            ap.error("--full-run needs --vs-nanogpt DIR")
-        return full_run_table(args)
-    if args.train:
-        return train_table(args)
+    return args
 
+
+def main(argv=None):
+    return cli.run(lambda argv: run(parse_args(argv)), argv)
+
+
+def run(args):
+    mode = args.kind if args.command == "probe" else args.command
+    cli.setup(training=mode in ("train", "full_run", "finetune"))  # as main.py, or as train.py runs its steps
+    if args.command == "probe":
+        return {"compile": compile_probe, "load": load_probe, "finetune": finetune_probe}[args.kind](args.arg)
+    if args.command == "finetune":
+        return finetune_table()
+    if args.command == "full_run":
+        return full_run_table(args)
+    if args.command == "train":
+        return train_table(args)
+    return generate_table(args)
+
+
+def generate_table(args):
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0].device_kind
     rows = []  # (metric, gptjax, hf)
@@ -543,4 +554,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,15 +32,16 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
+import cli
 import encoder
 import files
+from download import download
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 NAMED = {"shakespeare_char": "char", "shakespeare": "gpt2", "openwebtext": "gpt2"}  # name -> its tokens
@@ -279,10 +280,9 @@ def shakespeare_text(data_dir):
     for path in places:
         if path.is_file():
             return path.read_text(encoding="utf-8")
-    import weights
     places[0].parent.mkdir(parents=True, exist_ok=True)
     try:
-        weights.download(SHAKESPEARE_URL, places[0])
+        download(SHAKESPEARE_URL, places[0])
     except (ConnectionError, FileNotFoundError) as e:
         raise ConnectionError(f"{e}; to work offline, put tiny Shakespeare's input.txt at {places[0]}") from None
     return places[0].read_text(encoding="utf-8")
@@ -350,17 +350,15 @@ def main(argv=None):
                                             "shipped in vocab/)")
     parser.add_argument("--source", help="openwebtext: the folder of its .txt documents or .xz archives")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="processes encoding documents")
-    args = parser.parse_args(argv)
-    try:
-        folder = prepare(args.dataset, args.data_dir, args.tokens, args.vocab_dir, args.source, args.num_proc)
-        meta = read_meta(folder)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return cli.run(lambda argv: prepare_and_report(parser.parse_args(argv)), argv)
+
+
+def prepare_and_report(args):  # python data.py DATASET ...: prepare it and print its size
+    folder = prepare(args.dataset, args.data_dir, args.tokens, args.vocab_dir, args.source, args.num_proc)
+    meta = read_meta(folder)
     sizes = ", ".join(f"{split} {load_split(folder, split).size:,}" for split in SPLITS)
     vocab = f"{len(meta['chars'])} characters" if meta["kind"] == "char" else "GPT-2 BPE"
     print(f"{folder}: {sizes} tokens ({vocab})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -115,3 +115,11 @@ def locked(path, waiting=None, busy=None):
             with contextlib.suppress(OSError):
                 f.seek(0)
                 f.truncate()
+
+
+class Damaged(ValueError):
+    """A file that fails its checks. The advice that ends the message depends on where the file came from: a
+    downloaded release can be fetched again (load_encoder_hparams_and_params says so), a user's own file cannot."""
+    def __init__(self, path, problem, advice="put back a good copy"):
+        super().__init__(f"{path} is damaged ({problem}): {advice}")
+        self.path, self.problem = path, problem

@@ -35,28 +35,6 @@ def layer_norm(x, g, b=None, eps=1e-5):  # [..., n_embd] -> [..., n_embd]
     return (y if b is None else y + b).astype(x.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def normalized(x, eps):  # [..., n] -> [..., n]: mean 0 and variance 1 along the last axis
-    return normalized_and_saved(x, eps)[0]
-
-
-def normalized_and_saved(x, eps):  # the forward pass, and what the backward pass needs of it
-    centered = x - x.mean(axis=-1, keepdims=True)
-    inv_std = lax.rsqrt(jnp.square(centered).mean(axis=-1, keepdims=True) + eps)
-    y = centered * inv_std
-    return y, (y, inv_std)
-
-
-def normalized_backward(eps, saved, dy):
-    # the textbook gradient in one expression: autodiff's own ran to several more passes over the activations
-    # (a training step ~5% slower on a CPU)
-    y, inv_std = saved
-    return (inv_std * (dy - dy.mean(axis=-1, keepdims=True) - y * (dy * y).mean(axis=-1, keepdims=True)),)
-
-
-normalized.defvjp(normalized_and_saved, normalized_backward)
-
-
 def linear(x, w, b=None, lora_a=None, lora_b=None):  # [..., n_in] -> [..., n_out]
     # one 2-D matmul over the rows of all sequences: for a [batch, n_seq, n_in] operand XLA:CPU computes the weight
     # gradient by first copying the activations transposed, which made training ~1.3x slower
@@ -75,38 +53,12 @@ def dropout(x, rate, key):  # [...] -> [...]; identity when rate is 0 or there i
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def random_bits(key, shape):  # a PRNG key -> uint32 [*shape]: a keyed hash of each element's index
-    # Not jax.random.bits: threefry runs on a CPU as a loop of unfused passes over the whole array (~1/6 of a baby
-    # GPT's training step, for its dropout masks). This hash is a few integer ops that fuse into the multiply, and it
-    # depends only on the key and the element's global index, so the bits do not depend on how x is sharded.
-    k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
-    row = lax.broadcasted_iota(jnp.uint32, shape, 0) if shape else jnp.uint32(0)
-    col = jnp.zeros(shape, jnp.uint32)  # the element's index within its row (the leading axis)
-    for axis in range(1, len(shape)):
-        col = col * jnp.uint32(shape[axis]) + lax.broadcasted_iota(jnp.uint32, shape, axis)
-    return mix32(mix32(mix32(row ^ k0) ^ col) ^ k1)
-
-
-def mix32(h):  # uint32 -> uint32, a bijection in which every input bit flips each output bit with probability ~1/2
-    # (MurmurHash3's finaliser)
-    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
-    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
 def attention(q, k, v, mask, dropout_rate=0.0, key=None):
     # [..., n_head, n_q, d], [..., n_head, n_k, d], [..., n_head, n_k, d], [n_q, n_k] -> [..., n_head, n_q, d]
     scores = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=wide(q.dtype)) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, key)
     return jnp.einsum("...qk,...kd->...qd", weights, v)
-
-
-def use_flash_attention(dtype):
-    # cuDNN's fused attention never materialises the [n_head, n_seq, n_seq] scores: on a GPU in 16-bit it is ~2.5x
-    # faster than `attention` and saves most of the training step's activation memory. Elsewhere, and when the
-    # attention weights need dropout (which it does not offer), `attention` is used.
-    return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
 
 
 def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos, dropout_rate=0.0, key=None):
@@ -232,6 +184,58 @@ def init_params(key, hparams, dtype=jnp.float32):
         },
         "ln_f": {"g": ones(E), "b": zeros(E)},
     }
+
+
+# ------------------------------------------------------------------------------------------------ fast paths
+# The same functions as the textbook versions, arranged for speed: LayerNorm's backward pass in one expression, dropout
+# bits from a hash rather than threefry, and the gate for cuDNN's fused attention. Each comment gives the measurement.
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def normalized(x, eps):  # [..., n] -> [..., n]: mean 0 and variance 1 along the last axis
+    return normalized_and_saved(x, eps)[0]
+
+
+def normalized_and_saved(x, eps):  # the forward pass, and what the backward pass needs of it
+    centered = x - x.mean(axis=-1, keepdims=True)
+    inv_std = lax.rsqrt(jnp.square(centered).mean(axis=-1, keepdims=True) + eps)
+    y = centered * inv_std
+    return y, (y, inv_std)
+
+
+def normalized_backward(eps, saved, dy):
+    # the textbook gradient in one expression: autodiff's own ran to several more passes over the activations
+    # (a training step ~5% slower on a CPU)
+    y, inv_std = saved
+    return (inv_std * (dy - dy.mean(axis=-1, keepdims=True) - y * (dy * y).mean(axis=-1, keepdims=True)),)
+
+
+normalized.defvjp(normalized_and_saved, normalized_backward)
+
+
+def random_bits(key, shape):  # a PRNG key -> uint32 [*shape]: a keyed hash of each element's index
+    # Not jax.random.bits: threefry runs on a CPU as a loop of unfused passes over the whole array (~1/6 of a baby
+    # GPT's training step, for its dropout masks). This hash is a few integer ops that fuse into the multiply, and it
+    # depends only on the key and the element's global index, so the bits do not depend on how x is sharded.
+    k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
+    row = lax.broadcasted_iota(jnp.uint32, shape, 0) if shape else jnp.uint32(0)
+    col = jnp.zeros(shape, jnp.uint32)  # the element's index within its row (the leading axis)
+    for axis in range(1, len(shape)):
+        col = col * jnp.uint32(shape[axis]) + lax.broadcasted_iota(jnp.uint32, shape, axis)
+    return mix32(mix32(mix32(row ^ k0) ^ col) ^ k1)
+
+
+def mix32(h):  # uint32 -> uint32, a bijection in which every input bit flips each output bit with probability ~1/2
+    # (MurmurHash3's finaliser)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def use_flash_attention(dtype):
+    # cuDNN's fused attention never materialises the [n_head, n_seq, n_seq] scores: on a GPU in 16-bit it is ~2.5x
+    # faster than `attention` and saves most of the training step's activation memory. Elsewhere, and when the
+    # attention weights need dropout (which it does not offer), `attention` is used.
+    return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
 
 
 # ------------------------------------------------------------------------------------------------ LoRA

@@ -6,17 +6,21 @@
     python main.py --interactive --stream
 
 Prints only the generated continuation of each prompt. The release sizes are downloaded into --models_dir on first
-use; --model_dir takes any folder in OpenAI's layout or Hugging Face's (config.json + model.safetensors).
+use; --model_dir takes any folder in OpenAI's layout or Hugging Face's (config.json + model.safetensors). Exit codes
+are cli.py's: 2 for a request that cannot be served as asked, 1 for a failure (network, damaged files).
 """
 import argparse
+import os
 import secrets
 import sys
 
 import jax
 import jax.numpy as jnp
 
+import cli
 import sampling
 import weights
+from cli import UsageError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -51,21 +55,24 @@ def parse_args(argv):
 def read_prompts(args):  # -> the prompt texts of --prompt or --prompt_file
     if args.interactive:
         if args.prompt is not None or args.prompt_file is not None:
-            raise ValueError("--interactive reads the prompts from stdin: leave out --prompt and --prompt_file")
+            raise UsageError("--interactive reads the prompts from stdin: leave out --prompt and --prompt_file")
         return []
     if (args.prompt is None) == (args.prompt_file is None):
-        raise ValueError("give one of --prompt TEXT, --prompt_file FILE or --interactive")
+        raise UsageError("give one of --prompt TEXT, --prompt_file FILE or --interactive")
     if args.prompt is not None:
         if not args.prompt:
-            raise ValueError("the prompt is empty: give some text to continue")
+            raise UsageError("the prompt is empty: give some text to continue")
         return [args.prompt]
     try:
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts = [line for line in f.read().splitlines() if line.strip()]
+    except OSError as e:
+        raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{args.prompt_file} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+        raise UsageError(f"{args.prompt_file} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                         f"UTF-8") from None
     if not prompts:
-        raise ValueError(f"{args.prompt_file} holds no prompts (one per line; blank lines are skipped)")
+        raise UsageError(f"{args.prompt_file} holds no prompts (one per line; blank lines are skipped)")
     return prompts
 
 
@@ -86,12 +93,15 @@ def generate_texts(encoder, hparams, params, prompts, args, eot_token):
     """Generate for prompt texts, printing each continuation (headed by its prompt and sample number when there
     are several) or, with --stream, printing the single continuation as it comes."""
     if args.num_samples < 1:
-        raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
+        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
     ids = [encoder.encode(p) for p in prompts for _ in range(args.num_samples)]
     if args.stream and len(ids) > 1:
-        raise ValueError("--stream prints one continuation as it is generated: give one prompt and --num_samples 1")
-    sampling.check_request(hparams, ids, args.n_tokens_to_generate, args.greedy, args.temperature, args.top_k,
-                           args.top_p)
+        raise UsageError("--stream prints one continuation as it is generated: give one prompt and --num_samples 1")
+    try:
+        sampling.check_request(hparams, ids, args.n_tokens_to_generate, args.greedy, args.temperature, args.top_k,
+                               args.top_p)
+    except ValueError as e:
+        raise UsageError(e) from None
     if args.seed_drawn:  # once the request is known to be good, and once a process
         print(f"seed {args.seed} (give --seed {args.seed} to repeat this sampling)", file=sys.stderr, flush=True)
         args.seed_drawn = False
@@ -119,7 +129,10 @@ def heading(row, n_prompts, n_samples):  # "--- prompt 2, sample 1 ---" above ea
 def sampling_seed(args):  # -> (--seed, or when sampling without one a fresh seed; whether it was drawn)
     # a drawn seed is printed (generate_texts) so that the run can be repeated; greedy decoding needs none
     if args.seed is not None:
-        sampling.check_seed(args.seed)
+        try:
+            sampling.check_seed(args.seed)
+        except ValueError as e:
+            raise UsageError(e) from None
         return args.seed, False
     if args.greedy:
         return 0, False
@@ -141,8 +154,9 @@ def read_interactive_prompts():  # stdin's lines, with a ready marker and, on a 
 def run(args):
     prompts = read_prompts(args)
     args.seed, args.seed_drawn = sampling_seed(args)
-    sampling.enable_compilation_cache()
-    sampling.keep_freed_memory()
+    if args.model_dir is not None and not os.path.isdir(args.model_dir):
+        raise UsageError(f"--model_dir {args.model_dir} is not a folder: give a model folder, or --model_type")
+    cli.setup()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
     if dtype is not None and jax.default_backend() == "cpu":
         # measured (bench.py --dtype): 124M at batch 1 decodes 0.65x, at batch 8 0.72x as fast as in float32
@@ -154,7 +168,7 @@ def run(args):
     eot_token = None
     if args.stop_at_eot:
         if encoder.eot_token is None:
-            raise ValueError("--stop_at_eot: this model's vocabulary has no <|endoftext|> token")
+            raise UsageError("--stop_at_eot: this model's vocabulary has no <|endoftext|> token")
         eot_token = encoder.eot_token
     if not args.interactive:
         return generate_texts(encoder, hparams, params, prompts, args, eot_token)
@@ -166,13 +180,8 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return cli.run(lambda argv: run(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,16 +14,14 @@ How it runs:
     generate_stream() with its chunks joined, so the two cannot disagree.
   - Shapes are bucketed (prompt length, cache length), and the number of steps in a chunk and every sampling control
     but `greedy` are traced values, so one compiled prefill and one compiled decode serve every prompt, length and
-    setting in a bucket. jax.jit keeps them for the life of the process; enable_compilation_cache() keeps them on disk.
+    setting in a bucket. jax.jit keeps them for the life of the process; cli.enable_compilation_cache() keeps them
+    on disk.
   - Sampling: greedy (argmax), or temperature, then top-k, then top-p (nucleus), drawn with a key derived from
     (seed, row, token index): the same seed gives the same tokens whatever the chunking, and row 0 of a batch uses
     the random numbers that the same prompt uses alone. generate() runs a request of many rows (num_samples 10,000)
     as batches that fit in memory, each row keeping its index and padded shapes: the tokens are those of one batch.
   - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `transformer`.
 """
-import ctypes
-import os
-import platform
 from functools import partial
 
 import jax
@@ -36,29 +34,6 @@ import gpt
 CHUNK = 16  # tokens per jitted decode call: the granularity of streaming (a host round trip costs ~0.1 ms)
 MIN_BUCKET = 16
 BATCH_BYTES = 2 << 30  # the memory one batch of generate() may take (rows_that_fit)
-
-
-def enable_compilation_cache(path=None):
-    """Keep compiled programs on disk, so a new process skips most of the compile time of generation and training.
-    path defaults to $GPTJAX_COMPILATION_CACHE, else ~/.cache/gptjax/jax."""
-    path = path or os.environ.get("GPTJAX_COMPILATION_CACHE") or os.path.expanduser("~/.cache/gptjax/jax")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def keep_freed_memory():
-    """Have glibc's malloc keep freed blocks of up to 1 GiB for reuse instead of handing them back to the system.
-    XLA:CPU allocates the buffers of each call anew, and memory handed back is faulted in again page by page: a small
-    model's training step took 12,500 page faults (~35 ms of system time, a third of the step; 58 -> 41 ms without
-    them), and 124M decoding at batch 8 ran 12% faster without its faults. The price: the process keeps its peak
-    memory. Linux with glibc only (elsewhere nothing is done)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL(None)
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # serve blocks below this from the heap, not from fresh mmaps
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and never shrink the heap
 
 
 def bucket(n, n_ctx):  # the padded length for n tokens: the next power of two, at least MIN_BUCKET, at most n_ctx
@@ -118,7 +93,7 @@ def unstack_layers(params):
     if isinstance(params["h"], list):
         return params
     n_layer = params["h"]["ln_1"]["g"].shape[0]
-    return {**params, "h": [jax.tree.map(lambda w: layer_of(w, i), params["h"]) for i in range(n_layer)]}
+    return {**params, "h": [jax.tree.map(lambda w, i=i: layer_of(w, i), params["h"]) for i in range(n_layer)]}
 
 
 def layer_of(w, i):  # [n_layer, ...] -> [...], its own array
@@ -214,7 +189,8 @@ def check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
         if len(prompt) == 0:
             raise ValueError(f"prompt {i + 1} is empty: give at least one token")
         if len(prompt) + n_tokens > hparams["n_ctx"]:
-            raise ValueError(f"a prompt of {len(prompt)} tokens plus {n_tokens} new tokens is {len(prompt) + n_tokens}, "
+            raise ValueError(f"a prompt of {len(prompt)} tokens plus {n_tokens} new tokens is "
+                             f"{len(prompt) + n_tokens}, "
                              f"more than the model's context of n_ctx={hparams['n_ctx']} tokens: shorten the prompt "
                              f"or generate fewer tokens")
         bad = [t for t in prompt if not 0 <= t < hparams["n_vocab"]]
@@ -226,7 +202,8 @@ def check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (for the most likely tokens, use greedy decoding)")
+        raise ValueError(f"temperature must be > 0, got {temperature} (for the most likely tokens, use greedy "
+                         f"decoding)")
 
 
 def generate_stream(params, hparams, prompts, n_tokens, *, greedy=False, temperature=1.0, top_k=None, top_p=None,

@@ -1,7 +1,11 @@
-"""gptjax tests: every check is against an independent reference (the fixtures in testdata/, made with
-TensorFlow, HF transformers and tiktoken; float64 numpy math; hand-worked cases), offline."""
-from functools import partial
-import atexit
+"""gptjax's tests: every check is against an independent reference (the fixtures in testdata/, made with TensorFlow, HF
+transformers and tiktoken, see testdata/README.md; float64 numpy math and the other references in testlib.py;
+hand-worked cases), offline. One section per module, in the order a reader meets them; the fixtures shared by several
+sections come first.
+
+    pytest tests.py                  # everything (about 6 minutes on 2 cores)
+    pytest tests.py -m "not slow"    # the quick loop: leaves out the few tests that start many processes
+"""
 import hashlib
 import http.server
 import io
@@ -13,12 +17,11 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -27,43 +30,92 @@ import pytest
 import safetensors.numpy
 import urllib3
 
+import cli
 import data
+import download
 import encoder
 import gpt
 import main
+import outdir
 import sampling
+import tf_checkpoint
 import train
+import train_config
 import weights
+from testlib import (
+    DATA_FILE,
+    EXPECTED,
+    HERE,
+    PROGRAMS,
+    PROMPTS,
+    SHAKESPEARE,
+    TINY_HF,
+    TINY_TF,
+    ReleaseHandler,
+    assert_params_equal,
+    ckpt_tensors,
+    crc32c_bitwise,
+    flat_params,
+    folder_state,
+    free_port,
+    numpy_gpt2,
+    read_safetensors,
+    reference_params,
+    requests_for,
+    run_program,
+    scratch_copy,
+    tf_tensors,
+    write_bundle,
+)
 
-HERE = pathlib.Path(__file__).parent
-# Everything the tests write goes below SCRATCH, removed at exit: the model folders they load (a load writes its
-# converted cache beside the weights), the compilation cache (this process's and its children's), the runs' outputs.
-SCRATCH = pathlib.Path(tempfile.mkdtemp(prefix="gptjax-tests-"))
-atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
-os.environ["GPTJAX_COMPILATION_CACHE"] = str(SCRATCH / "jax-cache")
+cli.enable_compilation_cache()  # at collection, before anything compiles: repeated tiny runs compile once (SCRATCH's)
+
+TINY = {"tf": scratch_copy(TINY_TF), "hf": scratch_copy(TINY_HF)}  # loadable copies (a load writes its cache beside)
+TOKENIZER_CASES = json.loads((HERE / "testdata" / "tokenizer_cases.json").read_text(encoding="utf-8"))
+FOUR_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+# train.py's runs in the tests: dropout and gradient accumulation on, so that the random streams and micro-batches
+# are always covered
+TINY_RUN = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4, "eval_iters": 2,
+            "learning_rate": 3e-3, "warmup_iters": 2, "lr_decay_iters": 12, "min_lr": 3e-4, "log_interval": 1,
+            "dropout": 0.1, "gradient_accumulation_steps": 2}
 
 
-def scratch_copy(folder):  # a copy of a testdata folder under SCRATCH, made once; tests load copies, not testdata/
-    copy = SCRATCH / "testdata" / folder.name
-    if not copy.exists():
-        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("params.safetensors", "*.part"))
-    return copy
+@pytest.fixture(scope="session", params=["tf", "hf"])
+def tiny(request):  # (hparams, params) of the tiny GPT-2 fixture, read from each of its two layouts
+    return weights.load_hparams_and_params(TINY[request.param])
 
 
-# ==================== gpt =======================================================================================
-
-TINY_TF = HERE / "testdata" / "gpt2-tiny"
-TINY_HF = HERE / "testdata" / "gpt2-tiny-hf"
-EXPECTED = json.loads((TINY_TF / "expected.json").read_text())
+@pytest.fixture(scope="session")
+def tiny_tf():
+    return weights.load_hparams_and_params(TINY["tf"])
 
 
-@pytest.fixture(scope="module", params=["tf", "hf"])
-def tiny(request, tmp_path_factory):
-    # a copy, so that the converted-weights cache is not written into testdata/
-    folder = tmp_path_factory.mktemp(request.param) / "model"
-    shutil.copytree(TINY_TF if request.param == "tf" else TINY_HF, folder)
-    return weights.load_hparams_and_params(folder)
+@pytest.fixture(scope="session")
+def train_data_dir(tmp_path_factory):
+    """A data_dir holding tiny Shakespeare, placed by hand as a user without network would."""
+    data_dir = tmp_path_factory.mktemp("data")
+    (data_dir / "shakespeare_char").mkdir()
+    shutil.copy(SHAKESPEARE, data_dir / "shakespeare_char" / "input.txt")
+    return data_dir
 
+
+def run_config(data_dir, out_dir, **overrides):  # a tiny train.py run's config keys
+    return {**TINY_RUN, "data_dir": str(data_dir), "out_dir": str(out_dir), **overrides}
+
+
+def run_train_cli(*args, env=None):  # train.py in a fresh process
+    return subprocess.run([sys.executable, str(HERE / "train.py"), *args], capture_output=True, text=True,
+                          cwd=HERE, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def run_main_cli(args, tmp_path, stdin=None):  # main.py in a fresh process -> (exit code, stdout, stderr)
+    proc = subprocess.run([sys.executable, str(HERE / "main.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=tmp_path, input=stdin, timeout=120)  # the compilation cache: SCRATCH's
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+# ==================== gpt =============================================================================================
+# the model: logits, loss and gradients against the float64 references; dropout, remat, LoRA
 
 def test_gpt_last_logits_match_reference(tiny):
     hparams, params = tiny
@@ -181,9 +233,9 @@ def test_loss_gradient_matches_finite_differences():
             def bumped(delta):
                 def at(tree, keys):
                     if not keys:
-                        return tree.at[idx].add(delta)
+                        return tree.at[idx].add(delta)  # noqa: B023 (called at once, in this iteration)
                     return {**tree, keys[0]: at(tree[keys[0]], keys[1:])}
-                return loss(at(params, path))
+                return loss(at(params, path))  # noqa: B023
 
             numeric = (bumped(1e-6) - bumped(-1e-6)) / 2e-6
             assert abs(float(g[idx]) - float(numeric)) < 1e-6, path
@@ -247,59 +299,46 @@ def test_remat_gives_the_same_gradients_in_less_memory():
 def test_dropout_masks_do_not_depend_on_sharding():
     # each element's bits depend on its global index, so a batch split across devices draws the masks it would draw
     # whole: this runs in a child process with 4 CPU devices
-    proc = subprocess.run([sys.executable, "-c", DROPOUT_SHARDING_SCRIPT], capture_output=True, text=True, cwd=HERE,
-                          timeout=300, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                                            "JAX_PLATFORMS": "cpu"})
+    proc = run_program("dropout_sharding.py", timeout=300, env=FOUR_CPU_DEVICES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "same"
 
 
-DROPOUT_SHARDING_SCRIPT = """
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import gpt
-assert jax.device_count() == 4
-x = jnp.arange(8 * 16 * 24, dtype=jnp.float32).reshape(8, 16, 24) + 1
-key = jax.random.PRNGKey(3)
-drop = jax.jit(lambda x, key: gpt.dropout(x, 0.3, key))
-whole = np.asarray(drop(x, key))
-mesh = Mesh(np.array(jax.devices()), ("data",))
-for spec in (P("data"), P(None, "data"), P(None, None, "data")):
-    split = np.asarray(drop(jax.device_put(x, NamedSharding(mesh, spec)), key))
-    assert np.array_equal(split, whole), spec
-print("same")
-"""
+def test_lora_adapters_start_at_the_base_model_and_merge_exactly():
+    hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
+    params = gpt.init_params(jax.random.PRNGKey(0), hparams)
+    ids = jnp.array([3, 1, 4, 1, 5, 9, 2, 6])
+    adapters = gpt.init_adapters(jax.random.PRNGKey(1), params, 4)
+    base = gpt.gpt(params, ids, 2)
+    np.testing.assert_array_equal(gpt.gpt(gpt.with_adapters(params, adapters, 2.0), ids, 2), base)  # B = 0
+    # trained adapters (random B): the adapted forward pass == the merged model == W + scale A B formed in float64
+    adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape), adapters)
+    adapted = gpt.gpt(gpt.with_adapters(params, adapters, 2.0), ids, 2)
+    assert not np.allclose(adapted, base, atol=1e-3)
+    np.testing.assert_allclose(gpt.gpt(gpt.merge_adapters(params, adapters, 2.0), ids, 2), adapted, atol=1e-5)
+    flat = flat_params(params)
+    for target in gpt.LORA_TARGETS:
+        group, name = target.split("/")
+        ab = adapters["h"][group][name]
+        flat[f"h/{group}/{name}/w"] = (np.asarray(flat[f"h/{group}/{name}/w"], np.float64) + 2.0
+                                       * np.asarray(ab["lora_a"], np.float64) @ np.asarray(ab["lora_b"], np.float64))
+    np.testing.assert_allclose(numpy_gpt2(flat, np.asarray(ids), 2), adapted, atol=1e-4)
 
 
-def test_save_params_round_trips_through_a_model_folder(tmp_path):
-    # gptjax's own layout (what train.py writes) loads like any model folder, hparams included
-    hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}
-    params = gpt.init_params(jax.random.PRNGKey(3), hparams)
-    weights.save_params(tmp_path / "out", hparams, params)
-    got_hparams, got = weights.load_hparams_and_params(tmp_path / "out")
-    assert got_hparams == hparams
-    assert jax.tree.structure(got) == jax.tree.structure(params)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not list((tmp_path / "out").glob("*.part"))
+# ==================== encoder =========================================================================================
+# GPT-2's BPE against tiktoken's ids; other vocabularies
 
-
-# ==================== encoder ===================================================================================
-
-ENCODER_GPT2_DIR = HERE / "testdata" / "gpt2-tiny"
-ENCODER_CASES = json.loads((HERE / "testdata" / "tokenizer_cases.json").read_text(encoding="utf-8"))
-ENCODER_SHAKESPEARE = HERE / "testdata" / "tinyshakespeare" / "input.txt"
-ENCODER_SHAKESPEARE_TOKENS = 338_025  # testdata README
+SHAKESPEARE_TOKENS = 338_025  # testdata README
 
 
 @pytest.fixture(scope="module")
 def encoder_fast():
-    return encoder.bpe_encoder(ENCODER_GPT2_DIR / "encoder.json", ENCODER_GPT2_DIR / "vocab.bpe", fast=True)
+    return encoder.bpe_encoder(TINY_TF / "encoder.json", TINY_TF / "vocab.bpe", fast=True)
 
 
 @pytest.fixture(scope="module")
 def encoder_pure():
-    return encoder.bpe_encoder(ENCODER_GPT2_DIR / "encoder.json", ENCODER_GPT2_DIR / "vocab.bpe", fast=False)
+    return encoder.bpe_encoder(TINY_TF / "encoder.json", TINY_TF / "vocab.bpe", fast=False)
 
 
 @pytest.fixture(scope="module", params=["fast", "pure"])
@@ -307,7 +346,7 @@ def encoder_gpt2(request, encoder_fast, encoder_pure):
     return encoder_fast if request.param == "fast" else encoder_pure
 
 
-def encoder_write_tiny_vocab(folder, merges, extra_ids=()):
+def write_tiny_vocab(folder, merges, extra_ids=()):
     """A GPT-2-style vocabulary: the 256 bytes (ids 0..255), then one token per merge, in order."""
     vocab = {c: b for b, c in encoder.BYTE_TO_CHAR.items()}
     for a, b in merges:
@@ -318,8 +357,6 @@ def encoder_write_tiny_vocab(folder, merges, extra_ids=()):
     return vocab
 
 
-# ------------------------------------------------------------------------------------------------ GPT-2 BPE
-
 def test_encoder_paths_are_what_they_claim(encoder_fast, encoder_pure):
     assert encoder_fast.fast and encoder_fast.tiktoken is not None  # GPT-2's files pass the rank == id check
     assert not encoder_pure.fast and encoder_pure.tiktoken is None
@@ -327,7 +364,7 @@ def test_encoder_paths_are_what_they_claim(encoder_fast, encoder_pure):
         assert enc.n_vocab == 50257 and enc.eot_token == 50256
 
 
-@pytest.mark.parametrize("case", ENCODER_CASES, ids=lambda case: repr(case["text"])[:30])
+@pytest.mark.parametrize("case", TOKENIZER_CASES, ids=lambda case: repr(case["text"])[:30])
 def test_encoder_matches_tiktoken_ids(encoder_gpt2, case):
     assert encoder_gpt2.encode_ordinary(case["text"]) == case["ids"]
     assert encoder_gpt2.encode(case["text"]) == case.get("ids_allowed_special", case["ids"])
@@ -361,14 +398,14 @@ def test_encoder_decode_accepts_arrays_and_rejects_bad_ids(encoder_gpt2):
 
 
 def test_encoder_shakespeare_count_and_paths_agree(encoder_fast, encoder_pure):
-    text = ENCODER_SHAKESPEARE.read_text(encoding="utf-8")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
     start = time.perf_counter()
     fast = encoder_fast.encode(text)
     fast_s = time.perf_counter() - start
     start = time.perf_counter()
     pure = encoder_pure.encode(text)
     pure_s = time.perf_counter() - start
-    assert len(fast) == ENCODER_SHAKESPEARE_TOKENS
+    assert len(fast) == SHAKESPEARE_TOKENS
     assert pure == fast
     assert encoder_fast.decode(fast) == text
     print(f"tiny shakespeare: tiktoken {fast_s:.2f} s, pure {pure_s:.2f} s")
@@ -385,11 +422,9 @@ def test_encoder_paths_agree_on_random_unicode(encoder_fast, encoder_pure):
         assert encoder_pure.encode_ordinary(text) == encoder_fast.encode_ordinary(text), repr(text)
 
 
-# ------------------------------------------------------------------------------------------------ other vocabularies
-
 def test_encoder_tiny_vocab_by_hand(tmp_path):
     merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("Ġw", "o")]
-    vocab = encoder_write_tiny_vocab(tmp_path, merges)  # he 256, ll 257, hell 258, Ġw 259, Ġwo 260
+    vocab = write_tiny_vocab(tmp_path, merges)  # he 256, ll 257, hell 258, Ġw 259, Ġwo 260
     for fast in (True, False):
         enc = encoder.bpe_encoder(tmp_path / "encoder.json", tmp_path / "vocab.bpe", fast=fast)
         assert enc.fast == fast and enc.n_vocab == 261 and enc.eot_token is None
@@ -403,11 +438,11 @@ def test_encoder_tiny_vocab_by_hand(tmp_path):
 def test_encoder_falls_back_to_pure_when_ranks_are_not_ids(tmp_path, encoder_fast):
     # Swap the ids of the first two merged tokens ("Ġt" 256, "Ġa" 257): merges still segment text the same way, but
     # tiktoken's rank == id assumption breaks, so the fast path must not be used.
-    vocab = json.loads((ENCODER_GPT2_DIR / "encoder.json").read_text(encoding="utf-8"))
+    vocab = json.loads((TINY_TF / "encoder.json").read_text(encoding="utf-8"))
     a, b = (token for token, i in vocab.items() if i in (256, 257))
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (tmp_path / "encoder.json").write_text(json.dumps(vocab), encoding="utf-8")
-    enc = encoder.bpe_encoder(tmp_path / "encoder.json", ENCODER_GPT2_DIR / "vocab.bpe", fast=True)
+    enc = encoder.bpe_encoder(tmp_path / "encoder.json", TINY_TF / "vocab.bpe", fast=True)
     assert not enc.fast
     text = "x t a tx ax the cat"
     swap = {256: 257, 257: 256}
@@ -419,23 +454,23 @@ def test_encoder_falls_back_to_pure_when_ranks_are_not_ids(tmp_path, encoder_fas
 
 def test_encoder_extra_token_falls_back_to_pure(tmp_path):
     merges = [("h", "e")]
-    vocab = encoder_write_tiny_vocab(tmp_path, merges, extra_ids={"hel": 257})  # a token no merge makes
+    vocab = write_tiny_vocab(tmp_path, merges, extra_ids={"hel": 257})  # a token no merge makes
     enc = encoder.get_encoder(tmp_path)
     assert not enc.fast  # tiktoken would merge "he" + "l" into "hel"; OpenAI's BPE never does
     assert enc.encode("hell") == [256, vocab["l"], vocab["l"]]
 
 
 def test_encoder_hf_file_names(tmp_path, encoder_fast):
-    shutil.copy(ENCODER_GPT2_DIR / "encoder.json", tmp_path / "vocab.json")
-    shutil.copy(ENCODER_GPT2_DIR / "vocab.bpe", tmp_path / "merges.txt")
+    shutil.copy(TINY_TF / "encoder.json", tmp_path / "vocab.json")
+    shutil.copy(TINY_TF / "vocab.bpe", tmp_path / "merges.txt")
     enc = encoder.get_encoder(tmp_path)
     assert enc.fast and enc.eot_token == 50256
-    for case in ENCODER_CASES:
+    for case in TOKENIZER_CASES:
         assert enc.encode(case["text"]) == case.get("ids_allowed_special", case["ids"])
 
 
 def test_encoder_prefers_openai_files(tmp_path):
-    vocab = encoder_write_tiny_vocab(tmp_path, [("a", "b")])
+    vocab = write_tiny_vocab(tmp_path, [("a", "b")])
     (tmp_path / "meta.json").write_text(json.dumps({"kind": "char", "chars": ["a", "b"]}), encoding="utf-8")
     (tmp_path / "vocab.json").write_text("not read", encoding="utf-8")
     (tmp_path / "merges.txt").write_text("not read", encoding="utf-8")
@@ -474,7 +509,7 @@ def test_encoder_missing_files(tmp_path):
     for name in ("encoder.json", "vocab.bpe", "vocab.json", "merges.txt", "meta.json"):
         assert name in message
     # Half a pair is not a tokenizer, and the message says what was there.
-    shutil.copy(ENCODER_GPT2_DIR / "encoder.json", tmp_path / "encoder.json")
+    shutil.copy(TINY_TF / "encoder.json", tmp_path / "encoder.json")
     with pytest.raises(FileNotFoundError, match=r"found only encoder\.json"):
         encoder.get_encoder(tmp_path)
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
@@ -482,7 +517,7 @@ def test_encoder_missing_files(tmp_path):
 
 
 def test_encoder_bad_bpe_files(tmp_path):
-    vocab = encoder_write_tiny_vocab(tmp_path, [("a", "b")])
+    vocab = write_tiny_vocab(tmp_path, [("a", "b")])
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\na b c\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"vocab\.bpe line 2 should hold two tokens"):
         encoder.get_encoder(tmp_path)
@@ -498,357 +533,148 @@ def test_encoder_bad_bpe_files(tmp_path):
         encoder.get_encoder(tmp_path)
 
 
-# ==================== weights ===================================================================================
-
-WEIGHTS_TINY_TF = HERE / "testdata" / "gpt2-tiny"
-WEIGHTS_TINY_HF = HERE / "testdata" / "gpt2-tiny-hf"
-WEIGHTS_EXPECTED = json.loads((WEIGHTS_TINY_TF / "expected.json").read_text())
-WEIGHTS_DATA = "model.ckpt.data-00000-of-00001"
-
-
-# ------------------------------------------------------------------------------------------------ references
-
-def weights_reference_params():  # the fixture's weights as read by the safetensors package, stacked by hand
-    hf = safetensors.numpy.load_file(WEIGHTS_TINY_HF / "model.safetensors")
-    n_layer = WEIGHTS_EXPECTED["hparams"]["n_layer"]
-
-    def stack(name):
-        return np.stack([hf[f"transformer.h.{i}.{name}"] for i in range(n_layer)])
-    params = {"wte": hf["transformer.wte.weight"], "wpe": hf["transformer.wpe.weight"],
-              "ln_f/g": hf["transformer.ln_f.weight"], "ln_f/b": hf["transformer.ln_f.bias"]}
-    for block in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-        name = block.replace(".", "/")
-        leaves = ("g", "b") if block.startswith("ln") else ("w", "b")
-        params[f"h/{name}/{leaves[0]}"] = stack(f"{block}.weight")
-        params[f"h/{name}/{leaves[1]}"] = stack(f"{block}.bias")
-    return params
-
-
-def weights_flat(params, prefix=""):  # nested params -> {"h/ln_1/g": np.ndarray}
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update(weights_flat(value, f"{prefix}{key}/"))
-        else:
-            flat[prefix + key] = np.asarray(value)
-    return flat
-
-
-def weights_assert_params_equal(params, expected):
-    flat = weights_flat(params)
-    assert sorted(flat) == sorted(expected)
-    for name in expected:
-        assert flat[name].dtype == np.float32, name
-        np.testing.assert_array_equal(flat[name], expected[name], err_msg=name)
-
-
-def weights_numpy_gpt2(flat, ids, n_head):  # float64 GPT-2 forward pass: [n_seq] -> [n_seq, n_vocab]
-    p = {k: np.asarray(v, np.float64) for k, v in flat.items()}
-
-    def layer_norm(x, g, b):
-        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mean) / np.sqrt(var + 1e-5) * g + b
-
-    def gelu(x):
-        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-
-    n_seq = len(ids)
-    x = p["wte"][ids] + p["wpe"][:n_seq]
-    causal = np.tril(np.ones((n_seq, n_seq), bool))
-    for i in range(p["h/ln_1/g"].shape[0]):
-        h = layer_norm(x, p["h/ln_1/g"][i], p["h/ln_1/b"][i])
-        q, k, v = np.split(h @ p["h/attn/c_attn/w"][i] + p["h/attn/c_attn/b"][i], 3, axis=-1)
-        q, k, v = (t.reshape(n_seq, n_head, -1).transpose(1, 0, 2) for t in (q, k, v))
-        scores = np.where(causal, q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1]), -np.inf)
-        att = np.exp(scores - scores.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        heads = (att @ v).transpose(1, 0, 2).reshape(n_seq, -1)
-        x = x + heads @ p["h/attn/c_proj/w"][i] + p["h/attn/c_proj/b"][i]
-        h = layer_norm(x, p["h/ln_2/g"][i], p["h/ln_2/b"][i])
-        x = x + gelu(h @ p["h/mlp/c_fc/w"][i] + p["h/mlp/c_fc/b"][i]) @ p["h/mlp/c_proj/w"][i] + p["h/mlp/c_proj/b"][i]
-    return layer_norm(x, p["ln_f/g"], p["ln_f/b"]) @ p["wte"].T
-
-
-def weights_crc32c_bitwise(data):  # CRC-32C one bit at a time, straight from the definition
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-# ---------------------------------------------------------------------------------- TF tensor bundle writer
-# Writes checkpoints in TensorFlow's format to make variants of the fixture (other dtypes, new weights); the reader is
-# checked against the bundle TensorFlow itself wrote (testdata/gpt2-tiny).
-
-def weights_varint(n):
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def weights_pb(field, value):  # one protobuf field: int -> varint, bytes -> length-delimited
-    if isinstance(value, int):
-        return weights_varint(field << 3) + weights_varint(value)
-    return weights_varint(field << 3 | 2) + weights_varint(len(value)) + value
-
-
-def weights_table_block(entries):
-    out, restarts = bytearray(), []
-    for key, value in entries:
-        restarts.append(len(out))
-        out += weights_varint(0) + weights_varint(len(key)) + weights_varint(len(value)) + key + value
-    for r in restarts:
-        out += r.to_bytes(4, "little")
-    return bytes(out + len(restarts).to_bytes(4, "little"))
-
-
-def weights_sstable(entries):
-    out = bytearray()
-
-    def put(block):
-        handle = weights_varint(len(out)) + weights_varint(len(block))
-        out.extend(block + b"\0" + weights.masked_crc32c(block + b"\0").to_bytes(4, "little"))
-        return handle
-    data = put(weights_table_block(entries))
-    meta = put(weights_table_block([]))
-    index = put(weights_table_block([(entries[-1][0], data)]))
-    return bytes(out + (meta + index).ljust(40, b"\0") + weights.TABLE_MAGIC.to_bytes(8, "little"))
-
-
-def weights_write_bundle(prefix, tensors):  # {name: float32/float16/bfloat16 array} -> prefix.index, prefix.data-*
-    codes = {np.dtype(np.float32): 1, np.dtype(np.float16): 19, np.dtype(jnp.bfloat16): 14}
-    data, entries = bytearray(), []
-    for name in sorted(tensors):
-        raw = np.ascontiguousarray(tensors[name]).tobytes()
-        shape = b"".join(weights_pb(2, weights_pb(1, d)) for d in tensors[name].shape)
-        entry = (weights_pb(1, codes[tensors[name].dtype]) + weights_pb(2, shape) + weights_pb(4, len(data))
-                 + weights_pb(5, len(raw)) + bytes([6 << 3 | 5]) + weights.masked_crc32c(raw).to_bytes(4, "little"))
-        entries.append((name.encode(), entry))
-        data += raw
-    header = weights_pb(1, 1) + weights_pb(3, weights_pb(1, 1))
-    pathlib.Path(f"{prefix}.index").write_bytes(weights_sstable([(b"", header)] + entries))
-    pathlib.Path(f"{prefix}.data-00000-of-00001").write_bytes(bytes(data))
-
-
-def weights_tf_tensors(flat):  # flat stacked params -> {TF checkpoint name: array}, with the [1, in, out] matrices
-    tensors = {}
-    for name, array in flat.items():
-        if name.startswith("h/"):
-            for i, layer in enumerate(array):
-                tensors[f"model/h{i}/{name[2:]}"] = layer[None] if name.endswith("/w") else layer
-        else:
-            tensors[f"model/{name}"] = array
-    return tensors
-
-
-# ------------------------------------------------------------------------------------------------ HTTP server
-
-WEIGHTS_PORTAL_PAGE = b"<!DOCTYPE html><html><body>Sign in to the guest network to continue</body></html>"
-
-
-class WeightsHandler(http.server.BaseHTTPRequestHandler):
-    """Serves the fixture as release 124M. server.plan maps a URL path to actions used once each, in order: an HTTP
-    status to answer with, "cut" (send half the body, then hang up), "ignore_range" (answer 200 with everything),
-    "portal" / "portal_as_file" (answer 200 with a captive portal's web page, as text/html / as a binary file),
-    "trickle" (send a byte every 50 ms), "slow" (send the file in 8 pieces over 0.4 s)."""
-
-    def do_GET(self):
-        self.server.log.append((self.path, self.headers.get("Range")))
-        plan = self.server.plan.get(self.path, [])
-        action = plan.pop(0) if plan else None
-        source = self.server.files.get(self.path)
-        if isinstance(action, int) or source is None:
-            self.send_error(action or 404)
-            return
-        if action in ("portal", "portal_as_file"):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8" if action == "portal" else
-                             "application/octet-stream")
-            self.send_header("Content-Length", str(len(WEIGHTS_PORTAL_PAGE)))
-            self.end_headers()
-            self.wfile.write(WEIGHTS_PORTAL_PAGE)
-            return
-        data = source.read_bytes()
-        ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "")) if action != "ignore_range" else None
-        start = int(ranged.group(1)) if ranged else 0
-        self.send_response(206 if ranged else 200)
-        if ranged:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        body = data[start:]
-        try:
-            if action == "trickle":
-                for i in range(min(len(body), 200)):  # bounded: the client gives up long before
-                    self.wfile.write(body[i:i + 1])
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            elif action == "slow":
-                for i in range(8):
-                    self.wfile.write(body[i * len(body) // 8:(i + 1) * len(body) // 8])
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            else:
-                self.wfile.write(body[:len(body) // 2] if action == "cut" else body)
-        except (BrokenPipeError, ConnectionResetError):  # the client hung up
-            pass
-
-    def log_message(self, *args):
-        pass
-
+# ==================== tf_checkpoint, download, weights ================================================================
+# reading checkpoints, downloading releases, model folders, the cache, HF export
 
 @pytest.fixture
-def weights_server(monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WeightsHandler)
-    server.files = {f"/models/124M/{name}": WEIGHTS_TINY_TF / name for name in weights.RELEASE_FILES}
+def release_server(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ReleaseHandler)
+    server.files = {f"/models/124M/{name}": TINY_TF / name for name in weights.RELEASE_FILES}
     server.plan, server.log = {}, []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("GPTJAX_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setattr(weights, "BACKOFF_S", 0.001)
+    monkeypatch.setattr(download, "BACKOFF_S", 0.001)
     yield server
     server.shutdown()
     server.server_close()
 
 
-def weights_requests(server, name):
-    return [rng for path, rng in server.log if path == f"/models/124M/{name}"]
-
-
-def weights_copy(tmp_path, source):  # a writable copy of a fixture folder (loading writes the cache beside it)
+def copy_folder(tmp_path, source):  # a writable copy of a fixture folder (loading writes the cache beside it)
     ignore = shutil.ignore_patterns(weights.CACHE_NAME, "*.part")  # left there by loads of the fixture in place
     return pathlib.Path(shutil.copytree(source, tmp_path / source.name, ignore=ignore))
 
 
-def weights_error(exc_info):  # the message of a raised error, which must be one line
+def one_line_error(exc_info):  # the message of a raised error, which must be one line
     message = str(exc_info.value)
     assert "\n" not in message
     return message
 
 
-# ------------------------------------------------------------------------------------------------------ tests
-
 def test_weights_crc32c_check_values():
-    assert weights.crc32c(b"123456789") == 0xE3069283
-    assert weights.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 (iSCSI) B.4
-    assert weights.crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert weights.crc32c(bytes(range(32))) == 0x46DD794E
-    assert weights.crc32c(b"") == 0
+    assert tf_checkpoint.crc32c(b"123456789") == 0xE3069283
+    assert tf_checkpoint.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 (iSCSI) B.4
+    assert tf_checkpoint.crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert tf_checkpoint.crc32c(bytes(range(32))) == 0x46DD794E
+    assert tf_checkpoint.crc32c(b"") == 0
 
 
 def test_weights_crc32c_matches_bitwise_definition():
     rng = np.random.default_rng(0)
     for n in (1, 2, 15, 16, 17, 63, 64, 65, 100, 1000):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert weights.crc32c(data) == weights_crc32c_bitwise(data), n
-        assert weights.crc32c(np.frombuffer(data, np.uint8).copy()) == weights_crc32c_bitwise(data), n  # writable
-        assert weights.crc32c(data[n // 3:], weights.crc32c(data[:n // 3])) == weights_crc32c_bitwise(data), n
+        assert tf_checkpoint.crc32c(data) == crc32c_bitwise(data), n
+        assert tf_checkpoint.crc32c(np.frombuffer(data, np.uint8).copy()) == crc32c_bitwise(data), n  # writable
+        assert tf_checkpoint.crc32c(data[n // 3:], tf_checkpoint.crc32c(data[:n // 3])) == crc32c_bitwise(data), n
 
 
-def test_weights_download_load_and_logits(tmp_path, weights_server):
+def test_weights_download_load_and_logits(tmp_path, release_server):
     hparams, params = weights.load_hparams_and_params(weights.model_folder("124M", tmp_path / "models"))
     for name in weights.RELEASE_FILES:
-        assert (tmp_path / "models" / "124M" / name).read_bytes() == (WEIGHTS_TINY_TF / name).read_bytes(), name
+        assert (tmp_path / "models" / "124M" / name).read_bytes() == (TINY_TF / name).read_bytes(), name
     assert not list((tmp_path / "models" / "124M").glob("*.part"))
-    assert hparams == WEIGHTS_EXPECTED["hparams"]
-    expected = weights_reference_params()
-    weights_assert_params_equal(params, expected)
-    for prompt in WEIGHTS_EXPECTED["prompts"]:
-        logits = weights_numpy_gpt2(weights_flat(params), prompt["ids"], hparams["n_head"])
+    assert hparams == EXPECTED["hparams"]
+    expected = reference_params()
+    assert_params_equal(params, expected)
+    for prompt in EXPECTED["prompts"]:
+        logits = numpy_gpt2(flat_params(params), prompt["ids"], hparams["n_head"])
         np.testing.assert_allclose(logits[-1], prompt["last_logits"], atol=1e-4)
 
 
-def test_weights_cut_transfer_resumes_with_range(tmp_path, weights_server):
-    weights_server.plan[f"/models/124M/{WEIGHTS_DATA}"] = ["cut"]
+def test_weights_cut_transfer_resumes_with_range(tmp_path, release_server):
+    release_server.plan[f"/models/124M/{DATA_FILE}"] = ["cut"]
     folder = weights.model_folder("124M", tmp_path)
-    ranges = weights_requests(weights_server, WEIGHTS_DATA)
+    ranges = requests_for(release_server, DATA_FILE)
     assert ranges[0] is None and re.fullmatch(r"bytes=[1-9]\d*-", ranges[1]) and len(ranges) == 2
-    assert (folder / WEIGHTS_DATA).read_bytes() == (WEIGHTS_TINY_TF / WEIGHTS_DATA).read_bytes()
+    assert (folder / DATA_FILE).read_bytes() == (TINY_TF / DATA_FILE).read_bytes()
 
 
-def test_weights_cut_transfer_caught_by_size_check(tmp_path, weights_server, monkeypatch):
+def test_weights_cut_transfer_caught_by_size_check(tmp_path, release_server, monkeypatch):
     # urllib3 1.x (allowed by requests) ends a cut body quietly instead of raising: the Content-Length check catches it
     init = urllib3.response.HTTPResponse.__init__
     monkeypatch.setattr(urllib3.response.HTTPResponse, "__init__",
                         lambda self, *a, **kw: init(self, *a, **{**kw, "enforce_content_length": False}))
-    weights_server.plan[f"/models/124M/{WEIGHTS_DATA}"] = ["cut"]
+    release_server.plan[f"/models/124M/{DATA_FILE}"] = ["cut"]
     folder = weights.model_folder("124M", tmp_path)
-    assert len(weights_requests(weights_server, WEIGHTS_DATA)) == 2
-    assert (folder / WEIGHTS_DATA).read_bytes() == (WEIGHTS_TINY_TF / WEIGHTS_DATA).read_bytes()
+    assert len(requests_for(release_server, DATA_FILE)) == 2
+    assert (folder / DATA_FILE).read_bytes() == (TINY_TF / DATA_FILE).read_bytes()
 
 
-def test_weights_cut_transfer_restarts_when_server_ignores_range(tmp_path, weights_server):
-    weights_server.plan[f"/models/124M/{WEIGHTS_DATA}"] = ["cut", "ignore_range"]
+def test_weights_cut_transfer_restarts_when_server_ignores_range(tmp_path, release_server):
+    release_server.plan[f"/models/124M/{DATA_FILE}"] = ["cut", "ignore_range"]
     folder = weights.model_folder("124M", tmp_path)
-    assert weights_requests(weights_server, WEIGHTS_DATA)[1] is not None  # asked for the rest, got the whole file
-    assert (folder / WEIGHTS_DATA).read_bytes() == (WEIGHTS_TINY_TF / WEIGHTS_DATA).read_bytes()
+    assert requests_for(release_server, DATA_FILE)[1] is not None  # asked for the rest, got the whole file
+    assert (folder / DATA_FILE).read_bytes() == (TINY_TF / DATA_FILE).read_bytes()
 
 
-def test_weights_500_once_is_retried(tmp_path, weights_server):
-    weights_server.plan["/models/124M/hparams.json"] = [500, 503]
+def test_weights_500_once_is_retried(tmp_path, release_server):
+    release_server.plan["/models/124M/hparams.json"] = [500, 503]
     folder = weights.model_folder("124M", tmp_path)
-    assert len(weights_requests(weights_server, "hparams.json")) == 3
-    assert (folder / "hparams.json").read_bytes() == (WEIGHTS_TINY_TF / "hparams.json").read_bytes()
+    assert len(requests_for(release_server, "hparams.json")) == 3
+    assert (folder / "hparams.json").read_bytes() == (TINY_TF / "hparams.json").read_bytes()
 
 
-def test_weights_persistent_500_fails_without_partial_file(tmp_path, weights_server):
-    weights_server.plan[f"/models/124M/{WEIGHTS_DATA}"] = [500] * (weights.RETRIES + 1)
+def test_weights_persistent_500_fails_without_partial_file(tmp_path, release_server):
+    release_server.plan[f"/models/124M/{DATA_FILE}"] = [500] * (download.RETRIES + 1)
     with pytest.raises(ConnectionError) as e:
         weights.load_encoder_hparams_and_params("124M", tmp_path)
-    message = weights_error(e)
-    assert f"/models/124M/{WEIGHTS_DATA}" in message and "HTTP 500" in message and str(tmp_path / "124M") in message
-    assert len(weights_requests(weights_server, WEIGHTS_DATA)) == weights.RETRIES + 1
-    assert not (tmp_path / "124M" / WEIGHTS_DATA).exists()
+    message = one_line_error(e)
+    assert f"/models/124M/{DATA_FILE}" in message and "HTTP 500" in message and str(tmp_path / "124M") in message
+    assert len(requests_for(release_server, DATA_FILE)) == download.RETRIES + 1
+    assert not (tmp_path / "124M" / DATA_FILE).exists()
 
 
-def test_weights_404_names_url_and_sizes(tmp_path, weights_server):
-    weights_server.plan["/models/124M/hparams.json"] = [404]
+def test_weights_404_names_url_and_sizes(tmp_path, release_server):
+    release_server.plan["/models/124M/hparams.json"] = [404]
     with pytest.raises(FileNotFoundError) as e:
         weights.load_encoder_hparams_and_params("124M", tmp_path)
-    message = weights_error(e)
+    message = one_line_error(e)
     assert f"{weights.base_url()}/models/124M/hparams.json" in message and "404" in message and "1558M" in message
-    assert len(weights_requests(weights_server, "hparams.json")) == 1  # a 404 is final: no retries
+    assert len(requests_for(release_server, "hparams.json")) == 1  # a 404 is final: no retries
 
 
 def test_weights_no_server_names_url_and_folder(tmp_path, monkeypatch):
-    with socket.socket() as s:  # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port that nothing listens on
     monkeypatch.setenv("GPTJAX_BASE_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(weights, "BACKOFF_S", 0.001)
+    monkeypatch.setattr(download, "BACKOFF_S", 0.001)
     with pytest.raises(ConnectionError) as e:
         weights.load_encoder_hparams_and_params("124M", tmp_path / "models")
-    message = weights_error(e)
+    message = one_line_error(e)
     assert f"http://127.0.0.1:{port}/models/124M/checkpoint" in message
     assert str(tmp_path / "models" / "124M") in message and "by hand" in message
 
 
-def test_weights_complete_folder_is_not_fetched_again(tmp_path, weights_server):
+def test_weights_complete_folder_is_not_fetched_again(tmp_path, release_server):
     weights.model_folder("124M", tmp_path)
-    weights_server.log.clear()
+    release_server.log.clear()
     weights.load_hparams_and_params(weights.model_folder("124M", tmp_path))
-    assert weights_server.log == []
+    assert release_server.log == []
     (tmp_path / "124M" / "vocab.bpe").unlink()
     weights.model_folder("124M", tmp_path)
-    assert [path for path, _ in weights_server.log] == ["/models/124M/vocab.bpe"]
+    assert [path for path, _ in release_server.log] == ["/models/124M/vocab.bpe"]
 
 
-def test_weights_leftover_part_file_is_resumed(tmp_path, weights_server):
+def test_weights_leftover_part_file_is_resumed(tmp_path, release_server):
     folder = tmp_path / "124M"
     folder.mkdir()
-    whole = (WEIGHTS_TINY_TF / WEIGHTS_DATA).read_bytes()
-    (folder / f"{WEIGHTS_DATA}.part").write_bytes(whole[:1000])  # an earlier run stopped here
+    whole = (TINY_TF / DATA_FILE).read_bytes()
+    (folder / f"{DATA_FILE}.part").write_bytes(whole[:1000])  # an earlier run stopped here
     weights.model_folder("124M", tmp_path)
-    assert weights_requests(weights_server, WEIGHTS_DATA) == ["bytes=1000-"]
-    assert (folder / WEIGHTS_DATA).read_bytes() == whole
+    assert requests_for(release_server, DATA_FILE) == ["bytes=1000-"]
+    assert (folder / DATA_FILE).read_bytes() == whole
 
 
-def test_weights_a_web_page_is_never_taken_for_a_release_file(tmp_path, weights_server):
+def test_weights_a_web_page_is_never_taken_for_a_release_file(tmp_path, release_server):
     # a captive portal or proxy answering 200 with its own page: refused before it is renamed into place, whether it
     # says it is HTML or passes itself off as the file; a rerun then fetches the real file
     cases = [("portal", "model.ckpt.data-00000-of-00001"), ("portal_as_file", "encoder.json"),
@@ -856,37 +682,37 @@ def test_weights_a_web_page_is_never_taken_for_a_release_file(tmp_path, weights_
              ("portal_as_file", "model.ckpt.data-00000-of-00001")]
     for case, (action, name) in enumerate(cases):
         folder = tmp_path / str(case) / "124M"
-        weights_server.plan.clear()
-        weights_server.plan[f"/models/124M/{name}"] = [action] * (weights.RETRIES + 1)
+        release_server.plan.clear()
+        release_server.plan[f"/models/124M/{name}"] = [action] * (download.RETRIES + 1)
         with pytest.raises(ConnectionError) as e:
             weights.download_release("124M", folder)
-        message = weights_error(e)
+        message = one_line_error(e)
         assert name in message and ("web page" in message or "not the file expected" in message), message
         assert not (folder / name).exists() and not (folder / (name + ".part")).exists()
-        weights_server.plan.clear()
+        release_server.plan.clear()
         weights.download_release("124M", folder)  # the next run fetches the real file
         for name in weights.RELEASE_FILES:
-            assert (folder / name).read_bytes() == (WEIGHTS_TINY_TF / name).read_bytes()
+            assert (folder / name).read_bytes() == (TINY_TF / name).read_bytes()
 
 
-def test_weights_a_stalled_transfer_is_cut_and_resumed(tmp_path, weights_server, monkeypatch):
-    monkeypatch.setattr(weights, "STALL_WINDOW_S", 0.3)  # the real window is a minute
+def test_weights_a_stalled_transfer_is_cut_and_resumed(tmp_path, release_server, monkeypatch):
+    monkeypatch.setattr(download, "STALL_WINDOW_S", 0.3)  # the real window is a minute
     name = "model.ckpt.data-00000-of-00001"
-    weights_server.plan[f"/models/124M/{name}"] = ["trickle"]
+    release_server.plan[f"/models/124M/{name}"] = ["trickle"]
     t = time.monotonic()
     folder, hparams, params = weights.load_model("124M", tmp_path / "models")
     assert time.monotonic() - t < 30
-    ranges = weights_requests(weights_server, name)
+    ranges = requests_for(release_server, name)
     assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes=")  # cut, then resumed
-    assert (folder / name).read_bytes() == (WEIGHTS_TINY_TF / name).read_bytes()
-    weights_server.plan[f"/models/124M/{name}"] = ["trickle"] * (weights.RETRIES + 1)
+    assert (folder / name).read_bytes() == (TINY_TF / name).read_bytes()
+    release_server.plan[f"/models/124M/{name}"] = ["trickle"] * (download.RETRIES + 1)
     with pytest.raises(ConnectionError, match="stalled"):
         weights.download_release("124M", tmp_path / "other")
 
 
-def test_weights_concurrent_downloads_into_one_folder_wait_for_each_other(tmp_path, weights_server, capsys):
+def test_weights_concurrent_downloads_into_one_folder_wait_for_each_other(tmp_path, release_server, capsys):
     for name in weights.RELEASE_FILES:
-        weights_server.plan[f"/models/124M/{name}"] = ["slow"]
+        release_server.plan[f"/models/124M/{name}"] = ["slow"]
     errors = []
 
     def fetch():
@@ -901,8 +727,8 @@ def test_weights_concurrent_downloads_into_one_folder_wait_for_each_other(tmp_pa
         thread.join(60)
     assert not errors, errors
     for name in weights.RELEASE_FILES:  # each fetched once, whole
-        assert len(weights_requests(weights_server, name)) == 1, name
-        assert (tmp_path / "models" / "124M" / name).read_bytes() == (WEIGHTS_TINY_TF / name).read_bytes()
+        assert len(requests_for(release_server, name)) == 1, name
+        assert (tmp_path / "models" / "124M" / name).read_bytes() == (TINY_TF / name).read_bytes()
     assert "waiting for another process downloading into" in capsys.readouterr().err
 
 
@@ -910,20 +736,20 @@ def test_weights_concurrent_downloads_into_one_folder_wait_for_each_other(tmp_pa
 @pytest.mark.parametrize("n_layer", [1, 3])
 def test_weights_config_must_name_the_layers_the_weights_hold(tmp_path, layout, n_layer):
     # fewer layers in the config than in the weights once loaded a truncated model without a word
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_TF if layout == "tf" else WEIGHTS_TINY_HF)
+    folder = copy_folder(tmp_path, TINY_TF if layout == "tf" else TINY_HF)
     config = folder / ("hparams.json" if layout == "tf" else "config.json")
     values = json.loads(config.read_text())
     values["n_layer"] = n_layer
     config.write_text(json.dumps(values))
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(folder)
-    message = weights_error(e)
+    message = one_line_error(e)
     assert f"{config} gives n_layer {n_layer}" in message and "holds 2 blocks" in message, message
     assert "config does not match the weights" in message
 
 
 def test_weights_every_tensor_in_the_file_must_be_used(tmp_path):
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_HF)
+    folder = copy_folder(tmp_path, TINY_HF)
     tensors = safetensors.numpy.load_file(folder / "model.safetensors")
     prefix = "transformer." if "transformer.wte.weight" in tensors else ""
     tensors[prefix + "h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))  # older files' mask buffer
@@ -933,7 +759,7 @@ def test_weights_every_tensor_in_the_file_must_be_used(tmp_path):
     safetensors.numpy.save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(folder)
-    assert f"holds {prefix}h.1.mlp.c_gate.weight, which a GPT-2 of the shape in" in weights_error(e)
+    assert f"holds {prefix}h.1.mlp.c_gate.weight, which a GPT-2 of the shape in" in one_line_error(e)
 
 
 def test_weights_own_layout_is_checked_against_its_hparams(tmp_path):
@@ -942,12 +768,12 @@ def test_weights_own_layout_is_checked_against_its_hparams(tmp_path):
     weights.save_params(tmp_path / "m", {**hparams, "n_layer": 1}, params)  # metadata that disagrees with the tensors
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(tmp_path / "m")
-    message = weights_error(e)
+    message = one_line_error(e)
     assert "h/attn/c_attn/b has shape [2, 24] where its hparams give [1, 24]" in message
     assert "download" not in message  # a trained model cannot be fetched again
 
 
-def test_weights_damaged_release_is_fetched_anew_but_a_users_folder_is_not(tmp_path, weights_server):
+def test_weights_damaged_release_is_fetched_anew_but_a_users_folder_is_not(tmp_path, release_server):
     folder, _, _ = weights.load_model("124M", tmp_path / "models")
     (folder / weights.CACHE_NAME).unlink()
     data = bytearray((folder / "model.ckpt.data-00000-of-00001").read_bytes())
@@ -960,18 +786,18 @@ def test_weights_damaged_release_is_fetched_anew_but_a_users_folder_is_not(tmp_p
 
 
 def test_weights_hf_folder_equals_tf_folder(tmp_path):
-    _, tf_params = weights.load_hparams_and_params(weights_copy(tmp_path, WEIGHTS_TINY_TF))
-    hparams, hf_params = weights.load_hparams_and_params(weights_copy(tmp_path, WEIGHTS_TINY_HF))
-    assert hparams == WEIGHTS_EXPECTED["hparams"]
-    weights_assert_params_equal(hf_params, weights_flat(tf_params))
-    weights_assert_params_equal(tf_params, weights_reference_params())
+    _, tf_params = weights.load_hparams_and_params(copy_folder(tmp_path, TINY_TF))
+    hparams, hf_params = weights.load_hparams_and_params(copy_folder(tmp_path, TINY_HF))
+    assert hparams == EXPECTED["hparams"]
+    assert_params_equal(hf_params, flat_params(tf_params))
+    assert_params_equal(tf_params, reference_params())
 
 
 def test_weights_hf_without_transformer_prefix_and_in_bfloat16(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
-    shutil.copy(WEIGHTS_TINY_HF / "config.json", folder)
-    hf = safetensors.numpy.load_file(WEIGHTS_TINY_HF / "model.safetensors")
+    shutil.copy(TINY_HF / "config.json", folder)
+    hf = safetensors.numpy.load_file(TINY_HF / "model.safetensors")
     bf16 = {name.removeprefix("transformer."): x.astype(jnp.bfloat16) for name, x in hf.items()}
     header = {name: {"dtype": "BF16", "shape": list(x.shape), "data_offsets": [0, 0]} for name, x in bf16.items()}
     offset = 0
@@ -982,85 +808,85 @@ def test_weights_hf_without_transformer_prefix_and_in_bfloat16(tmp_path):
     (folder / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob
                                                + b"".join(x.tobytes() for x in bf16.values()))
     _, params = weights.load_hparams_and_params(folder)
-    expected = {name: x.astype(jnp.bfloat16).astype(np.float32) for name, x in weights_reference_params().items()}
-    weights_assert_params_equal(params, expected)
+    expected = {name: x.astype(jnp.bfloat16).astype(np.float32) for name, x in reference_params().items()}
+    assert_params_equal(params, expected)
 
 
 def test_weights_cache_is_written_used_and_invalidated(tmp_path, monkeypatch):
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_TF)
-    expected = weights_reference_params()
+    folder = copy_folder(tmp_path, TINY_TF)
+    expected = reference_params()
     weights.load_hparams_and_params(folder)
     cached = safetensors.numpy.load_file(folder / "params.safetensors")  # readable by the reference implementation
     assert sorted(cached) == sorted(expected)
     for name in expected:
         np.testing.assert_array_equal(cached[name], expected[name])
     with safetensors.safe_open(folder / "params.safetensors", "np") as f:
-        assert json.loads(f.metadata()["hparams"]) == WEIGHTS_EXPECTED["hparams"]
+        assert json.loads(f.metadata()["hparams"]) == EXPECTED["hparams"]
 
     with monkeypatch.context() as m:  # a second load reads the cache only
         m.setattr(weights, "read_tf_params", lambda *a: pytest.fail("the checkpoint was read again"))
         _, params = weights.load_hparams_and_params(folder)
-    weights_assert_params_equal(params, expected)
+    assert_params_equal(params, expected)
 
     doubled = {name: x * 2 for name, x in expected.items()}  # a new checkpoint in place of the old one
-    weights_write_bundle(folder / "model.ckpt", weights_tf_tensors(doubled))
+    write_bundle(folder / "model.ckpt", tf_tensors(doubled))
     _, params = weights.load_hparams_and_params(folder)
-    weights_assert_params_equal(params, doubled)
+    assert_params_equal(params, doubled)
 
 
 def test_weights_damaged_cache_is_remade(tmp_path):
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_TF)
+    folder = copy_folder(tmp_path, TINY_TF)
     weights.load_hparams_and_params(folder)
     cache = folder / "params.safetensors"
     cache.write_bytes(cache.read_bytes()[:-100])
     _, params = weights.load_hparams_and_params(folder)
-    weights_assert_params_equal(params, weights_reference_params())
-    assert cache.stat().st_size > 100 + sum(x.nbytes for x in weights_reference_params().values())
+    assert_params_equal(params, reference_params())
+    assert cache.stat().st_size > 100 + sum(x.nbytes for x in reference_params().values())
 
 
 def test_weights_dtype_bfloat16(tmp_path):
-    _, params = weights.load_hparams_and_params(weights_copy(tmp_path, WEIGHTS_TINY_TF), dtype=jnp.bfloat16)
-    flat = weights_flat(params)
-    for name, x in weights_reference_params().items():
+    _, params = weights.load_hparams_and_params(copy_folder(tmp_path, TINY_TF), dtype=jnp.bfloat16)
+    flat = flat_params(params)
+    for name, x in reference_params().items():
         assert flat[name].dtype == jnp.bfloat16
         np.testing.assert_array_equal(flat[name], x.astype(jnp.bfloat16), err_msg=name)
 
 
 def test_weights_half_and_bfloat16_checkpoints(tmp_path):
-    expected = weights_reference_params()
+    expected = reference_params()
     for dtype in (np.float16, jnp.bfloat16):
         folder = tmp_path / np.dtype(dtype).name
         folder.mkdir()
-        shutil.copy(WEIGHTS_TINY_TF / "hparams.json", folder)
-        tensors = weights_tf_tensors({name: x.astype(dtype) for name, x in expected.items()})
-        weights_write_bundle(folder / "model.ckpt", tensors)
+        shutil.copy(TINY_TF / "hparams.json", folder)
+        tensors = tf_tensors({name: x.astype(dtype) for name, x in expected.items()})
+        write_bundle(folder / "model.ckpt", tensors)
         _, params = weights.load_hparams_and_params(folder)
-        weights_assert_params_equal(params, {n: x.astype(dtype).astype(np.float32) for n, x in expected.items()})
+        assert_params_equal(params, {n: x.astype(dtype).astype(np.float32) for n, x in expected.items()})
 
 
 def test_weights_corrupt_data_file_fails_its_checksum(tmp_path):
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_TF)
-    data = bytearray((folder / WEIGHTS_DATA).read_bytes())
+    folder = copy_folder(tmp_path, TINY_TF)
+    data = bytearray((folder / DATA_FILE).read_bytes())
     data[len(data) // 2] ^= 0x01
-    (folder / WEIGHTS_DATA).write_bytes(bytes(data))
+    (folder / DATA_FILE).write_bytes(bytes(data))
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(folder)
-    message = weights_error(e)
-    assert str(folder / WEIGHTS_DATA) in message and "crc32c" in message and "put back a good copy" in message
+    message = one_line_error(e)
+    assert str(folder / DATA_FILE) in message and "crc32c" in message and "put back a good copy" in message
 
 
 def test_weights_truncated_data_file(tmp_path):
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_TF)
-    (folder / WEIGHTS_DATA).write_bytes((WEIGHTS_TINY_TF / WEIGHTS_DATA).read_bytes()[:-10])
+    folder = copy_folder(tmp_path, TINY_TF)
+    (folder / DATA_FILE).write_bytes((TINY_TF / DATA_FILE).read_bytes()[:-10])
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(folder)
-    message = weights_error(e)
-    assert str(folder / WEIGHTS_DATA) in message and "truncated" in message and "put back a good copy" in message
+    message = one_line_error(e)
+    assert str(folder / DATA_FILE) in message and "truncated" in message and "put back a good copy" in message
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_weights_damaged_index_file(tmp_path, damage):
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_TF)
+    folder = copy_folder(tmp_path, TINY_TF)
     index = (folder / "model.ckpt.index").read_bytes()
     if damage == "truncate":
         index = index[:len(index) // 2]
@@ -1069,7 +895,7 @@ def test_weights_damaged_index_file(tmp_path, damage):
     (folder / "model.ckpt.index").write_bytes(index)
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(folder)
-    message = weights_error(e)
+    message = one_line_error(e)
     assert str(folder / "model.ckpt.index") in message and "put back a good copy" in message
     assert ("footer" if damage == "truncate" else "checksum") in message
 
@@ -1077,7 +903,7 @@ def test_weights_damaged_index_file(tmp_path, damage):
 def test_weights_unknown_model_size(tmp_path):
     with pytest.raises(ValueError) as e:
         weights.load_encoder_hparams_and_params("125M", tmp_path)
-    message = weights_error(e)
+    message = one_line_error(e)
     assert "'125M'" in message and all(size in message for size in weights.MODEL_SIZES)
 
 
@@ -1086,90 +912,96 @@ def test_weights_missing_files_are_named(tmp_path):
     folder.mkdir()
     with pytest.raises(FileNotFoundError) as e:
         weights.load_hparams_and_params(folder)
-    assert str(folder) in weights_error(e) and "hparams.json" in weights_error(e)
-    shutil.copy(WEIGHTS_TINY_TF / "model.ckpt.index", folder)
+    assert str(folder) in one_line_error(e) and "hparams.json" in one_line_error(e)
+    shutil.copy(TINY_TF / "model.ckpt.index", folder)
     with pytest.raises(FileNotFoundError) as e:
         weights.load_hparams_and_params(folder)
-    assert re.search(rf"{re.escape(str(folder))} lacks hparams.json, {WEIGHTS_DATA}$", weights_error(e))
+    assert re.search(rf"{re.escape(str(folder))} lacks hparams.json, {DATA_FILE}$", one_line_error(e))
     with pytest.raises(FileNotFoundError) as e:
         weights.load_hparams_and_params(tmp_path / "absent")
-    assert str(tmp_path / "absent") in weights_error(e)
+    assert str(tmp_path / "absent") in one_line_error(e)
 
 
 def test_weights_hf_folder_with_only_pytorch_bin(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
-    shutil.copy(WEIGHTS_TINY_HF / "config.json", folder)
+    shutil.copy(TINY_HF / "config.json", folder)
     (folder / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError) as e:
         weights.load_hparams_and_params(folder)
-    assert "model.safetensors" in weights_error(e) and str(folder) in weights_error(e)
+    assert "model.safetensors" in one_line_error(e) and str(folder) in one_line_error(e)
 
 
 @pytest.mark.parametrize("change", [{"activation_function": "relu"}, {"layer_norm_epsilon": 1e-6},
                                     {"model_type": "gpt_neo"}])
 def test_weights_hf_config_outside_gpt2_is_refused(tmp_path, change):
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_HF)
+    folder = copy_folder(tmp_path, TINY_HF)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(folder)
-    assert str(folder / "config.json") in weights_error(e) and next(iter(change)) in weights_error(e)
+    assert str(folder / "config.json") in one_line_error(e) and next(iter(change)) in one_line_error(e)
 
 
-def test_weights_hf_folder_without_tokenizer_gets_the_shipped_gpt2_vocabulary(tmp_path, weights_server):
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_HF)
+def test_weights_hf_folder_without_tokenizer_gets_the_shipped_gpt2_vocabulary(tmp_path, release_server):
+    folder = copy_folder(tmp_path, TINY_HF)
     assert weights.tokenizer_folder(folder) == encoder.GPT2_VOCAB
-    assert weights.tokenizer_folder(WEIGHTS_TINY_TF) == WEIGHTS_TINY_TF
+    assert weights.tokenizer_folder(TINY_TF) == TINY_TF
     # the shipped files are OpenAI's: the sha256 that tiktoken pins for its gpt2 encoding
     pinned = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
               "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
     for name, digest in pinned.items():
         assert hashlib.sha256((encoder.GPT2_VOCAB / name).read_bytes()).hexdigest() == digest
-    assert weights_server.log == []  # nothing fetched
+    assert release_server.log == []  # nothing fetched
 
 
-def test_weights_load_encoder_hparams_and_params_finds_the_vocabulary(tmp_path, weights_server, monkeypatch):
+def test_weights_load_encoder_hparams_and_params_finds_the_vocabulary(tmp_path, release_server, monkeypatch):
     stub = type(sys)("encoder")  # records which folder the tokenizer would be read from
     stub.get_encoder = lambda folder: pathlib.Path(folder)
     stub.GPT2_VOCAB = encoder.GPT2_VOCAB
-    monkeypatch.setitem(sys.modules, "encoder", stub)
+    monkeypatch.setattr(weights, "encoder", stub)
     models = tmp_path / "models"
     folder, hparams, params = weights.load_encoder_hparams_and_params("124M", models, dtype=jnp.bfloat16)
-    assert folder == models / "124M" and hparams == WEIGHTS_EXPECTED["hparams"]
-    assert weights_flat(params)["wte"].dtype == jnp.bfloat16
-    weights_server.log.clear()
-    hf = weights_copy(tmp_path, WEIGHTS_TINY_HF)  # no tokenizer files: GPT-2's, shipped with gptjax
+    assert folder == models / "124M" and hparams == EXPECTED["hparams"]
+    assert flat_params(params)["wte"].dtype == jnp.bfloat16
+    release_server.log.clear()
+    hf = copy_folder(tmp_path, TINY_HF)  # no tokenizer files: GPT-2's, shipped with gptjax
     folder, _, params = weights.load_encoder_hparams_and_params(str(hf), models)
-    assert folder == encoder.GPT2_VOCAB and weights_server.log == []
-    weights_assert_params_equal(params, weights_reference_params())
+    assert folder == encoder.GPT2_VOCAB and release_server.log == []
+    assert_params_equal(params, reference_params())
 
 
 def test_weights_unwritable_cache_still_loads(tmp_path):
-    folder = weights_copy(tmp_path, WEIGHTS_TINY_TF)
+    folder = copy_folder(tmp_path, TINY_TF)
     (folder / "params.safetensors").mkdir()  # the cache cannot be put in place
     with pytest.warns(UserWarning, match="converted on every load"):
         _, params = weights.load_hparams_and_params(folder)
-    weights_assert_params_equal(params, weights_reference_params())
+    assert_params_equal(params, reference_params())
     assert not list(folder.glob(".*part"))
 
 
-def test_weights_end_to_end_hf_folder_with_gpt2_tokenizer(tmp_path, weights_server):
-    hf = weights_copy(tmp_path, WEIGHTS_TINY_HF)  # saved without a tokenizer: loads offline all the same
+def test_weights_end_to_end_hf_folder_with_gpt2_tokenizer(tmp_path, release_server):
+    hf = copy_folder(tmp_path, TINY_HF)  # saved without a tokenizer: loads offline all the same
     enc, hparams, params = weights.load_encoder_hparams_and_params(str(hf), tmp_path / "models")
-    assert weights_server.log == [] and not (tmp_path / "models").exists()
-    for prompt in WEIGHTS_EXPECTED["prompts"]:
+    assert release_server.log == [] and not (tmp_path / "models").exists()
+    for prompt in EXPECTED["prompts"]:
         ids = list(enc.encode(prompt["text"]))
         assert ids == prompt["ids"]
-        logits = weights_numpy_gpt2(weights_flat(params), ids, hparams["n_head"])
+        logits = numpy_gpt2(flat_params(params), ids, hparams["n_head"])
         np.testing.assert_allclose(logits[-1], prompt["last_logits"], atol=1e-4)
 
 
-# -------------------------------------------------------------------------------- export to Hugging Face
-
-
-def weights_safetensors(path):  # {name: array}, read by the safetensors package: a reader that is not gptjax's
-    return safetensors.numpy.load_file(str(path))
+def test_save_params_round_trips_through_a_model_folder(tmp_path):
+    # gptjax's own layout (what train.py writes) loads like any model folder, hparams included
+    hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}
+    params = gpt.init_params(jax.random.PRNGKey(3), hparams)
+    weights.save_params(tmp_path / "out", hparams, params)
+    got_hparams, got = weights.load_hparams_and_params(tmp_path / "out")
+    assert got_hparams == hparams
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not list((tmp_path / "out").glob("*.part"))
 
 
 def test_weights_to_hf_writes_what_transformers_writes(tmp_path, capsys):
@@ -1177,26 +1009,26 @@ def test_weights_to_hf_writes_what_transformers_writes(tmp_path, capsys):
     # give the same tensors under the same names, a config that describes the same model, GPT-2's vocabulary under
     # HF's file names, and (read back by gptjax's HF reader) the reference logits
     dest = tmp_path / "exported"
-    assert weights.main(["to_hf", str(weights_copy(tmp_path, WEIGHTS_TINY_TF)), str(dest)]) == 0
-    got = weights_safetensors(dest / "model.safetensors")
-    want = weights_safetensors(WEIGHTS_TINY_HF / "model.safetensors")
+    assert weights.main(["to_hf", str(copy_folder(tmp_path, TINY_TF)), str(dest)]) == 0
+    got = read_safetensors(dest / "model.safetensors")
+    want = read_safetensors(TINY_HF / "model.safetensors")
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    config, reference = (json.loads((d / "config.json").read_text()) for d in (dest, WEIGHTS_TINY_HF))
+    config, reference = (json.loads((d / "config.json").read_text()) for d in (dest, TINY_HF))
     for key in ("architectures", "model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
                 "activation_function", "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
                 "tie_word_embeddings", "bos_token_id", "eos_token_id"):
         assert config[key] == reference[key], key
-    assert (dest / "vocab.json").read_bytes() == (WEIGHTS_TINY_TF / "encoder.json").read_bytes()
-    assert (dest / "merges.txt").read_bytes() == (WEIGHTS_TINY_TF / "vocab.bpe").read_bytes()
+    assert (dest / "vocab.json").read_bytes() == (TINY_TF / "encoder.json").read_bytes()
+    assert (dest / "merges.txt").read_bytes() == (TINY_TF / "vocab.bpe").read_bytes()
     encoder, hparams, params = weights.load_encoder_hparams_and_params(str(dest), tmp_path / "models")
-    for prompt in WEIGHTS_EXPECTED["prompts"]:
+    for prompt in EXPECTED["prompts"]:
         assert list(encoder.encode(prompt["text"])) == prompt["ids"]
-        logits = weights_numpy_gpt2(weights_flat(params), prompt["ids"], hparams["n_head"])
+        logits = numpy_gpt2(flat_params(params), prompt["ids"], hparams["n_head"])
         np.testing.assert_allclose(logits[-1], prompt["last_logits"], atol=1e-4)
     # a folder that holds a model is not written over
-    assert weights.main(["to_hf", str(WEIGHTS_TINY_TF), str(dest)]) == 2
+    assert weights.main(["to_hf", str(TINY_TF), str(dest)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already holds a model (config.json)" in err
 
@@ -1206,11 +1038,11 @@ def test_weights_to_hf_loads_in_transformers(tmp_path):
     # its model the reference logits
     transformers, torch = pytest.importorskip("transformers"), pytest.importorskip("torch")
     dest = tmp_path / "exported"
-    weights.to_hf(str(weights_copy(tmp_path, WEIGHTS_TINY_TF)), dest)
+    weights.to_hf(str(copy_folder(tmp_path, TINY_TF)), dest)
     model = transformers.GPT2LMHeadModel.from_pretrained(dest).eval()
     tokenizer = transformers.GPT2TokenizerFast.from_pretrained(dest)
     assert tokenizer.eos_token_id == 50256
-    for prompt in WEIGHTS_EXPECTED["prompts"]:
+    for prompt in EXPECTED["prompts"]:
         ids = tokenizer(prompt["text"])["input_ids"]
         assert ids == prompt["ids"]
         with torch.no_grad():
@@ -1220,11 +1052,11 @@ def test_weights_to_hf_loads_in_transformers(tmp_path):
 
 def test_weights_to_hf_of_a_trained_char_model_without_biases(train_data_dir, tmp_path, capsys):
     out, dest = tmp_path / "out", tmp_path / "exported"
-    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))  # bias=False: no bias tensors
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))  # bias=False: no bias tensors
     assert weights.main(["to_hf", str(out), str(dest)]) == 0
     assert "character vocabulary (meta.json) has no Hugging Face tokenizer" in capsys.readouterr().err
     assert not (dest / "vocab.json").exists()
-    tensors = weights_safetensors(dest / "model.safetensors")  # HF's layers all have biases: here zeros
+    tensors = read_safetensors(dest / "model.safetensors")  # HF's layers all have biases: here zeros
     assert not tensors["transformer.h.1.attn.c_attn.bias"].any() and not tensors["transformer.ln_f.bias"].any()
     trained_encoder, hparams, trained = weights.load_encoder_hparams_and_params(str(out))
     encoder, exported_hparams, exported = weights.load_encoder_hparams_and_params(str(dest))
@@ -1234,99 +1066,62 @@ def test_weights_to_hf_of_a_trained_char_model_without_biases(train_data_dir, tm
                                atol=1e-5)
 
 
-BENCH_WITHOUT_TORCH = """
-import importlib.util, sys
-find_spec = importlib.util.find_spec  # as if torch and transformers were not installed
-importlib.util.find_spec = lambda name, *a: None if name in ("torch", "transformers") else find_spec(name, *a)
-sys.argv = ["bench.py", "--vs-hf"]
-import bench
-bench.main()
-"""
+# ==================== sampling ========================================================================================
+# generation against the fixture's greedy tokens and exact sampling distributions
 
-
-def test_bench_vs_hf_without_the_extra_says_what_to_install():
-    proc = subprocess.run([sys.executable, "-c", BENCH_WITHOUT_TORCH], capture_output=True, text=True, cwd=HERE,
-                          timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert 'pip install -e ".[bench]" --extra-index-url https://download.pytorch.org/whl/cpu' in proc.stderr
-
-
-# ==================== sampling ==================================================================================
-
-SAMPLING_TINY = {"tf": scratch_copy(HERE / "testdata" / "gpt2-tiny"), "hf": scratch_copy(HERE / "testdata" / "gpt2-tiny-hf")}
-SAMPLING_EXPECTED = json.loads((SAMPLING_TINY["tf"] / "expected.json").read_text())
-SAMPLING_PROMPTS = SAMPLING_EXPECTED["prompts"]
-
-
-@pytest.fixture(scope="module", params=["tf", "hf"])
-def sampling_model(request):  # (hparams, params) of the tiny model, read from each of the two layouts
-    return weights.load_hparams_and_params(SAMPLING_TINY[request.param])
-
-
-@pytest.fixture(scope="module")
-def sampling_tf_model():
-    return weights.load_hparams_and_params(SAMPLING_TINY["tf"])
-
-
-def sampling_softmax64(logits):
+def softmax64(logits):
     p = np.exp(np.asarray(logits, np.float64) - np.max(logits))
     return p / p.sum()
 
 
-def sampling_draws(logits, n, seed, top_k=None, top_p=1.0):  # n draws from next_tokens on one logit vector
+def draws(logits, n, seed, top_k=None, top_p=1.0):  # n draws from next_tokens on one logit vector
     rows = jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1))
     controls = {"key": jax.random.key(seed), "temperature": 1.0, "top_k": top_k or len(logits), "top_p": top_p,
                 "first_row": 0}
     return np.asarray(jax.jit(partial(sampling.next_tokens, greedy=False))(rows, controls, 0))
 
 
-def sampling_filtered_probs(logits, top_k=None, top_p=1.0):  # softmax of filter_logits, as float64
+def filtered_probs(logits, top_k=None, top_p=1.0):  # softmax of filter_logits, as float64
     filtered = jax.jit(sampling.filter_logits)(jnp.asarray(logits, jnp.float32), top_k or len(logits), top_p)
     return np.asarray(jax.nn.softmax(filtered), np.float64)
 
 
-# -------------------------------------------------------------------------------- greedy against the references
-
-
-def test_greedy_matches_reference(sampling_model):
-    hparams, params = sampling_model
-    for prompt in SAMPLING_PROMPTS:
+def test_greedy_matches_reference(tiny):
+    hparams, params = tiny
+    for prompt in PROMPTS:
         out = sampling.generate(params, hparams, [prompt["ids"]], 20, greedy=True)
         assert out == [prompt["greedy_new_ids"]]
 
 
-def test_batched_greedy_matches_separate_runs(sampling_model):
-    hparams, params = sampling_model
-    pair = [SAMPLING_PROMPTS[i]["ids"] for i in SAMPLING_EXPECTED["batch"]["prompt_indices"]]
-    assert sampling.generate(params, hparams, pair, 20, greedy=True) == SAMPLING_EXPECTED["batch"]["greedy_new_ids"]
+def test_batched_greedy_matches_separate_runs(tiny):
+    hparams, params = tiny
+    pair = [PROMPTS[i]["ids"] for i in EXPECTED["batch"]["prompt_indices"]]
+    assert sampling.generate(params, hparams, pair, 20, greedy=True) == EXPECTED["batch"]["greedy_new_ids"]
     # three lengths (10, 6, 40 tokens): the short rows are padded to the long one's bucket and still match
-    out = sampling.generate(params, hparams, [p["ids"] for p in SAMPLING_PROMPTS], 20, greedy=True)
-    assert out == [p["greedy_new_ids"] for p in SAMPLING_PROMPTS]
+    out = sampling.generate(params, hparams, [p["ids"] for p in PROMPTS], 20, greedy=True)
+    assert out == [p["greedy_new_ids"] for p in PROMPTS]
 
 
-def test_unstacked_params_give_the_same_tokens(sampling_tf_model):
-    hparams, params = sampling_tf_model
+def test_unstacked_params_give_the_same_tokens(tiny_tf):
+    hparams, params = tiny_tf
     layers = sampling.unstack_layers(params)
     assert len(layers["h"]) == hparams["n_layer"]
     stacked, layer_1 = params["h"]["mlp"]["c_fc"]["w"], layers["h"][1]["mlp"]["c_fc"]["w"]
     np.testing.assert_array_equal(layer_1, stacked[1])
     if jax.default_backend() == "cpu":  # views into the stacked weights, not copies: generation needs no more memory
         assert layer_1.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + layer_1.nbytes
-    prompt = SAMPLING_PROMPTS[0]
+    prompt = PROMPTS[0]
     assert sampling.generate(layers, hparams, [prompt["ids"]], 20, greedy=True) == [prompt["greedy_new_ids"]]
-
-
-# -------------------------------------------------------------------------------- sampling controls
 
 
 def test_top_k_draws_only_the_k_most_likely():
     logits = np.random.default_rng(0).normal(0, 2, 1000)
     top5 = set(np.argsort(-logits)[:5])
-    draws = sampling_draws(logits, 4000, seed=1, top_k=5)
-    assert set(draws) == top5  # never outside, and every one of the five is drawn
+    drawn = draws(logits, 4000, seed=1, top_k=5)
+    assert set(drawn) == top5  # never outside, and every one of the five is drawn
     # and in proportion to their renormalised probabilities (4000 draws: a standard error of <= 0.008)
-    p = sampling_softmax64(logits[sorted(top5)])
-    freq = np.array([np.mean(draws == t) for t in sorted(top5)])
+    p = softmax64(logits[sorted(top5)])
+    freq = np.array([np.mean(drawn == t) for t in sorted(top5)])
     np.testing.assert_allclose(freq, p, atol=0.04)
 
 
@@ -1337,39 +1132,39 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
              (handmade, 0.93, {1, 3, 5, 2, 4}), (handmade, 1.0, set(range(6)))]
     random_logits = rng.normal(0, 3, 500)
     for p in (0.3, 0.8, 0.95):  # numpy reference: the most likely tokens until their float64 mass reaches p
-        probs = sampling_softmax64(random_logits)
+        probs = softmax64(random_logits)
         order = np.argsort(-probs)
         n = int(np.searchsorted(np.cumsum(probs[order]), p)) + 1
         cases.append((random_logits, p, set(order[:n])))
     for logits, p, kept in cases:
-        probs = sampling_softmax64(logits)
+        probs = softmax64(logits)
         want = np.where(np.isin(np.arange(len(logits)), list(kept)), probs, 0)
-        np.testing.assert_allclose(sampling_filtered_probs(logits, top_p=p), want / want.sum(), atol=1e-6)
-    draws = sampling_draws(handmade, 2000, seed=2, top_p=0.7)
-    assert set(draws) == {1, 3, 5}
+        np.testing.assert_allclose(filtered_probs(logits, top_p=p), want / want.sum(), atol=1e-6)
+    drawn = draws(handmade, 2000, seed=2, top_p=0.7)
+    assert set(drawn) == {1, 3, 5}
 
 
 def test_top_k_then_top_p():
     logits = np.log(np.array([0.3, 0.05, 0.25, 0.2, 0.15, 0.05]))
     # top_k 3 keeps .3 .25 .2 (renormalised: .4, .333, .267); top_p .6 then keeps the first two (mass .733)
-    np.testing.assert_allclose(sampling_filtered_probs(logits, top_k=3, top_p=0.6), [0.3 / 0.55, 0, 0.25 / 0.55, 0, 0, 0],
+    np.testing.assert_allclose(filtered_probs(logits, top_k=3, top_p=0.6), [0.3 / 0.55, 0, 0.25 / 0.55, 0, 0, 0],
                                atol=1e-6)
     # top_k alone
-    np.testing.assert_allclose(sampling_filtered_probs(logits, top_k=2), [0.3 / 0.55, 0, 0.25 / 0.55, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(filtered_probs(logits, top_k=2), [0.3 / 0.55, 0, 0.25 / 0.55, 0, 0, 0], atol=1e-6)
 
 
-def test_top_k_1_and_low_temperature_are_greedy(sampling_tf_model):
-    hparams, params = sampling_tf_model
-    prompt = SAMPLING_PROMPTS[0]
+def test_top_k_1_and_low_temperature_are_greedy(tiny_tf):
+    hparams, params = tiny_tf
+    prompt = PROMPTS[0]
     # the smallest top-1/top-2 logit gap on the way is 0.01: at temperature 1e-4 a gap of 100, beyond any noise draw
     assert sampling.generate(params, hparams, [prompt["ids"]], 20, temperature=1e-4, seed=3) == \
         [prompt["greedy_new_ids"]]
     assert sampling.generate(params, hparams, [prompt["ids"]], 20, top_k=1, seed=4) == [prompt["greedy_new_ids"]]
 
 
-def test_seed_reproducible_and_rows_independent_of_batch(sampling_tf_model):
-    hparams, params = sampling_tf_model
-    p1, p2 = SAMPLING_PROMPTS[0]["ids"], SAMPLING_PROMPTS[1]["ids"]
+def test_seed_reproducible_and_rows_independent_of_batch(tiny_tf):
+    hparams, params = tiny_tf
+    p1, p2 = PROMPTS[0]["ids"], PROMPTS[1]["ids"]
     a = sampling.generate(params, hparams, [p1, p2], 20, seed=5, top_p=0.9)
     assert a == sampling.generate(params, hparams, [p1, p2], 20, seed=5, top_p=0.9)
     assert a != sampling.generate(params, hparams, [p1, p2], 20, seed=6, top_p=0.9)
@@ -1381,11 +1176,11 @@ def test_seed_reproducible_and_rows_independent_of_batch(sampling_tf_model):
     assert twice[0] == a[0] and twice[1] != twice[0]
 
 
-def test_eot_token_ends_each_row(sampling_tf_model):
-    hparams, params = sampling_tf_model
-    prompts = [SAMPLING_PROMPTS[0]["ids"], SAMPLING_PROMPTS[1]["ids"]]
+def test_eot_token_ends_each_row(tiny_tf):
+    hparams, params = tiny_tf
+    prompts = [PROMPTS[0]["ids"], PROMPTS[1]["ids"]]
     eot = 18903  # "Photograph": greedy emits it at step 3 for prompt 1 and step 13 for prompt 2
-    want = [g[:g.index(eot)] for g in (SAMPLING_PROMPTS[0]["greedy_new_ids"], SAMPLING_PROMPTS[1]["greedy_new_ids"])]
+    want = [g[:g.index(eot)] for g in (PROMPTS[0]["greedy_new_ids"], PROMPTS[1]["greedy_new_ids"])]
     assert [len(w) for w in want] == [3, 13]
     assert sampling.generate(params, hparams, prompts, 20, greedy=True, eot_token=eot) == want
     # once every row has ended, no more chunks are computed: 20 tokens take 3 chunks (1 + 16 + 3), the 2nd ends both
@@ -1393,22 +1188,22 @@ def test_eot_token_ends_each_row(sampling_tf_model):
     assert chunks == [[want[0][:1], want[1][:1]], [want[0][1:], want[1][1:]]]
 
 
-def test_stream_chunks_join_into_generate(sampling_tf_model):
-    hparams, params = sampling_tf_model
-    prompts = [SAMPLING_PROMPTS[0]["ids"], SAMPLING_PROMPTS[1]["ids"]]
+def test_stream_chunks_join_into_generate(tiny_tf):
+    hparams, params = tiny_tf
+    prompts = [PROMPTS[0]["ids"], PROMPTS[1]["ids"]]
     chunks = list(sampling.generate_stream(params, hparams, prompts, 20, top_k=50, seed=7))
     assert [[len(row) for row in chunk] for chunk in chunks] == [[1, 1], [16, 16], [3, 3]]
     joined = [sum((chunk[row] for chunk in chunks), []) for row in range(2)]
     assert joined == sampling.generate(params, hparams, prompts, 20, top_k=50, seed=7)
 
 
-def test_no_recompilation_within_a_bucket(sampling_tf_model):
-    hparams, params = sampling_tf_model
+def test_no_recompilation_within_a_bucket(tiny_tf):
+    hparams, params = tiny_tf
     sizes = lambda: np.array([sampling.prefill._cache_size(), sampling.decode._cache_size()])
     before = sizes()
     # at most one compile of each (none if another test compiled this case already), though the 20 tokens are
     # decoded in two chunks of different lengths (16 and 3)
-    sampling.generate(params, hparams, [SAMPLING_PROMPTS[0]["ids"]] * 2, 20, top_k=3)
+    sampling.generate(params, hparams, [PROMPTS[0]["ids"]] * 2, 20, top_k=3)
     after_first = sizes()
     assert set(after_first - before) <= {0, 1}
     # other prompt lengths, token counts and sampling settings in the same buckets (prompt <= 16, prompt + new
@@ -1418,27 +1213,27 @@ def test_no_recompilation_within_a_bucket(sampling_tf_model):
     assert (sizes() == after_first).all()
 
 
-def test_bfloat16_params_generate(sampling_tf_model):
+def test_bfloat16_params_generate(tiny_tf):
     # the fixture's greedy continuations hold in bfloat16 too (its smallest top-1/top-2 gap is wide enough)
-    hparams, params = sampling_tf_model
+    hparams, params = tiny_tf
     out = sampling.generate(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), hparams,
-                            [p["ids"] for p in SAMPLING_PROMPTS], 20, greedy=True)
-    assert out == [p["greedy_new_ids"] for p in SAMPLING_PROMPTS]
+                            [p["ids"] for p in PROMPTS], 20, greedy=True)
+    assert out == [p["greedy_new_ids"] for p in PROMPTS]
 
 
-def test_same_seed_same_tokens_whatever_the_chunking(sampling_tf_model, monkeypatch):
-    hparams, params = sampling_tf_model
-    prompts = [SAMPLING_PROMPTS[0]["ids"][:20], SAMPLING_PROMPTS[2]["ids"][:12]]  # + 30 tokens: within n_ctx=64
+def test_same_seed_same_tokens_whatever_the_chunking(tiny_tf, monkeypatch):
+    hparams, params = tiny_tf
+    prompts = [PROMPTS[0]["ids"][:20], PROMPTS[2]["ids"][:12]]  # + 30 tokens: within n_ctx=64
     want = sampling.generate(params, hparams, prompts, 30, seed=11, temperature=0.8)
     monkeypatch.setattr(sampling, "CHUNK", 5)  # 30 tokens as 1 + 5 * 5 + 4 rather than 1 + 16 + 13
     assert sampling.generate(params, hparams, prompts, 30, seed=11, temperature=0.8) == want
 
 
-def test_many_rows_run_in_batches_that_give_one_batchs_tokens(sampling_tf_model):
+def test_many_rows_run_in_batches_that_give_one_batchs_tokens(tiny_tf):
     # num_samples 10,000 once ran as one batch (8.7 GB on the tiny model); now as batches that fit, each row with
     # the random stream and padded shapes it has in the whole request
-    hparams, params = sampling_tf_model
-    prompts = [SAMPLING_PROMPTS[i % 3]["ids"][:4 + i] for i in range(7)]
+    hparams, params = tiny_tf
+    prompts = [PROMPTS[i % 3]["ids"][:4 + i] for i in range(7)]
     for options in ({"seed": 3, "top_k": 40}, {"greedy": True}):
         whole = sampling.generate(params, hparams, prompts, 12, **options)
         assert sampling.generate(params, hparams, prompts, 12, max_rows=3, **options) == whole
@@ -1447,13 +1242,13 @@ def test_many_rows_run_in_batches_that_give_one_batchs_tokens(sampling_tf_model)
     assert sampling.rows_that_fit(hparams, 16, 32, 4) > 100
 
 
-def test_decoding_logits_match_the_model_row_by_row(sampling_tf_model):
+def test_decoding_logits_match_the_model_row_by_row(tiny_tf):
     # what prefill and decode run (per-layer weights, per-row positions, right-padded rows of different lengths, the
     # CPU's few-row LM head) against gpt.gpt on each row alone: logits, not only greedy tokens (a LayerNorm eps or
     # GELU variant moves logits by ~1e-3 and can leave greedy tokens alone)
-    hparams, params = sampling_tf_model
+    hparams, params = tiny_tf
     layers, n_head = sampling.unstack_layers(params), hparams["n_head"]
-    prompts = [SAMPLING_PROMPTS[0]["ids"][:9], SAMPLING_PROMPTS[1]["ids"][:4], SAMPLING_PROMPTS[2]["ids"][:6]]
+    prompts = [PROMPTS[0]["ids"][:9], PROMPTS[1]["ids"][:4], PROMPTS[2]["ids"][:6]]
     lengths, n_steps = np.array([len(p) for p in prompts]), 5
     ids = np.zeros((3, 16), np.int32)
     for row, prompt in enumerate(prompts):
@@ -1477,9 +1272,9 @@ def test_decoding_logits_match_the_model_row_by_row(sampling_tf_model):
         logits = sampling.unembed_rows(layers, x[:, 0])
 
 
-def test_bad_requests_raise_one_line_errors(sampling_tf_model):
-    hparams, params = sampling_tf_model
-    ids = SAMPLING_PROMPTS[0]["ids"]  # 10 tokens
+def test_bad_requests_raise_one_line_errors(tiny_tf):
+    hparams, params = tiny_tf
+    ids = PROMPTS[0]["ids"]  # 10 tokens
     cases = [([], {}, "no prompts"), ([ids, []], {}, "prompt 2 is empty"),
              ([ids], {"n_tokens": 55}, "10 tokens plus 55 new tokens is 65, more than the model's context of n_ctx=64"),
              ([ids], {"n_tokens": 0}, "at least 1"), ([[50257]], {}, "token id 50257"),
@@ -1493,11 +1288,11 @@ def test_bad_requests_raise_one_line_errors(sampling_tf_model):
     assert len(sampling.generate(params, hparams, [ids], 54, greedy=True, temperature=0.0)[0]) == 54  # 64 in all
 
 
-# -------------------------------------------------------------------------------- main.py
-
+# ==================== main ============================================================================================
+# the command-line generator
 
 def test_stream_text_holds_back_characters_split_between_tokens():
-    enc = encoder.get_encoder(SAMPLING_TINY["tf"])
+    enc = encoder.get_encoder(TINY["tf"])
     text = " naïve café: 日本語の文章 🎉🦜 done"
     ids = enc.encode(text)
     assert any(enc.decode(ids[:i]).endswith("\ufffd") for i in range(len(ids)))  # some token splits a character
@@ -1505,86 +1300,82 @@ def test_stream_text_holds_back_characters_split_between_tokens():
     assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
 
 
-def sampling_run_main(args, tmp_path, stdin=None):  # main.py in a fresh process -> (exit code, stdout, stderr)
-    proc = subprocess.run([sys.executable, str(HERE / "main.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=tmp_path, input=stdin, timeout=120)  # the compilation cache: SCRATCH's
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_main_prints_the_greedy_continuation(tmp_path):
-    prompt = SAMPLING_PROMPTS[0]
-    code, out, err = sampling_run_main(["--model_dir", SAMPLING_TINY["tf"], "--greedy", "--n_tokens_to_generate", "20",
+    prompt = PROMPTS[0]
+    code, out, err = run_main_cli(["--model_dir", TINY["tf"], "--greedy", "--n_tokens_to_generate", "20",
                                         "--prompt", prompt["text"]], tmp_path)
     assert (code, out) == (0, prompt["greedy_text"] + "\n"), err
     assert err == ""
 
 
 def test_main_bfloat16_on_a_cpu_says_it_is_slow_and_generates(tmp_path):
-    prompt = SAMPLING_PROMPTS[0]  # its 20 greedy tokens hold in bfloat16 too
-    code, out, err = sampling_run_main(["--model_dir", SAMPLING_TINY["tf"], "--greedy", "--n_tokens_to_generate", "20",
+    prompt = PROMPTS[0]  # its 20 greedy tokens hold in bfloat16 too
+    code, out, err = run_main_cli(["--model_dir", TINY["tf"], "--greedy", "--n_tokens_to_generate", "20",
                                         "--prompt", prompt["text"], "--dtype", "bfloat16"], tmp_path)
     assert (code, out) == (0, prompt["greedy_text"] + "\n"), err
     assert err.count("\n") == 1 and err.startswith("note: on a CPU bfloat16") and "slower than float32" in err
 
 
 def test_main_bad_input_exits_2_with_one_line(tmp_path):
-    code, out, err = sampling_run_main(["--model_dir", SAMPLING_TINY["tf"], "--prompt", SAMPLING_PROMPTS[0]["text"],
+    code, out, err = run_main_cli(["--model_dir", TINY["tf"], "--prompt", PROMPTS[0]["text"],
                                         "--n_tokens_to_generate", "60"], tmp_path)
     assert code == 2 and out == "" and "Traceback" not in err
     assert err.count("\n") == 1 and err.startswith("error: ") and "10" in err and "60" in err and "64" in err
 
 
 @pytest.fixture
-def sampling_main_inprocess(monkeypatch):  # main.main in this process, its compilation cache setting left alone
-    monkeypatch.setattr(sampling, "enable_compilation_cache", lambda path=None: None)
+def main_inprocess(monkeypatch):  # main.main in this process, its compilation cache setting left alone
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda path=None: None)
 
     def run(*args):
         try:
-            main.main([str(a) for a in args])
-        except SystemExit as e:
+            return main.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's --help and usage errors
             return e.code
-        return 0
     return run
 
 
-def test_main_errors(sampling_main_inprocess, capsys, tmp_path, monkeypatch):
-    tiny = SAMPLING_TINY["tf"]
+def test_main_errors(main_inprocess, capsys, tmp_path, monkeypatch):
+    tiny = TINY["tf"]
     broken = tmp_path / "broken"  # the release layout without its checkpoint index
     broken.mkdir()
     for name in ("hparams.json", "encoder.json", "vocab.bpe", "model.ckpt.data-00000-of-00001"):
         shutil.copy(tiny / name, broken / name)
     monkeypatch.setenv("GPTJAX_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: a refused connection
-    monkeypatch.setattr(weights, "BACKOFF_S", 0.0)
-    cases = [(["--model_dir", tiny, "--prompt", ""], "empty"),
-             (["--model_dir", tiny], "--prompt"),
-             (["--model_dir", tiny, "--prompt", "a", "--prompt_file", tmp_path / "p.txt"], "--prompt"),
-             (["--model_dir", tiny, "--prompt_file", tmp_path / "missing.txt"], "missing.txt"),
-             (["--model_dir", broken, "--prompt", "a"], "model.ckpt.index"),
-             (["--model_dir", tmp_path / "nowhere", "--prompt", "a"], "nowhere"),
-             (["--models_dir", tmp_path / "models", "--prompt", "a"], "127.0.0.1:9"),
-             (["--model_dir", tiny, "--prompt", "a", "--top_k", "0"], "top_k"),
-             (["--model_dir", tiny, "--prompt", "a", "--top_p", "2"], "top_p"),
-             (["--model_dir", tiny, "--prompt", "a", "--temperature", "0"], "temperature"),
-             (["--model_dir", tiny, "--prompt", "a", "--num_samples", "0"], "num_samples"),
-             (["--model_dir", tiny, "--prompt", "a", "--num_samples", "2", "--stream"], "--stream")]
-    for args, words in cases:
-        assert sampling_main_inprocess(*args) == 2, args
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
+    # cli.py's exit codes: 2 for a request that cannot be served as asked, 1 for a failure along the way
+    cases = [(["--model_dir", tiny, "--prompt", ""], "empty", 2),
+             (["--model_dir", tiny], "--prompt", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--prompt_file", tmp_path / "p.txt"], "--prompt", 2),
+             (["--model_dir", tiny, "--prompt_file", tmp_path / "missing.txt"], "missing.txt", 2),
+             (["--model_dir", broken, "--prompt", "a"], "model.ckpt.index", 1),
+             (["--model_dir", tmp_path / "nowhere", "--prompt", "a"], "nowhere", 2),
+             (["--models_dir", tmp_path / "models", "--prompt", "a"], "127.0.0.1:9", 1),
+             (["--model_dir", tiny, "--prompt", "a", "--top_k", "0"], "top_k", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--top_p", "2"], "top_p", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--temperature", "0"], "temperature", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--num_samples", "0"], "num_samples", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--num_samples", "2", "--stream"], "--stream", 2)]
+    for args, words, code in cases:
+        assert main_inprocess(*args) == code, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and str(words) in err, (args, err)
 
 
-def test_main_prompt_file_and_interactive(sampling_main_inprocess, capsys, tmp_path, monkeypatch):
-    p1, p2 = SAMPLING_PROMPTS[0], SAMPLING_PROMPTS[1]
+def test_main_prompt_file_and_interactive(main_inprocess, capsys, tmp_path, monkeypatch):
+    p1, p2 = PROMPTS[0], PROMPTS[1]
     (tmp_path / "prompts.txt").write_text(f"{p1['text']}\n\n{p2['text']}\n")
     common = ["--greedy", "--n_tokens_to_generate", "20", "--models_dir", tmp_path / "models"]
     # the HF folder has no tokenizer: GPT-2's, shipped with gptjax
-    assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["hf"], "--prompt_file", tmp_path / "prompts.txt",
+    assert main_inprocess("--model_dir", TINY["hf"], "--prompt_file", tmp_path / "prompts.txt",
                                    *common) == 0
     want = f"--- prompt 1 ---\n{p1['greedy_text']}\n--- prompt 2 ---\n{p2['greedy_text']}\n"
     assert capsys.readouterr().out == want
     too_long = "x " * 70  # 70 tokens: with 20 new ones over n_ctx 64
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{p1['text']}\n\n{too_long}\n{p2['text']}\n"))
-    assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["tf"], "--interactive", "--stream", *common) == 0
+    assert main_inprocess("--model_dir", TINY["tf"], "--interactive", "--stream", *common) == 0
     out, err = capsys.readouterr()
     assert out == f"{p1['greedy_text']}\n{p2['greedy_text']}\n"
     ready, error = err.splitlines()
@@ -1592,76 +1383,47 @@ def test_main_prompt_file_and_interactive(sampling_main_inprocess, capsys, tmp_p
     assert error.startswith("error: a prompt of")  # the long prompt, and it went on
 
 
-def test_main_seed(sampling_main_inprocess, capsys):
-    args = ["--model_dir", SAMPLING_TINY["tf"], "--prompt", SAMPLING_PROMPTS[1]["text"], "--n_tokens_to_generate", "8"]
-    assert sampling_main_inprocess(*args) == 0  # sampling without --seed: a fresh seed, printed
+def test_main_seed(main_inprocess, capsys):
+    args = ["--model_dir", TINY["tf"], "--prompt", PROMPTS[1]["text"], "--n_tokens_to_generate", "8"]
+    assert main_inprocess(*args) == 0  # sampling without --seed: a fresh seed, printed
     out, err = capsys.readouterr()
     seed = int(re.fullmatch(r"seed (\d+) \(give --seed \d+ to repeat this sampling\)\n", err).group(1))
-    assert sampling_main_inprocess(*args, "--seed", seed) == 0
+    assert main_inprocess(*args, "--seed", seed) == 0
     again, err = capsys.readouterr()
     assert again == out and err == ""
-    assert sampling_main_inprocess(*args, "--greedy") == 0  # greedy: deterministic, no seed
+    assert main_inprocess(*args, "--greedy") == 0  # greedy: deterministic, no seed
     assert capsys.readouterr().err == ""
     for bad in (2**63, -1):
-        assert sampling_main_inprocess(*args, "--seed", bad) == 2
+        assert main_inprocess(*args, "--seed", bad) == 2
         err = capsys.readouterr().err
         assert err == f"error: seed must be an integer from 0 to 2**63 - 1, got {bad}\n"
-    assert sampling_main_inprocess(*args, "--seed", 2**63 - 1) == 0
+    assert main_inprocess(*args, "--seed", 2**63 - 1) == 0
 
 
-def test_main_prompt_file_not_utf8_and_help(sampling_main_inprocess, capsys, tmp_path):
+def test_main_prompt_file_not_utf8_and_help(main_inprocess, capsys, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
-    assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["tf"], "--prompt_file", tmp_path / "latin1.txt") == 2
+    assert main_inprocess("--model_dir", TINY["tf"], "--prompt_file", tmp_path / "latin1.txt") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'latin1.txt'} is not UTF-8 text" in err
-    assert sampling_main_inprocess("--help") == 0
+    assert main_inprocess("--help") == 0
     out = capsys.readouterr().out
     for words in ("new tokens per continuation (default: 40)", "--temperature", "(default: 1.0)", "--dtype",
                   "a fresh one is drawn and printed"):
         assert words in " ".join(out.split()), words
 
 
-def test_main_num_samples(sampling_main_inprocess, capsys):
-    assert sampling_main_inprocess("--model_dir", SAMPLING_TINY["tf"], "--prompt", SAMPLING_PROMPTS[1]["text"],
+def test_main_num_samples(main_inprocess, capsys):
+    assert main_inprocess("--model_dir", TINY["tf"], "--prompt", PROMPTS[1]["text"],
                                    "--num_samples", "2", "--top_k", "40", "--n_tokens_to_generate", "20") == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0::2] == ["--- sample 1 ---", "--- sample 2 ---"] and out[1] != out[3]
 
 
-# ==================== train =====================================================================================
-
-sampling.enable_compilation_cache()  # at collection, before anything compiles: repeated tiny runs compile once
-
-TRAIN_SHAKESPEARE = HERE / "testdata" / "tinyshakespeare" / "input.txt"
-TRAIN_GPT2_TINY = HERE / "testdata" / "gpt2-tiny"
-# dropout and gradient accumulation on, so that the random streams and micro-batches are always covered
-TRAIN_TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4, "eval_iters": 2,
-              "learning_rate": 3e-3, "warmup_iters": 2, "lr_decay_iters": 12, "min_lr": 3e-4, "log_interval": 1,
-              "dropout": 0.1, "gradient_accumulation_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def train_data_dir(tmp_path_factory):
-    """A data_dir holding tiny Shakespeare, placed by hand as a user without network would."""
-    data_dir = tmp_path_factory.mktemp("data")
-    (data_dir / "shakespeare_char").mkdir()
-    shutil.copy(TRAIN_SHAKESPEARE, data_dir / "shakespeare_char" / "input.txt")
-    return data_dir
-
-
-def train_config(data_dir, out_dir, **overrides):
-    return {**TRAIN_TINY, "data_dir": str(data_dir), "out_dir": str(out_dir), **overrides}
-
-
-def train_run_cli(*args, env=None):
-    return subprocess.run([sys.executable, str(HERE / "train.py"), *args], capture_output=True, text=True,
-                          cwd=HERE, env={**os.environ, **(env or {})}, timeout=300)
-
-
-# ------------------------------------------------------------------------------------------------------- data.py
+# ==================== data ============================================================================================
+# dataset preparation and batches
 
 def test_train_prepare_char_dataset(train_data_dir):
-    text = TRAIN_SHAKESPEARE.read_text(encoding="utf-8")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
     folder = data.prepare("shakespeare_char", train_data_dir)
     meta = json.loads((folder / "meta.json").read_text())
     assert meta == {"kind": "char", "chars": sorted(set(text))} and len(meta["chars"]) == 65
@@ -1679,8 +1441,8 @@ def test_train_prepare_char_dataset(train_data_dir):
 
 def test_train_prepare_gpt2_dataset(train_data_dir):
     # GPT-2 tokens of the same text, split like nanoGPT's data/shakespeare (its readme: 301,966 and 36,059 tokens)
-    text = TRAIN_SHAKESPEARE.read_text(encoding="utf-8")
-    folder = data.prepare("shakespeare", train_data_dir, vocab_dir=TRAIN_GPT2_TINY)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    folder = data.prepare("shakespeare", train_data_dir, vocab_dir=TINY_TF)
     assert json.loads((folder / "meta.json").read_text()) == {"kind": "gpt2"}
     train_ids, val_ids = data.load_split(folder, "train"), data.load_split(folder, "val")
     assert (len(train_ids), len(val_ids)) == (301_966, 36_059)
@@ -1697,7 +1459,7 @@ def test_train_prepare_text_file_and_folder(tmp_path):
     for i, t in enumerate(texts):
         (docs / f"{i:02d}.txt").write_text(t, encoding="utf-8")
     (docs / ".hidden").write_bytes(b"\xff\xfe not text")  # hidden files are skipped
-    folder = data.prepare(str(docs), tmp_path / "data", "gpt2", vocab_dir=TRAIN_GPT2_TINY)
+    folder = data.prepare(str(docs), tmp_path / "data", "gpt2", vocab_dir=TINY_TF)
     assert folder.name == "docs_gpt2"
     ids = np.concatenate([data.load_split(folder, s) for s in data.SPLITS])
     assert (ids == 50256).sum() == 10 and ids[-1] == 50256  # every document ends with <|endoftext|>
@@ -1752,10 +1514,77 @@ def test_train_batches_come_from_the_memmap_shifted_by_one(train_data_dir):
         data.batch_starts(10, 16, 8, seed=5, it=0, split="val")
 
 
-# ----------------------------------------------------------------------------------------------- optimizer parts
+# ==================== train_config ====================================================================================
+# the config: files, flags and checks
+
+def test_train_config_file_and_flags(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('n_layer = 3\nlearning_rate = 1\ndataset = "x"\nbias = true\n')
+    overrides = train_config.parse_args([str(toml), "--n_layer=5", "--eval_only", "--min_lr=2e-5"])
+    assert overrides == {"n_layer": 5, "learning_rate": 1.0, "dataset": "x", "bias": True, "eval_only": True,
+                         "min_lr": 2e-5}
+    as_json = tmp_path / "c.json"
+    as_json.write_text('{"max_iters": 7}')
+    assert train_config.parse_args([str(as_json)]) == {"max_iters": 7}
+    for path in sorted((HERE / "configs").glob("*.toml")):  # the shipped recipes parse and validate
+        train_config.resolve_config(train_config.parse_args([str(path)]))
+    bad_cases = {
+        ("--n_layr=3",): "unknown config key 'n_layr' on the command line; did you mean n_layer?",
+        ("--n_layer=three",): "--n_layer takes an integer, not 'three'",
+        ("--dropout=nan",): "--dropout takes a finite number",
+        ("--bias=maybe",): "--bias takes true or false",
+        ("--max_iters",): "--max_iters needs a value",
+    }
+    for args, message in bad_cases.items():
+        with pytest.raises(ValueError, match=message.replace("?", r"\?")):
+            train_config.parse_args(list(args))
+    (tmp_path / "bad.toml").write_text("n_layer = \n")
+    (tmp_path / "typo.toml").write_text("n_embed = 3\n")
+    (tmp_path / "type.toml").write_text('n_layer = "4"\n')
+    (tmp_path / "c.py").write_text("n_layer = 4\n")
+    with pytest.raises(ValueError, match="bad.toml is not valid TOML"):
+        train_config.parse_args([str(tmp_path / "bad.toml")])
+    with pytest.raises(ValueError, match="unknown config key 'n_embed' in .*typo.toml; did you mean n_embd"):
+        train_config.parse_args([str(tmp_path / "typo.toml")])
+    with pytest.raises(ValueError, match="n_layer should be int, got '4'"):
+        train_config.parse_args([str(tmp_path / "type.toml")])
+    with pytest.raises(ValueError, match="should end in .toml or .json"):
+        train_config.parse_args([str(tmp_path / "c.py")])
+    for overrides, message in [({"n_embd": 30, "n_head": 4}, "multiple of n_head"), ({"dtype": "float16"},
+                               "float16 needs loss scaling"), ({"dropout": 1.0}, "dropout must be in"),
+                               ({"warmup_iters": 50, "lr_decay_iters": 50}, "must exceed warmup_iters")]:
+        with pytest.raises(ValueError, match=message):
+            train_config.resolve_config(overrides)
+
+
+def test_train_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.toml").write_text("[[[")
+    for args, needle in [(["--n_layr=3"], "did you mean n_layer"), ([str(tmp_path / "bad.toml")], "not valid TOML"),
+                         (["--init_from=resume", f"--out_dir={tmp_path}"], "cannot resume"),
+                         (["--seed=-1"], "seed must be from 0 to 2**63 - 1, got -1"),
+                         ([f"--seed={2**63}"], f"seed must be from 0 to 2**63 - 1, got {2**63}"),
+                         (["--lora_rank=-1"], "lora_rank must be 0 (no adapters) or a positive rank, got -1"),
+                         (["--lora_rank=8"], "lora_rank adapts a pretrained model"),
+                         (["--lora_base_dtype=float16"], "lora_base_dtype must be float32 or bfloat16"),
+                         (["--init_from=124M", "--lora_rank=8", "--lora_targets=attn.c_atn"],
+                          "lora_targets: unknown layer 'attn.c_atn'; choose from attn.c_attn")]:
+        proc = run_train_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    proc = run_train_cli("--help")
+    assert proc.returncode == 0
+    for name in train_config.DEFAULTS:
+        assert f"--{name}=" in proc.stdout, name
+    assert "--n_layer=4" in proc.stdout and "--dataset=shakespeare_char" in proc.stdout
+
+
+# ==================== train, outdir ===================================================================================
+# training: the step, resume, devices and processes, LoRA, checkpoints, Ctrl-C, out_dir
 
 def test_train_learning_rate_schedule_matches_formula():
-    config = train.resolve_config({"learning_rate": 6e-4, "min_lr": 6e-5, "warmup_iters": 10, "lr_decay_iters": 50})
+    config = train_config.resolve_config({"learning_rate": 6e-4, "min_lr": 6e-5, "warmup_iters": 10,
+                                          "lr_decay_iters": 50})
 
     def reference(it):  # nanoGPT's get_lr, in float64
         if it < 10:
@@ -1779,31 +1608,25 @@ def test_train_weight_decay_only_on_matrices_and_embeddings():
     shapes = jax.eval_shape(lambda: train.gpt.init_params(jax.random.PRNGKey(0), hparams))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: 1 + rng.random(s.shape, np.float32), shapes)
-    config = train.resolve_config({"learning_rate": 0.1, "weight_decay": 0.5, "decay_lr": False})
+    config = train_config.resolve_config({"learning_rate": 0.1, "weight_decay": 0.5, "decay_lr": False})
     optimizer = train.make_optimizer(config, params)
 
     def zero_grad_update(params):  # Adam's step is 0 for zero gradients: what moves is the decay alone
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         return optimizer.update(zero_grads, optimizer.init(params), params)[0]
     updates = jax.jit(zero_grad_update)(params)
-    flat = train.flat_names(updates, "")
+    flat = outdir.flat_names(updates, "")
     decayed = {"wte", "wpe", "h/attn/c_attn/w", "h/attn/c_proj/w", "h/mlp/c_fc/w", "h/mlp/c_proj/w"}
     for name, update in flat.items():
-        p = train.flat_names(params, "")[name]
+        p = outdir.flat_names(params, "")[name]
         expected = -0.1 * 0.5 * p if name in decayed else np.zeros_like(p)
         np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=name)
     assert {n for n in flat if n.endswith(("/b", "/g"))} == set(flat) - decayed  # biases and LayerNorm: no decay
 
 
-# ---------------------------------------------------------------------------------------------------- training
-
-def train_ckpt_tensors(out_dir):
-    return safetensors.numpy.load_file(pathlib.Path(out_dir) / "ckpt.safetensors")
-
-
 def test_train_remat_gives_the_same_losses(train_data_dir, tmp_path):
-    plain = train.train(train_config(train_data_dir, tmp_path / "plain", max_iters=4, eval_interval=4))
-    remat = train.train(train_config(train_data_dir, tmp_path / "remat", max_iters=4, eval_interval=4, remat=True))
+    plain = train.train(run_config(train_data_dir, tmp_path / "plain", max_iters=4, eval_interval=4))
+    remat = train.train(run_config(train_data_dir, tmp_path / "remat", max_iters=4, eval_interval=4, remat=True))
     np.testing.assert_allclose([remat["losses"][i] for i in range(4)], [plain["losses"][i] for i in range(4)],
                                rtol=1e-5)
     np.testing.assert_allclose(remat["evals"][-1]["val_loss"], plain["evals"][-1]["val_loss"], rtol=1e-5)
@@ -1811,7 +1634,8 @@ def test_train_remat_gives_the_same_losses(train_data_dir, tmp_path):
 
 def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, monkeypatch, capsys):
     hparams = {"n_vocab": 65, "n_ctx": 256, "n_embd": 64, "n_head": 4, "n_layer": 4}
-    config = train.resolve_config({**TRAIN_TINY, "block_size": 256, "batch_size": 8, "gradient_accumulation_steps": 1})
+    config = train_config.resolve_config({**TINY_RUN, "block_size": 256, "batch_size": 8,
+                                          "gradient_accumulation_steps": 1})
     params = gpt.init_params(jax.random.PRNGKey(0), hparams)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     optimizer = train.make_optimizer(config, params)
@@ -1839,12 +1663,12 @@ def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, m
     assert not (out / "ckpt.safetensors").exists()
     # when it fits: the plan is printed, and each evaluation records the peak
     monkeypatch.undo()
-    result = train.train(train_config(train_data_dir, tmp_path / "fits", max_iters=2, eval_interval=2))
+    result = train.train(run_config(train_data_dir, tmp_path / "fits", max_iters=2, eval_interval=2))
     assert "memory: params" in capsys.readouterr().err
     assert all(e["peak_memory_gb"] > 0 for e in result["evals"])
     # the plan against what a fresh train.py process measures after its first step: the peak is the plan plus the
     # process itself (the JAX runtime and Python: 0.3-0.8 GB here), within a stated 1 GB
-    proc = train_run_cli(f"--data_dir={train_data_dir}", f"--out_dir={tmp_path / 'cli'}", "--max_iters=2",
+    proc = run_train_cli(f"--data_dir={train_data_dir}", f"--out_dir={tmp_path / 'cli'}", "--max_iters=2",
                          "--eval_interval=2", "--eval_iters=1", "--block_size=256", "--batch_size=8")
     found = re.search(r"memory: peak ([\d.]+) (GB|MB) after the first step \(planned ([\d.]+) (GB|MB)", proc.stdout)
     assert proc.returncode == 0 and found, proc.stdout[-2000:]
@@ -1854,15 +1678,15 @@ def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, m
 
 def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_path):
     extra = {"eval_interval": 6}
-    straight = train.train(train_config(train_data_dir, tmp_path / "a", max_iters=12, **extra))
-    first = train.train(train_config(train_data_dir, tmp_path / "b", max_iters=6, **extra))
-    assert train.read_checkpoint_meta(tmp_path / "b" / "ckpt.safetensors")["iter"] == 6
+    straight = train.train(run_config(train_data_dir, tmp_path / "a", max_iters=12, **extra))
+    first = train.train(run_config(train_data_dir, tmp_path / "b", max_iters=6, **extra))
+    assert outdir.read_checkpoint_meta(tmp_path / "b" / "ckpt.safetensors")["iter"] == 6
     second = train.train({"init_from": "resume", "out_dir": str(tmp_path / "b"), "max_iters": 12})
     assert sorted(second["losses"]) == list(range(6, 12))
     resumed = {**first["losses"], **second["losses"]}
     assert [resumed[i] for i in range(12)] == [straight["losses"][i] for i in range(12)]  # bitwise equal floats
     assert straight["losses"][11] < straight["losses"][0]  # and it learns
-    a, b = train_ckpt_tensors(tmp_path / "a"), train_ckpt_tensors(tmp_path / "b")
+    a, b = ckpt_tensors(tmp_path / "a"), ckpt_tensors(tmp_path / "b")
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -1874,48 +1698,21 @@ def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_
                                          "peak_memory_gb"}
 
 
-TRAIN_DEVICES_SCRIPT = """
-import json, sys
-import jax, numpy as np, sampling, train
-from jax.sharding import Mesh
-sampling.enable_compilation_cache()
-assert jax.device_count() == 4, jax.devices()
-config = json.loads(sys.argv[1])
-out = {}
-for fsdp in (False, True):
-    result = train.train({**config, "fsdp": fsdp, "out_dir": config["out_dir"] + str(fsdp)})
-    out[str(fsdp)] = [result["losses"][i] for i in sorted(result["losses"])]
-# what fsdp places on each device: train.run puts the params (and the optimizer state, alike) with these shardings
-config = train.resolve_config(config)
-params = train.init_params(config, train.scratch_hparams(config, 65))
-placed = jax.device_put(params, train.tree_shardings(Mesh(np.array(jax.devices()), ("data",)), params, True))
-per_device = {d: 0 for d in jax.devices()}
-for leaf in jax.tree.leaves(placed):
-    for shard in leaf.addressable_shards:
-        per_device[shard.device] += shard.data.size
-out["fsdp_share"] = max(per_device.values()) / sum(x.size for x in jax.tree.leaves(params))
-print(json.dumps(out))
-"""
-
-
 def test_train_four_devices_match_one(train_data_dir, tmp_path):
-    config = train_config(train_data_dir, tmp_path / "one", max_iters=6, eval_interval=6)
+    config = run_config(train_data_dir, tmp_path / "one", max_iters=6, eval_interval=6)
     one = train.train(config)
     one = [one["losses"][i] for i in range(6)]
-    proc = subprocess.run([sys.executable, "-c", TRAIN_DEVICES_SCRIPT, json.dumps({**config, "out_dir":
-                                                                                  str(tmp_path / "four")})],
-                          capture_output=True, text=True, cwd=HERE, timeout=300,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                               "JAX_PLATFORMS": "cpu"})
+    proc = run_program("train_four_devices.py", json.dumps({**config, "out_dir": str(tmp_path / "four")}),
+                       timeout=300, env=FOUR_CPU_DEVICES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     four = json.loads(proc.stdout.strip().splitlines()[-1])
     assert four.pop("fsdp_share") == 0.25  # each of the 4 devices holds a quarter of the params, not all of them
     for fsdp, losses in four.items():
         np.testing.assert_allclose(losses, one, rtol=1e-5, atol=1e-5, err_msg=f"fsdp={fsdp}")
     # and they end with the same params as one device
-    ref = train_ckpt_tensors(tmp_path / "one")
+    ref = ckpt_tensors(tmp_path / "one")
     for fsdp in ("False", "True"):
-        got = train_ckpt_tensors(str(tmp_path / "four") + fsdp)
+        got = ckpt_tensors(str(tmp_path / "four") + fsdp)
         for name in ref:
             if name.startswith("params/"):
                 np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-6, err_msg=f"{fsdp} {name}")
@@ -1933,18 +1730,12 @@ def train_processes(config, cwds, port):  # train.py as 2 processes of 2 CPU dev
     return procs
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_train_two_processes_match_one_and_only_one_writes(train_data_dir, tmp_path):
-    one = train.train(train_config(train_data_dir, tmp_path / "one", max_iters=4, eval_interval=2))
+    one = train.train(run_config(train_data_dir, tmp_path / "one", max_iters=4, eval_interval=2))
     cwds = [tmp_path / "p0", tmp_path / "p1"]
     for cwd in cwds:
         cwd.mkdir()
-    config = {k: v for k, v in train_config(train_data_dir, "out", max_iters=4, eval_interval=2).items()}
+    config = {k: v for k, v in run_config(train_data_dir, "out", max_iters=4, eval_interval=2).items()}
     procs = train_processes(config, cwds, free_port())  # out_dir "out": each process's own, if it wrote
     for proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -1963,35 +1754,14 @@ def test_train_two_processes_match_one_and_only_one_writes(train_data_dir, tmp_p
     procs[0].communicate(timeout=150)
     assert procs[0].returncode != 0 and time.monotonic() - t < 120
     procs[1].communicate()
-    assert train.read_checkpoint_meta(cwds[0] / "out" / "ckpt.safetensors")["iter"] >= 2
-
-
-def test_lora_adapters_start_at_the_base_model_and_merge_exactly():
-    hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
-    params = gpt.init_params(jax.random.PRNGKey(0), hparams)
-    ids = jnp.array([3, 1, 4, 1, 5, 9, 2, 6])
-    adapters = gpt.init_adapters(jax.random.PRNGKey(1), params, 4)
-    base = gpt.gpt(params, ids, 2)
-    np.testing.assert_array_equal(gpt.gpt(gpt.with_adapters(params, adapters, 2.0), ids, 2), base)  # B = 0
-    # trained adapters (random B): the adapted forward pass == the merged model == W + scale A B formed in float64
-    adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape), adapters)
-    adapted = gpt.gpt(gpt.with_adapters(params, adapters, 2.0), ids, 2)
-    assert not np.allclose(adapted, base, atol=1e-3)
-    np.testing.assert_allclose(gpt.gpt(gpt.merge_adapters(params, adapters, 2.0), ids, 2), adapted, atol=1e-5)
-    flat = weights_flat(params)
-    for target in gpt.LORA_TARGETS:
-        group, name = target.split("/")
-        ab = adapters["h"][group][name]
-        flat[f"h/{group}/{name}/w"] = (np.asarray(flat[f"h/{group}/{name}/w"], np.float64) + 2.0
-                                       * np.asarray(ab["lora_a"], np.float64) @ np.asarray(ab["lora_b"], np.float64))
-    np.testing.assert_allclose(weights_numpy_gpt2(flat, np.asarray(ids), 2), adapted, atol=1e-4)
+    assert outdir.read_checkpoint_meta(cwds[0] / "out" / "ckpt.safetensors")["iter"] >= 2
 
 
 def test_train_lora_trains_adapters_only_resumes_bitwise_and_merges_into_out_dir(tmp_path, capsys):
     model = tmp_path / "gpt2-tiny"
-    shutil.copytree(TRAIN_GPT2_TINY, model, ignore=shutil.ignore_patterns(weights.CACHE_NAME))
+    shutil.copytree(TINY_TF, model, ignore=shutil.ignore_patterns(weights.CACHE_NAME))
     text = tmp_path / "sonnets.txt"
-    text.write_text(TRAIN_SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     config = {"init_from": str(model), "dataset": str(text), "data_dir": str(tmp_path / "data"), "block_size": 32,
               "batch_size": 4, "max_iters": 8, "eval_interval": 4, "eval_iters": 2, "learning_rate": 1e-2,
               "decay_lr": False, "dropout": 0.1, "lora_rank": 4, "lora_targets": "attn.c_attn,mlp.c_fc"}
@@ -2002,13 +1772,14 @@ def test_train_lora_trains_adapters_only_resumes_bitwise_and_merges_into_out_dir
     plain = train.train({**config, "out_dir": str(tmp_path / "base"), "lora_rank": 0, "max_iters": 0})
     assert straight["evals"][0]["val_loss"] == pytest.approx(plain["evals"][0]["val_loss"], rel=1e-6)  # B = 0
     # the checkpoint holds the adapters and their optimizer state only, and names the base model
-    ckpt = train_ckpt_tensors(tmp_path / "a")
+    ckpt = ckpt_tensors(tmp_path / "a")
     assert {n.split("/")[-1] for n in ckpt if n.startswith("params/")} == {"lora_a", "lora_b"}
-    assert sum(x.size for n, x in ckpt.items() if n.startswith("params/")) == 2 * (16 * 4 + 4 * 48 + 16 * 4 + 4 * 64)  # 2 layers
-    assert train.read_checkpoint_meta(tmp_path / "a" / "ckpt.safetensors")["base"] == str(model.resolve())
+    n_adapters = 2 * (16 * 4 + 4 * 48 + 16 * 4 + 4 * 64)  # 2 layers
+    assert sum(x.size for n, x in ckpt.items() if n.startswith("params/")) == n_adapters
+    assert outdir.read_checkpoint_meta(tmp_path / "a" / "ckpt.safetensors")["base"] == str(model.resolve())
     # out_dir's model is the base with the adapters merged: untargeted weights bitwise the base's
     _, merged = weights.load_hparams_and_params(tmp_path / "a")
-    merged, base = weights_flat(merged), weights_flat(base)
+    merged, base = flat_params(merged), flat_params(base)
     for name in base:
         if name.endswith("c_attn/w") or name.endswith("c_fc/w"):
             a = ckpt[f"params/h/{name[2:-2]}/lora_a"].astype(np.float64)
@@ -2020,7 +1791,7 @@ def test_train_lora_trains_adapters_only_resumes_bitwise_and_merges_into_out_dir
     # resume is bitwise
     train.train({**config, "out_dir": str(tmp_path / "b"), "max_iters": 4})
     train.train({"init_from": "resume", "out_dir": str(tmp_path / "b"), "max_iters": 8})
-    resumed = train_ckpt_tensors(tmp_path / "b")
+    resumed = ckpt_tensors(tmp_path / "b")
     assert resumed.keys() == ckpt.keys()
     for name in ckpt:
         np.testing.assert_array_equal(resumed[name], ckpt[name], err_msg=name)
@@ -2030,15 +1801,15 @@ def test_train_lora_trains_adapters_only_resumes_bitwise_and_merges_into_out_dir
     # main.py generates from it as from any model folder
     capsys.readouterr()
     assert main.main(["--model_dir", str(tmp_path / "a"), "--prompt", "ROMEO:", "--greedy",
-                      "--n_tokens_to_generate", "5"]) is None
+                      "--n_tokens_to_generate", "5"]) == 0
     assert capsys.readouterr().out.strip()
 
 
 def test_train_finetune_gpt2_fixture_lowers_the_loss(tmp_path):
     model = tmp_path / "gpt2-tiny"
-    shutil.copytree(TRAIN_GPT2_TINY, model)  # weights.py writes its converted cache beside the checkpoint
+    shutil.copytree(TINY_TF, model)  # weights.py writes its converted cache beside the checkpoint
     text = tmp_path / "sonnets.txt"
-    text.write_text(TRAIN_SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     result = train.train({"init_from": str(model), "dataset": str(text), "data_dir": str(tmp_path / "data"),
                           "out_dir": str(tmp_path / "out"), "block_size": 32, "batch_size": 4, "max_iters": 16,
                           "eval_interval": 8, "eval_iters": 4, "learning_rate": 3e-3, "decay_lr": False,
@@ -2049,7 +1820,7 @@ def test_train_finetune_gpt2_fixture_lowers_the_loss(tmp_path):
     assert json.loads((tmp_path / "data" / "sonnets_gpt2" / "meta.json").read_text()) == {"kind": "gpt2"}
     # out_dir is a model folder: the fixture's hparams, biases kept, GPT-2's vocabulary
     enc, hparams, params = weights.load_encoder_hparams_and_params(str(tmp_path / "out"))
-    assert hparams == json.loads((TRAIN_GPT2_TINY / "hparams.json").read_text())
+    assert hparams == json.loads((TINY_TF / "hparams.json").read_text())
     assert enc.n_vocab == 50257 and "b" in params["h"]["attn"]["c_attn"]
     initial = weights.load_hparams_and_params(model)[1]
     assert not np.allclose(params["wte"], initial["wte"])
@@ -2057,7 +1828,7 @@ def test_train_finetune_gpt2_fixture_lowers_the_loss(tmp_path):
 
 def test_train_checkpoint_survives_a_crash_mid_write(train_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     good = (out / "ckpt.safetensors").read_bytes()
     good_model = (out / "params.safetensors").read_bytes()
 
@@ -2091,13 +1862,13 @@ def test_train_checkpoint_survives_a_crash_mid_write(train_data_dir, tmp_path, m
     result = train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4})
     assert sorted(result["losses"]) == [2, 3]
     assert not stale.exists() and live.exists()
-    straight = train.train(train_config(train_data_dir, tmp_path / "straight", max_iters=4, eval_interval=2))
+    straight = train.train(run_config(train_data_dir, tmp_path / "straight", max_iters=4, eval_interval=2))
     assert [result["losses"][i] for i in (2, 3)] == [straight["losses"][i] for i in (2, 3)]
 
 
 def test_train_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     good = (out / "ckpt.safetensors").read_bytes()
     code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=50", "--eval_interval=50",
                        "--learning_rate=1e9", "--warmup_iters=0", "--grad_clip=0"])
@@ -2116,25 +1887,21 @@ def test_train_ctrl_c_saves_a_checkpoint_and_resumes(train_data_dir, tmp_path, m
             signal.raise_signal(signal.SIGINT)
         return get_batch(*args)
     monkeypatch.setattr(data, "get_batch", get_batch_then_ctrl_c)
-    result = train.train(train_config(train_data_dir, out, max_iters=100, eval_interval=50))
+    result = train.train(run_config(train_data_dir, out, max_iters=100, eval_interval=50))
     monkeypatch.undo()
     assert result["interrupted"] and result["iter"] == 4
-    assert train.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 4
+    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 4
     assert (out / "params.safetensors").is_file()  # samplable even before the first evaluation
     resumed = train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
     assert sorted(resumed["losses"]) == [4, 5]
-    straight = train.train(train_config(train_data_dir, tmp_path / "straight", max_iters=6, eval_interval=50))
+    straight = train.train(run_config(train_data_dir, tmp_path / "straight", max_iters=6, eval_interval=50))
     interrupted_then_resumed = {**result["losses"], **resumed["losses"]}
     assert [interrupted_then_resumed[i] for i in range(6)] == [straight["losses"][i] for i in range(6)]
 
 
-def folder_state(folder):  # {name: bytes} of every file in folder: to show that nothing was written
-    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir()) if p.is_file()}
-
-
 def test_train_ctrl_c_is_acknowledged_and_a_second_one_stops_at_once(train_data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     good = (out / "ckpt.safetensors").read_bytes()
     get_batch, calls = data.get_batch, []
 
@@ -2156,9 +1923,9 @@ def test_train_ctrl_c_is_acknowledged_and_a_second_one_stops_at_once(train_data_
 def test_train_eval_only_and_bias(train_data_dir, tmp_path):
     out = tmp_path / "e"
     with pytest.raises(ValueError, match="eval_only evaluates a trained model: add --init_from=resume"):
-        train.train(train_config(train_data_dir, out, eval_only=True))  # a random model, by accident
+        train.train(run_config(train_data_dir, out, eval_only=True))  # a random model, by accident
     assert not out.exists()
-    trained = train.train(train_config(train_data_dir, out, bias=True, max_iters=2, eval_interval=2))
+    trained = train.train(run_config(train_data_dir, out, bias=True, max_iters=2, eval_interval=2))
     # an untrained model with 65 characters is close to uniform: ln 65
     assert trained["evals"][0]["iter"] == 0
     assert trained["evals"][0]["val_loss"] == pytest.approx(math.log(65), abs=0.1)
@@ -2169,27 +1936,28 @@ def test_train_eval_only_and_bias(train_data_dir, tmp_path):
     assert folder_state(out) == before  # metrics.jsonl, loss.png, the checkpoints: untouched
     hparams = {"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}
     without = train.drop_biases(jax.eval_shape(lambda: train.gpt.init_params(jax.random.PRNGKey(0), hparams)))
-    assert sorted(train.flat_names(without, "")) == ["h/attn/c_attn/w", "h/attn/c_proj/w", "h/ln_1/g", "h/ln_2/g",
+    assert sorted(outdir.flat_names(without, "")) == ["h/attn/c_attn/w", "h/attn/c_proj/w", "h/ln_1/g", "h/ln_2/g",
                                                      "h/mlp/c_fc/w", "h/mlp/c_proj/w", "ln_f/g", "wpe", "wte"]
 
 
 def test_train_refuses_to_replace_a_trained_model(train_data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     before = folder_state(out)
     capsys.readouterr()
-    for init_from in ("scratch", str(TRAIN_GPT2_TINY)):
+    for init_from in ("scratch", str(TINY_TF)):
         code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", f"--init_from={init_from}"])
         err = capsys.readouterr().err
         assert code == 1 and err.count("\n") == 1, err
-        assert all(w in err for w in ("already holds a trained model", "--init_from=resume", "--out_dir", "--overwrite"))
+        assert all(w in err for w in ("already holds a trained model", "--init_from=resume", "--out_dir",
+                                      "--overwrite"))
     assert folder_state(out) == before
     # asked to, a new run replaces the old one whole: none of its files mixes with the new run's
     (out / "loss.png").write_bytes(b"the old run's plot")
-    result = train.train(train_config(train_data_dir, out, max_iters=1, eval_interval=1, overwrite=True, seed=7))
+    result = train.train(run_config(train_data_dir, out, max_iters=1, eval_interval=1, overwrite=True, seed=7))
     assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert not (out / "loss.png").exists() or (out / "loss.png").read_bytes() != b"the old run's plot"
-    assert train.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 1 and result["iter"] == 1
+    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 1 and result["iter"] == 1
 
 
 def test_train_out_dir_holds_only_the_runs_vocabulary(tmp_path, train_data_dir):
@@ -2197,32 +1965,24 @@ def test_train_out_dir_holds_only_the_runs_vocabulary(tmp_path, train_data_dir):
     out, chars = tmp_path / "out", tmp_path / "chars"
     out.mkdir()
     for name in data.GPT2_FILES:
-        shutil.copy(TRAIN_GPT2_TINY / name, out / name)
+        shutil.copy(TINY_TF / name, out / name)
     chars.mkdir()
     data.write_meta(chars, {"kind": "char", "chars": ["a", "b"]})
-    train.write_vocabulary(out, chars)
+    outdir.write_vocabulary(out, chars)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json"]
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
-    data.copy_gpt2_vocab(TRAIN_GPT2_TINY, gpt2)
+    data.copy_gpt2_vocab(TINY_TF, gpt2)
     data.write_meta(gpt2, {"kind": "gpt2"})
-    train.write_vocabulary(out, gpt2)
+    outdir.write_vocabulary(out, gpt2)
     assert sorted(p.name for p in out.iterdir()) == ["encoder.json", "vocab.bpe"]
-
-
-TRAIN_LOCK_HOLDER = """
-import sys, time, files
-with files.locked(sys.argv[1]):
-    print("locked", flush=True)
-    time.sleep(600)
-"""
 
 
 def test_train_a_second_run_on_the_same_out_dir_is_refused(train_data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", TRAIN_LOCK_HOLDER, str(out / ".lock")], cwd=HERE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, str(PROGRAMS / "lock_holder.py"), str(out / ".lock")], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
     try:
         assert holder.stdout.readline() == "locked\n"
         code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=1"])
@@ -2232,13 +1992,13 @@ def test_train_a_second_run_on_the_same_out_dir_is_refused(train_data_dir, tmp_p
     finally:
         holder.kill()  # as a crash would: the system drops the lock with the process
         holder.wait()
-    result = train.train(train_config(train_data_dir, out, max_iters=1, eval_interval=1))
+    result = train.train(run_config(train_data_dir, out, max_iters=1, eval_interval=1))
     assert result["iter"] == 1
 
 
 def test_train_block_size_too_large_for_the_data_is_reported_at_start(tmp_path):
     text = tmp_path / "short.txt"
-    text.write_text(TRAIN_SHAKESPEARE.read_text(encoding="utf-8")[:3000], encoding="utf-8")  # val: 300 characters
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:3000], encoding="utf-8")  # val: 300 characters
     with pytest.raises(ValueError, match="the val split of .* has 300 tokens, too few for sequences of block_size 512"):
         train.train({"dataset": str(text), "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "out"),
                      "block_size": 512, "n_layer": 1, "n_embd": 8, "n_head": 1})
@@ -2247,9 +2007,9 @@ def test_train_block_size_too_large_for_the_data_is_reported_at_start(tmp_path):
 
 def test_train_char_model_folder_samples(train_data_dir, tmp_path):
     out = tmp_path / "out"
-    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     assert json.loads((out / "meta.json").read_text()) == {"kind": "char",
-                                                         "chars": sorted(set(TRAIN_SHAKESPEARE.read_text()))}
+                                                         "chars": sorted(set(SHAKESPEARE.read_text()))}
     enc, hparams, params = weights.load_encoder_hparams_and_params(str(out))
     assert hparams == {"n_vocab": 65, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
     assert enc.decode(enc.encode("ROMEO:")) == "ROMEO:"
@@ -2261,63 +2021,12 @@ def test_train_char_model_folder_samples(train_data_dir, tmp_path):
         assert len(proc.stdout.strip()) > 0
 
 
-# ------------------------------------------------------------------------------------------------------- config
-
-def test_train_config_file_and_flags(tmp_path):
-    toml = tmp_path / "c.toml"
-    toml.write_text('n_layer = 3\nlearning_rate = 1\ndataset = "x"\nbias = true\n')
-    overrides = train.parse_args([str(toml), "--n_layer=5", "--eval_only", "--min_lr=2e-5"])
-    assert overrides == {"n_layer": 5, "learning_rate": 1.0, "dataset": "x", "bias": True, "eval_only": True,
-                         "min_lr": 2e-5}
-    as_json = tmp_path / "c.json"
-    as_json.write_text('{"max_iters": 7}')
-    assert train.parse_args([str(as_json)]) == {"max_iters": 7}
-    for path in sorted((HERE / "configs").glob("*.toml")):  # the shipped recipes parse and validate
-        train.resolve_config(train.parse_args([str(path)]))
-    bad_cases = {
-        ("--n_layr=3",): "unknown config key 'n_layr' on the command line; did you mean n_layer?",
-        ("--n_layer=three",): "--n_layer takes an integer, not 'three'",
-        ("--dropout=nan",): "--dropout takes a finite number",
-        ("--bias=maybe",): "--bias takes true or false",
-        ("--max_iters",): "--max_iters needs a value",
-    }
-    for args, message in bad_cases.items():
-        with pytest.raises(ValueError, match=message.replace("?", r"\?")):
-            train.parse_args(list(args))
-    (tmp_path / "bad.toml").write_text("n_layer = \n")
-    (tmp_path / "typo.toml").write_text("n_embed = 3\n")
-    (tmp_path / "type.toml").write_text('n_layer = "4"\n')
-    (tmp_path / "c.py").write_text("n_layer = 4\n")
-    with pytest.raises(ValueError, match="bad.toml is not valid TOML"):
-        train.parse_args([str(tmp_path / "bad.toml")])
-    with pytest.raises(ValueError, match="unknown config key 'n_embed' in .*typo.toml; did you mean n_embd"):
-        train.parse_args([str(tmp_path / "typo.toml")])
-    with pytest.raises(ValueError, match="n_layer should be int, got '4'"):
-        train.parse_args([str(tmp_path / "type.toml")])
-    with pytest.raises(ValueError, match="should end in .toml or .json"):
-        train.parse_args([str(tmp_path / "c.py")])
-    for overrides, message in [({"n_embd": 30, "n_head": 4}, "multiple of n_head"), ({"dtype": "float16"},
-                               "float16 needs loss scaling"), ({"dropout": 1.0}, "dropout must be in"),
-                               ({"warmup_iters": 50, "lr_decay_iters": 50}, "must exceed warmup_iters")]:
-        with pytest.raises(ValueError, match=message):
-            train.resolve_config(overrides)
-
-
-TRAIN_DISK_FULL = """
-import resource, signal, sys, train
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing the process
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-sys.exit(train.main(sys.argv[2:]))
-"""
-
-
 def test_train_full_disk_is_one_line_and_keeps_the_checkpoint(train_data_dir, tmp_path):
     out = tmp_path / "out"
-    train.train(train_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     good = (out / "ckpt.safetensors").read_bytes()
-    proc = subprocess.run([sys.executable, "-c", TRAIN_DISK_FULL, str(len(good) // 2), "--init_from=resume",
-                           f"--out_dir={out}", "--max_iters=4"], capture_output=True, text=True, cwd=HERE, timeout=300)
+    proc = run_program("train_disk_full.py", len(good) // 2, "--init_from=resume", f"--out_dir={out}",
+                       "--max_iters=4", timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[-1] == (f"error: cannot write {out / 'ckpt.safetensors'}: File too large (its previous version is "
@@ -2330,12 +2039,12 @@ def test_train_gradient_accumulation_equals_one_bigger_batch(train_data_dir, tmp
     # 2 micro-batches of 4 sequences and 1 batch of 8: the same 8 sequences (batch_starts draws n * rows), the same
     # mean gradient, so the same params after each step (to float rounding), without dropout
     config = dict(max_iters=3, eval_interval=3, dropout=0.0)
-    two = train.train(train_config(train_data_dir, tmp_path / "two", batch_size=4, gradient_accumulation_steps=2,
+    two = train.train(run_config(train_data_dir, tmp_path / "two", batch_size=4, gradient_accumulation_steps=2,
                                    **config))
-    one = train.train(train_config(train_data_dir, tmp_path / "one", batch_size=8, gradient_accumulation_steps=1,
+    one = train.train(run_config(train_data_dir, tmp_path / "one", batch_size=8, gradient_accumulation_steps=1,
                                    **config))
     np.testing.assert_allclose([two["losses"][i] for i in range(3)], [one["losses"][i] for i in range(3)], rtol=1e-5)
-    a, b = train_ckpt_tensors(tmp_path / "two"), train_ckpt_tensors(tmp_path / "one")
+    a, b = ckpt_tensors(tmp_path / "two"), ckpt_tensors(tmp_path / "one")
     for name in a:
         if name.startswith("params/"):
             np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6, err_msg=name)
@@ -2343,35 +2052,22 @@ def test_train_gradient_accumulation_equals_one_bigger_batch(train_data_dir, tmp
 
 def test_train_cpu_settings_leave_a_users_xla_flags_alone(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    train.prefer_eigen_dots_on_cpu()
+    cli.prefer_eigen_dots_on_cpu()
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type=-individual_dot"
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    train.prefer_eigen_dots_on_cpu()
+    cli.prefer_eigen_dots_on_cpu()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"  # the user's choice stands
     monkeypatch.delenv("XLA_FLAGS")
-    train.prefer_eigen_dots_on_cpu()
+    cli.prefer_eigen_dots_on_cpu()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
-    sampling.keep_freed_memory()  # malloc tuning: must not fail, whatever the platform
+    cli.keep_freed_memory()  # malloc tuning: must not fail, whatever the platform
     assert np.ones(10**6).sum() == 10**6
 
 
-def test_train_cli_errors_are_one_line(tmp_path):
-    (tmp_path / "bad.toml").write_text("[[[")
-    for args, needle in [(["--n_layr=3"], "did you mean n_layer"), ([str(tmp_path / "bad.toml")], "not valid TOML"),
-                         (["--init_from=resume", f"--out_dir={tmp_path}"], "cannot resume"),
-                         (["--seed=-1"], "seed must be from 0 to 2**63 - 1, got -1"),
-                         ([f"--seed={2**63}"], f"seed must be from 0 to 2**63 - 1, got {2**63}"),
-                         (["--lora_rank=-1"], "lora_rank must be 0 (no adapters) or a positive rank, got -1"),
-                         (["--lora_rank=8"], "lora_rank adapts a pretrained model"),
-                         (["--lora_base_dtype=float16"], "lora_base_dtype must be float32 or bfloat16"),
-                         (["--init_from=124M", "--lora_rank=8", "--lora_targets=attn.c_atn"],
-                          "lora_targets: unknown layer 'attn.c_atn'; choose from attn.c_attn")]:
-        proc = train_run_cli(*args)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
-    proc = train_run_cli("--help")
-    assert proc.returncode == 0
-    for name, default in train.DEFAULTS.items():
-        assert f"--{name}=" in proc.stdout, name
-    assert "--n_layer=4" in proc.stdout and "--dataset=shakespeare_char" in proc.stdout
+# ==================== bench, cli ======================================================================================
+# the benchmark's guard, the process settings
+
+def test_bench_vs_hf_without_the_extra_says_what_to_install():
+    proc = run_program("bench_without_torch.py", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert 'pip install -e ".[bench]" --extra-index-url https://download.pytorch.org/whl/cpu' in proc.stderr

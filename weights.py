@@ -18,26 +18,28 @@ remade when they change.
 Tokenizer: the encoder comes from the model's folder. A Hugging Face folder saved without its tokenizer (no
 encoder.json, vocab.bpe, vocab.json, merges.txt or meta.json) gets GPT-2's own vocabulary, shipped in vocab/.
 
-Downloads go to `$GPTJAX_BASE_URL/models/<size>/<file>` (default: OpenAI's public bucket): streamed, retried with
-exponential backoff, resumed with an HTTP Range request after a cut, and renamed into place only when whole.
+Releases come from `$GPTJAX_BASE_URL/models/<size>/<file>` (default: OpenAI's public bucket) through download.py,
+each file checked for its kind before it is renamed into place; tf_checkpoint.py reads the TensorFlow checkpoint.
 """
+import argparse
 import contextlib
 import json
 import os
 import re
-import time
+import sys
 import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import google_crc32c
+import ml_dtypes
 import numpy as np
-import requests
-import urllib3
-from tqdm import tqdm
 
+import cli
+import encoder
 import files
+from download import download
+from files import Damaged
+from tf_checkpoint import bundle_tensor, checkpoint_prefix, parse_proto, read_bundle_index, read_table
 
 MODEL_SIZES = ("124M", "355M", "774M", "1558M")
 RELEASE_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
@@ -47,105 +49,8 @@ DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
 CACHE_NAME = "params.safetensors"
 CACHE_FORMAT = "gptjax-params-1"  # bump when the cache's layout changes, so that old caches are remade
 
-RETRIES = 3        # further attempts after a connection error, a cut transfer or a 5xx answer
-BACKOFF_S = 0.5    # wait before retry k (k = 0, 1, ...): BACKOFF_S * 2**k seconds
-TIMEOUT_S = 30     # connect and read timeout of each request
-CHUNK = 1 << 16    # bytes per write; small enough that a cut transfer keeps most of what arrived
-STALL_WINDOW_S = 60  # a transfer slower than MIN_RATE bytes/s over this long is cut (and resumed by a retry)
-MIN_RATE = 1024
 
-
-# ---------------------------------------------------------------------------------------------------- download
-
-def download(url, path, check=None):
-    """Fetch url into path, streamed with a progress bar. Connection errors, stalls, cut transfers and 5xx answers are
-    retried with exponential backoff; a cut transfer resumes where it stopped (HTTP Range). The data grows in
-    `path.part` and is renamed to path only when its size matches Content-Length and check(part) (if given) accepts
-    it, so path never holds a partial file, nor a web page that a proxy or captive portal sent in its place."""
-    path = Path(path)
-    part = path.with_name(path.name + ".part")
-    for attempt in range(RETRIES + 1):
-        if attempt:
-            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
-        try:
-            size, expected = fetch_into(url, part, desc=path.name)
-        except requests.HTTPError as e:
-            status = e.response.status_code
-            if status == 404:
-                raise FileNotFoundError(f"{url} does not exist (HTTP 404)") from None
-            if status < 500:
-                raise ConnectionError(f"downloading {url} failed: HTTP {status} {e.response.reason}") from None
-            problem = f"HTTP {status}"
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                urllib3.exceptions.HTTPError) as e:  # the last: what the raw socket reads below raise on a cut
-            problem = short_reason(e)
-        else:
-            if expected is None or size == expected:
-                try:
-                    if check is not None:
-                        check(part)
-                except (ValueError, IndexError, KeyError) as e:
-                    part.unlink(missing_ok=True)
-                    raise ConnectionError(f"what {url} sent is not the file expected ({e}); was it a proxy's or a "
-                                          f"captive portal's page? Check the network") from None
-                os.replace(part, path)
-                return path
-            problem = f"transfer cut at {size} of {expected} bytes"
-    raise ConnectionError(f"could not download {url}: {problem} ({RETRIES + 1} attempts)")
-
-
-def fetch_into(url, part, desc):  # -> (bytes now in part, whole size or None if the server did not say)
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Accept-Encoding": "identity"}  # sizes must be the file's, not a compressed stream's
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as r:
-        if r.status_code == 416:  # part is not a prefix of the file (it is as long or longer): start over
-            part.unlink()
-            return fetch_into(url, part, desc)
-        r.raise_for_status()
-        if r.headers.get("Content-Type", "").startswith("text/html"):  # no release file is a web page
-            raise requests.ConnectionError(f"the server answered with a web page (Content-Type "
-                                           f"{r.headers['Content-Type']}), not the file")
-        if r.status_code != 206:  # a 200 is the whole file: the server ignored the Range request
-            have = 0
-        length = r.headers.get("Content-Length")
-        expected = have + int(length) if length is not None else None
-        with open(part, "ab" if have else "wb") as f, tqdm(total=expected, initial=have, desc=desc, unit="B",
-                                                          unit_scale=True, unit_divisor=1024) as bar:
-            window = [(time.monotonic(), 0)]  # (time, bytes so far) at the start of the current rate window
-            try:
-                # read1: what one read of the socket brings, so that a trickle is seen as it trickles (iter_content
-                # would wait for a whole chunk, which a byte every few seconds never fills in any time)
-                while chunk := r.raw.read1(CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-                    check_rate(window, len(chunk))
-            finally:  # keep what arrived, for the next attempt to resume from
-                f.flush()
-                os.fsync(f.fileno())
-    return part.stat().st_size, expected
-
-
-def check_rate(window, n):
-    """A transfer that trickles (a byte every few seconds keeps the read timeout from ever firing) is cut once a whole
-    STALL_WINDOW_S brings fewer than MIN_RATE bytes a second; the next attempt resumes it."""
-    start, count = window[-1]
-    count += n
-    now = time.monotonic()
-    if now - start >= STALL_WINDOW_S:
-        if count < MIN_RATE * (now - start):
-            raise requests.ConnectionError(f"stalled: {count} bytes in {now - start:.0f} s")
-        start, count = now, 0
-    window[-1] = (start, count)
-
-
-def short_reason(error):  # requests' messages run to several nested reprs; keep the OS's words when there are any
-    found = re.search(r"\[Errno -?\d+\][^'\")]*", str(error))
-    if found:
-        return found.group(0).strip()
-    return str(error) if 0 < len(str(error)) < 200 else type(error).__name__
-
+# ------------------------------------------------------------------------------------------------ OpenAI's release
 
 def base_url():
     return os.environ.get("GPTJAX_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
@@ -201,164 +106,6 @@ def download_release(model_type, folder, names=RELEASE_FILES):
             except ConnectionError as e:
                 raise ConnectionError(f"{e}; check the network, or place the files {', '.join(names)} in {folder}/ "
                                       f"by hand") from None
-
-
-# ----------------------------------------------------------------------------------------------------- crc32c
-# TensorFlow checksums every tensor and every index block with crc32c (Castagnoli), which the standard library lacks.
-# google-crc32c is Google's C implementation (the CPU's crc32 instruction): ~12 GB/s here, where the vectorised numpy
-# code it replaced ran at ~0.3 GB/s (124M's first load: 1.5 s of checksumming; 1558M's: ~20 s).
-
-def crc32c(data, crc=0):
-    """CRC-32C (Castagnoli) of bytes or a contiguous array; crc32c(b, crc32c(a)) == crc32c(a + b)."""
-    if isinstance(data, np.ndarray) and data.flags.writeable:  # the library takes read-only buffers only
-        data = data.view()
-        data.flags.writeable = False
-    return google_crc32c.extend(crc, data)
-
-
-def masked_crc32c(data):  # TensorFlow stores CRCs masked, so that a CRC of data holding CRCs stays well mixed
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# ------------------------------------------------------------------------------------------- TensorFlow checkpoint
-# A checkpoint is a tensor bundle: `prefix.index`, a LevelDB-style sorted table mapping each tensor's name to a
-# BundleEntryProto (dtype, shape, shard, offset, size, crc32c), and `prefix.data-0000i-of-0000n`, the raw tensors.
-
-TABLE_MAGIC = 0xDB4775248B80FB57
-TF_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 14: np.dtype(jnp.bfloat16), 19: np.dtype("<f2")}
-TF_DTYPE_NAMES = {3: "int32", 7: "string", 9: "int64", 10: "bool"}  # for the error message only
-
-
-def read_varint(buf, pos):  # -> (value, position after it); IndexError past the end
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def parse_proto(buf):  # protobuf message -> {field number: [values]}: varints as ints, length-delimited as bytes
-    fields, pos = {}, 0
-    while pos < len(buf):
-        key, pos = read_varint(buf, pos)
-        wire = key & 7
-        if wire == 0:
-            value, pos = read_varint(buf, pos)
-        elif wire in (1, 5):  # fixed64, fixed32
-            width = 8 if wire == 1 else 4
-            value, pos = int.from_bytes(buf[pos:pos + width], "little"), pos + width
-        elif wire == 2:
-            length, pos = read_varint(buf, pos)
-            value, pos = bytes(buf[pos:pos + length]), pos + length
-        else:
-            raise ValueError(f"protobuf wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated protobuf message")
-        fields.setdefault(key >> 3, []).append(value)
-    return fields
-
-
-def table_block(table, handle):  # the block a BlockHandle (offset, size varints) points to, checked
-    offset, pos = read_varint(handle, 0)
-    size, _ = read_varint(handle, pos)
-    block, trailer = table[offset:offset + size], table[offset + size:offset + size + 5]
-    if len(trailer) < 5:
-        raise ValueError("a block runs past the end of the file")
-    if trailer[0] != 0:
-        raise ValueError(f"compressed blocks (type {trailer[0]}) are not supported")
-    if masked_crc32c(block + trailer[:1]) != int.from_bytes(trailer[1:], "little"):
-        raise ValueError("block checksum mismatch")
-    return block
-
-
-def block_entries(block):  # -> [(key, value)]; each key shares a prefix with the one before it
-    n_restarts = int.from_bytes(block[-4:], "little")
-    end = len(block) - 4 - 4 * n_restarts  # the restart offsets (for binary search) are not needed for a full scan
-    entries, key, pos = [], b"", 0
-    while pos < end:
-        shared, pos = read_varint(block, pos)
-        unshared, pos = read_varint(block, pos)
-        length, pos = read_varint(block, pos)
-        key = key[:shared] + block[pos:pos + unshared]
-        entries.append((key, block[pos + unshared:pos + unshared + length]))
-        pos += unshared + length
-    if pos != end:
-        raise ValueError("malformed table block")
-    return entries
-
-
-def read_table(table):  # SSTable bytes -> {key: value}
-    if len(table) < 48 or int.from_bytes(table[-8:], "little") != TABLE_MAGIC:
-        raise ValueError("no table footer at its end")
-    footer = table[-48:-8]  # metaindex handle, index handle (offset and size varints each), padding
-    _, pos = read_varint(footer, 0)  # the metaindex handle is skipped: TensorFlow writes no meta blocks
-    _, pos = read_varint(footer, pos)
-    index = table_block(table, footer[pos:])
-    entries = {}
-    for _, handle in block_entries(index):  # the index block points at the data blocks
-        entries.update(block_entries(table_block(table, handle)))
-    return entries
-
-
-def read_bundle_index(path):  # model.ckpt.index -> ({tensor name: entry}, number of data shards)
-    try:
-        table = read_table(Path(path).read_bytes())
-        header = parse_proto(table.pop(b""))
-        entries = {name.decode(): bundle_entry(value) for name, value in table.items()}
-    except (ValueError, IndexError, KeyError) as e:
-        raise damaged(path, str(e) if isinstance(e, ValueError) else "truncated or malformed") from None
-    if header.get(2, [0])[0] != 0:
-        raise ValueError(f"{path}: big-endian checkpoints are not supported")
-    return entries, header.get(1, [1])[0]
-
-
-def bundle_entry(buf):  # BundleEntryProto -> dict
-    fields = parse_proto(buf)
-    dims = parse_proto(fields[2][0]).get(2, []) if 2 in fields else []
-    return {"dtype": fields[1][0], "shape": tuple(parse_proto(d).get(1, [0])[0] for d in dims),
-            "shard": fields.get(3, [0])[0], "offset": fields.get(4, [0])[0], "size": fields.get(5, [0])[0],
-            "crc32c": fields.get(6, [None])[0], "sliced": 7 in fields}
-
-
-def bundle_tensor(f, path, name, entry):  # one tensor of an open data file -> float32 array, checksum verified
-    if entry["sliced"] or entry["dtype"] not in TF_DTYPES:
-        kind = "partitioned" if entry["sliced"] else TF_DTYPE_NAMES.get(entry["dtype"], f"of dtype {entry['dtype']}")
-        raise ValueError(f"{path}: tensor {name} is {kind}; GPT-2 checkpoints hold unpartitioned float tensors")
-    dtype = TF_DTYPES[entry["dtype"]]
-    if entry["size"] != dtype.itemsize * int(np.prod(entry["shape"])):
-        raise damaged(path.with_name(path.name.split(".data-")[0] + ".index"), f"tensor {name} has a wrong size")
-    buf = np.empty(entry["size"], np.uint8)
-    f.seek(entry["offset"])
-    if f.readinto(buf) != entry["size"]:
-        raise damaged(path, f"truncated: tensor {name} ends at byte {entry['offset'] + entry['size']}")
-    if entry["crc32c"] is not None and masked_crc32c(buf) != entry["crc32c"]:
-        raise damaged(path, f"crc32c checksum mismatch in tensor {name}")
-    return buf.view(dtype).reshape(entry["shape"]).astype(np.float32, copy=False)
-
-
-class Damaged(ValueError):
-    """A file that fails its checks. The advice that ends the message depends on where the file came from: a
-    downloaded release can be fetched again (load_encoder_hparams_and_params says so), a user's own file cannot."""
-    def __init__(self, path, problem, advice="put back a good copy"):
-        super().__init__(f"{path} is damaged ({problem}): {advice}")
-        self.path, self.problem = path, problem
-
-
-def damaged(path, problem):
-    return Damaged(path, problem)
-
-
-def checkpoint_prefix(folder):  # "model.ckpt" in the release; the `checkpoint` file names it for other TF checkpoints
-    found = re.search(r'^model_checkpoint_path: "([^"]+)"', read_text(folder / "checkpoint"), re.M)
-    return Path(found.group(1)).name if found else "model.ckpt"
-
-
-def read_text(path):
-    return path.read_text() if path.exists() else ""
 
 
 # ------------------------------------------------------------------------------------ params layout and conversion
@@ -479,7 +226,7 @@ def check_all_used(names, used, weights_path, config_path):  # every weight in t
 # the weights and takes ~0.1 s for 124M (the package's safe_open: ~0.7 s and a transient second copy).
 
 SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
-                      "BF16": np.dtype(jnp.bfloat16)}
+                      "BF16": np.dtype(ml_dtypes.bfloat16)}
 
 
 def safetensors_header(f, path):  # -> ({name: {dtype, shape, data_offsets}}, metadata, offset of the data)
@@ -489,9 +236,9 @@ def safetensors_header(f, path):  # -> ({name: {dtype, shape, data_offsets}}, me
         metadata = header.pop("__metadata__", None) or {}
         ends = [info["data_offsets"][1] for info in header.values()]
     except (ValueError, TypeError, AttributeError, KeyError, IndexError):
-        raise damaged(path, "no safetensors header") from None
+        raise Damaged(path, "no safetensors header") from None
     if 8 + length + max(ends, default=0) > os.fstat(f.fileno()).st_size:
-        raise damaged(path, "truncated")
+        raise Damaged(path, "truncated")
     return header, metadata, 8 + length
 
 
@@ -502,7 +249,7 @@ def safetensor(f, path, start, info):  # one tensor -> float32 array (no copy wh
     buf = empty_aligned(end - begin)
     f.seek(start + begin)
     if f.readinto(buf) != end - begin:
-        raise damaged(path, "truncated")
+        raise Damaged(path, "truncated")
     return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).astype(np.float32, copy=False)
 
 
@@ -640,12 +387,12 @@ def read_params(path, hparams, dtype=None):
         tensors, _, start = safetensors_header(f, path)
         for name, info in tensors.items():
             if name not in shapes:
-                raise damaged(path, f"it holds {name}, which is no GPT-2 weight")
+                raise Damaged(path, f"it holds {name}, which is no GPT-2 weight")
             if tuple(info["shape"]) != shapes[name]:
-                raise damaged(path, f"{name} has shape {info['shape']} where its hparams give {list(shapes[name])}")
+                raise Damaged(path, f"{name} has shape {info['shape']} where its hparams give {list(shapes[name])}")
         missing = [name for name in shapes if name not in tensors and not name.endswith("/b")]
         if missing:
-            raise damaged(path, f"it lacks {missing[0]}")
+            raise Damaged(path, f"it lacks {missing[0]}")
         return unflatten({name: to_device(safetensor(f, path, start, info), dtype) for name, info in tensors.items()})
 
 
@@ -661,7 +408,7 @@ def load_hparams_and_params(model_dir, dtype=None):
         try:
             write_safetensors(cache, flat, {"format": CACHE_FORMAT, "hparams": json.dumps(hparams), "sources": stamp})
         except OSError as e:  # a read-only folder, a full disk: the model still loads, converted anew each time
-            warnings.warn(f"{e.strerror or e}; the weights will be converted on every load")
+            warnings.warn(f"{e.strerror or e}; the weights will be converted on every load", stacklevel=2)
             return hparams, unflatten({name: to_device(x, dtype) for name, x in flat.items()})
         del flat  # read the cache back rather than convert these: one copy of the weights in memory, not two
     try:
@@ -695,8 +442,7 @@ def tokenizer_folder(folder):
     """folder if it holds tokenizer files, else the folder of GPT-2's own vocabulary that gptjax ships."""
     if any((folder / name).exists() for name in TOKENIZER_FILES):
         return folder
-    from encoder import GPT2_VOCAB
-    return GPT2_VOCAB
+    return encoder.GPT2_VOCAB
 
 
 def load_model(model, models_dir="models", dtype=None):
@@ -715,8 +461,7 @@ def load_model(model, models_dir="models", dtype=None):
 def load_encoder_hparams_and_params(model, models_dir="models", dtype=None):
     """(encoder, hparams, params) of model: see load_model."""
     folder, hparams, params = load_model(model, models_dir, dtype)
-    from encoder import get_encoder  # here, so that scripts that only download (data.py) need not load the tokenizer
-    return get_encoder(tokenizer_folder(folder)), hparams, params
+    return encoder.get_encoder(tokenizer_folder(folder)), hparams, params
 
 
 # ------------------------------------------------------------------------------------------ export to Hugging Face
@@ -756,12 +501,11 @@ def to_hf(model, dest, models_dir="models"):
     model_files = ("config.json", "model.safetensors", CACHE_NAME, "hparams.json")
     taken = [name for name in model_files if (dest / name).exists()]
     if taken:
-        raise FileExistsError(f"{dest} already holds a model ({taken[0]}): give a new folder as the destination")
-    from encoder import BPE_FILE_PAIRS, EOT
+        raise cli.UsageError(f"{dest} already holds a model ({taken[0]}): give a new folder as the destination")
     folder, hparams, params = load_model(model, models_dir)
     vocab = tokenizer_folder(folder)
-    pair = next((pair for pair in BPE_FILE_PAIRS if all((vocab / name).is_file() for name in pair)), None)
-    eot_token = read_json(vocab / pair[0]).get(EOT) if pair else None
+    pair = next((pair for pair in encoder.BPE_FILE_PAIRS if all((vocab / name).is_file() for name in pair)), None)
+    eot_token = read_json(vocab / pair[0]).get(encoder.EOT) if pair else None
     dest.mkdir(parents=True, exist_ok=True)
     write_safetensors(dest / "model.safetensors", hf_tensors(hparams, params), {"format": "pt"})
     with files.atomic_write(dest / "config.json", "w") as f:
@@ -774,7 +518,8 @@ def to_hf(model, dest, models_dir="models"):
     for hf_file, name in zip(("vocab.json", "merges.txt"), pair):  # HF's names for encoder.json and vocab.bpe
         with files.atomic_write(dest / hf_file, "wb") as f:
             f.write((vocab / name).read_bytes())
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot_token is not None else {}
+    eot = encoder.EOT
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot} if eot_token is not None else {}
     with files.atomic_write(dest / "tokenizer_config.json", "w") as f:
         json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": hparams["n_ctx"],
                    "add_prefix_space": False, **special}, f, indent=2)
@@ -782,8 +527,6 @@ def to_hf(model, dest, models_dir="models"):
 
 
 def main(argv=None):
-    import argparse
-    import sys
     ap = argparse.ArgumentParser(description="Convert GPT-2 weights between layouts.\n\n"
                                  "    python weights.py to_hf out hf-model   # train.py's out_dir -> Hugging Face's "
                                  "layout\n    python weights.py to_hf 124M gpt2-124m-hf",
@@ -794,17 +537,15 @@ def main(argv=None):
                                 "train.py out_dir")
     to.add_argument("dest", help="the folder to write (new, or without a model in it)")
     to.add_argument("--models_dir", default="models", help="where releases are downloaded")
-    args = ap.parse_args(argv)
-    try:
-        note = to_hf(args.src, args.dest, args.models_dir)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda argv: export(ap.parse_args(argv)), argv)
+
+
+def export(args):  # python weights.py to_hf SRC DEST
+    note = to_hf(args.src, args.dest, args.models_dir)
     if note:
         print(note, file=sys.stderr)
     print(f"wrote {args.dest} in Hugging Face's GPT-2 layout")
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""train.py's config: the keys, their defaults and meanings (nanoGPT's names), read from a TOML or JSON file and
+--key=value flags, and checked before anything runs.
+
+    overrides = parse_args(["configs/shakespeare_char.toml", "--max_iters=500"])  # only the keys these set
+    config = resolve_config(overrides)   # defaults < a resumed run's saved config < overrides; checked
+    python train.py --help               # every key, its default and meaning
+
+A config file is a flat table of keys; Python config files (nanoGPT's) are not executed. Unknown keys, values of the
+wrong type and values out of range raise cli.UsageError with a one-line message naming the key.
+"""
+import difflib
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import gpt
+import outdir
+from cli import UsageError
+
+# name: (default, help). The defaults train the small character-level model of nanoGPT's CPU recipe (README, "I only
+# have a macbook"): about two minutes on a 2-core CPU to a val loss near 1.88. configs/ holds the larger recipes.
+CONFIG = {
+    "out_dir": ("out", "folder for checkpoints, metrics and the trained model"),
+    "eval_interval": (250, "evaluate (and checkpoint) every this many iterations"),
+    "log_interval": (10, "refresh the progress bar's loss, tokens/s and MFU every this many iterations"),
+    "eval_iters": (50, "batches per split in each loss estimate"),
+    "eval_only": (False, "evaluate the model once and exit, writing nothing (with init_from=resume or a model)"),
+    "overwrite": (False, "let a run that does not resume replace the trained model already in out_dir"),
+    "always_save_checkpoint": (False, "make params.safetensors the latest params at every evaluation, not the best"),
+    "init_from": ("scratch", "scratch, resume (from out_dir), a GPT-2 release (124M 355M 774M 1558M, or gpt2, "
+                             "gpt2-medium, gpt2-large, gpt2-xl) or a model folder"),
+    "models_dir": ("models", "where GPT-2 releases are downloaded"),
+    "dataset": ("shakespeare_char", "shakespeare_char, shakespeare, openwebtext, a folder prepared under data_dir, or "
+                                    "a text file or folder (prepared on first use)"),
+    "data_dir": ("data", "where datasets are prepared"),
+    "tokens": ("auto", "tokens of a text file or folder: char, gpt2, or auto (gpt2 when finetuning a GPT-2, else "
+                       "char)"),
+    "gradient_accumulation_steps": (1, "micro-batches per optimizer step"),
+    "batch_size": (12, "sequences per micro-batch, across all devices"),
+    "block_size": (64, "tokens per sequence (the context length of a model trained from scratch)"),
+    "n_layer": (4, "transformer blocks (scratch only; a pretrained or resumed model keeps its own)"),
+    "n_head": (4, "attention heads (scratch only)"),
+    "n_embd": (128, "embedding width (scratch only)"),
+    "dropout": (0.0, "dropout rate while training (0 for pretraining; try 0.1+ for finetuning)"),
+    "bias": (False, "biases in the linear layers and LayerNorms (scratch only; GPT-2 has them)"),
+    "learning_rate": (1e-3, "peak learning rate"),
+    "max_iters": (2000, "optimizer steps in all"),
+    "weight_decay": (0.1, "AdamW weight decay, on matrices and embeddings only"),
+    "beta1": (0.9, "AdamW beta1"),
+    "beta2": (0.99, "AdamW beta2"),
+    "grad_clip": (1.0, "clip gradients to this global norm; 0 disables"),
+    "decay_lr": (True, "warm up then decay the learning rate; false keeps it at learning_rate"),
+    "warmup_iters": (100, "iterations of linear warmup"),
+    "lr_decay_iters": (2000, "iteration where the cosine decay reaches min_lr (about max_iters, per Chinchilla)"),
+    "min_lr": (1e-4, "learning rate after the decay (about learning_rate / 10)"),
+    "dtype": ("auto", "compute dtype: float32, bfloat16, or auto (bfloat16 on GPU/TPU, float32 on CPU); weights and "
+                      "optimizer state stay float32"),
+    "fsdp": (False, "shard params and optimizer state across devices, not only the batch"),
+    "lora_rank": (0, "LoRA: finetune rank-r adapters beside the frozen pretrained weights (0: finetune all weights)"),
+    "lora_alpha": (16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank"),
+    "lora_targets": ("attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", "LoRA: the layers that get adapters"),
+    "lora_base_dtype": ("float32", "LoRA: the dtype the frozen weights are held in (bfloat16 halves them; for "
+                                   "GPUs: a float32 step on a CPU widens them all again)"),
+    "remat": (False, "gradient checkpointing: recompute each block's activations in the backward pass (less memory, "
+                     "about a third more compute)"),
+    "peak_flops": (0.0, "peak FLOP/s of one device for MFU; 0 looks the device kind up"),
+    "seed": (1337, "seed of the initial weights, the batches and the dropout masks"),
+}
+DEFAULTS = {name: default for name, (default, _) in CONFIG.items()}
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "bias", "lora_rank", "lora_alpha", "lora_targets")  # fixed on resume
+NANOGPT_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+
+
+def help_text():
+    lines = ["usage: python train.py [CONFIG.toml | CONFIG.json] [--key=value ...]", "",
+             "Train or finetune a GPT-2. A config file (TOML or JSON) sets keys first; --key=value flags override it;",
+             "a bare --key sets a boolean key to true. Keys (default: meaning):"]
+    for name, (default, meaning) in CONFIG.items():
+        lines.append(f"  --{name}={str(default).lower() if isinstance(default, bool) else default}")
+        lines.append(f"      {meaning}")
+    return "\n".join(lines)
+
+
+def unknown_key(name, where):
+    close = difflib.get_close_matches(name, CONFIG, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return UsageError(f"unknown config key {name!r} {where}; {hint}see python train.py --help")
+
+
+def parse_flag_value(name, text):  # "--key=value" text -> value of the key's type
+    kind = type(DEFAULTS[name])
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise UsageError(f"--{name} takes true or false, not {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise UsageError(f"--{name} takes an integer, not {text!r}") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError(f"--{name} takes a number, not {text!r}") from None
+        if not math.isfinite(value):
+            raise UsageError(f"--{name} takes a finite number, not {text!r}")
+        return value
+    return text
+
+
+def checked_file_value(name, value, path):  # a value read from a config file -> value of the key's type
+    kind = type(DEFAULTS[name])
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise UsageError(f"{path}: {name} should be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def read_config_file(path):
+    """A TOML or JSON file of config keys (a flat table) -> dict. Python config files are not executed."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text.decode("utf-8"))
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise UsageError(f"config file {path} should end in .toml or .json (Python config files are not run)")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid {path.suffix[1:].upper()}: {e}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} should hold a table of config keys")
+    for name in values:
+        if name not in CONFIG:
+            raise unknown_key(name, f"in {path}")
+    return {name: checked_file_value(name, value, path) for name, value in values.items()}
+
+
+def parse_args(argv):
+    """Command-line arguments -> the config keys they set (not yet merged with the defaults)."""
+    overrides = {}
+    for n, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            if n > 0 or arg.startswith("-"):
+                raise UsageError(f"unexpected argument {arg!r}: give a config file first, then --key=value flags")
+            overrides.update(read_config_file(arg))
+            continue
+        name, has_value, text = arg[2:].partition("=")
+        if name not in CONFIG:
+            raise unknown_key(name, "on the command line")
+        if not has_value:
+            if type(DEFAULTS[name]) is not bool:
+                raise UsageError(f"--{name} needs a value: --{name}=VALUE")
+            text = "true"
+        overrides[name] = parse_flag_value(name, text)
+    return overrides
+
+
+def check_config(config):
+    positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                "block_size", "n_layer", "n_head", "n_embd")
+    for name in positive:
+        if config[name] < 1:
+            raise UsageError(f"{name} must be at least 1, got {config[name]}")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+        if config[name] < 0:
+            raise UsageError(f"{name} must not be negative, got {config[name]}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+        if config[name] < 0:
+            raise UsageError(f"{name} must not be negative, got {config[name]}")
+    if not 0 <= config["dropout"] < 1:
+        raise UsageError(f"dropout must be in [0, 1), got {config['dropout']}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= config[name] < 1:
+            raise UsageError(f"{name} must be in [0, 1), got {config[name]}")
+    if config["n_embd"] % config["n_head"]:
+        raise UsageError(f"n_embd {config['n_embd']} must be a multiple of n_head {config['n_head']}")
+    if config["decay_lr"] and config["lr_decay_iters"] <= config["warmup_iters"]:
+        raise UsageError(f"lr_decay_iters ({config['lr_decay_iters']}) must exceed warmup_iters "
+                         f"({config['warmup_iters']}), or set decay_lr=false")
+    if config["dtype"] not in ("auto", "float32", "bfloat16"):
+        hint = " (float16 needs loss scaling; use bfloat16)" if config["dtype"] == "float16" else ""
+        raise UsageError(f"dtype must be auto, float32 or bfloat16, not {config['dtype']!r}{hint}")
+    if config["lora_base_dtype"] not in ("float32", "bfloat16"):
+        raise UsageError(f"lora_base_dtype must be float32 or bfloat16, not {config['lora_base_dtype']!r}")
+    if config["lora_rank"] < 0:
+        raise UsageError(f"lora_rank must be 0 (no adapters) or a positive rank, got {config['lora_rank']}")
+    if config["init_from"] == "scratch" and config["lora_rank"]:
+        raise UsageError("lora_rank adapts a pretrained model: give --init_from=<a GPT-2 size or a model folder>, or "
+                         "train from scratch without --lora_rank")
+    for target in lora_targets(config):
+        if target not in gpt.LORA_TARGETS:
+            names = ", ".join(t.replace("/", ".") for t in gpt.LORA_TARGETS)
+            raise UsageError(f"lora_targets: unknown layer {target.replace('/', '.')!r}; choose from {names}")
+    if not 0 <= config["seed"] < 2**63:
+        raise UsageError(f"seed must be from 0 to 2**63 - 1, got {config['seed']}")
+    if config["tokens"] not in ("auto", "char", "gpt2"):
+        raise UsageError(f"tokens must be auto, char or gpt2, not {config['tokens']!r}")
+    return config
+
+
+def lora_targets(config):  # "attn.c_attn,mlp.c_fc" -> ("attn/c_attn", "mlp/c_fc")
+    return tuple(t.strip().replace(".", "/") for t in config["lora_targets"].split(",") if t.strip())
+
+
+def resolve_config(overrides):
+    """The full config of a run: the defaults, then (init_from=resume) the config saved in out_dir's checkpoint, then
+    overrides. A resumed run cannot change the model's shape."""
+    for name in overrides:
+        if name not in CONFIG:
+            raise unknown_key(name, "in the config")
+    config = {**DEFAULTS, **overrides}
+    if config["init_from"] == "resume":
+        try:
+            saved = outdir.read_checkpoint_meta(Path(config["out_dir"]) / outdir.CKPT_NAME)["config"]
+        except FileNotFoundError as e:
+            raise UsageError(e) from None
+        for name in MODEL_KEYS:
+            if name in overrides and overrides[name] != saved[name]:
+                raise UsageError(f"{name}={overrides[name]} differs from the checkpoint's {saved[name]}: a resumed run "
+                                 f"keeps its model; drop the flag or start a new run")
+        config = {**DEFAULTS, **{k: v for k, v in saved.items() if k in CONFIG}, **overrides}
+    return check_config(config)
