@@ -109,7 +109,7 @@ def interleaved_medians(fns, repeats):
 
 
 def hf_model(params, hparams):
-    import torch
+    import torch  # here and in the other hf_ functions: the bench extra, needed only with --vs_hf
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=hparams["n_vocab"], n_positions=hparams["n_ctx"], n_embd=hparams["n_embd"],

@@ -37,6 +37,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import cli
 import encoder
@@ -267,7 +268,6 @@ def prepare_folder(folder, root, tokens, vocab_dir, val_fraction=VAL_FRACTION, n
 
 
 def progress(pieces, total, split):
-    from tqdm import tqdm
     return tqdm(pieces, total=total, desc=f"encoding {split}", unit="file", disable=total < 100)
 
 

@@ -1698,6 +1698,7 @@ def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_
                                          "peak_memory_gb"}
 
 
+@pytest.mark.slow
 def test_train_four_devices_match_one(train_data_dir, tmp_path):
     config = run_config(train_data_dir, tmp_path / "one", max_iters=6, eval_interval=6)
     one = train.train(config)
@@ -1730,6 +1731,7 @@ def train_processes(config, cwds, port):  # train.py as 2 processes of 2 CPU dev
     return procs
 
 
+@pytest.mark.slow
 def test_train_two_processes_match_one_and_only_one_writes(train_data_dir, tmp_path):
     one = train.train(run_config(train_data_dir, tmp_path / "one", max_iters=4, eval_interval=2))
     cwds = [tmp_path / "p0", tmp_path / "p1"]
