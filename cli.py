@@ -41,7 +41,7 @@ def run(body, argv=None):
         print(f"error: {e}", file=sys.stderr)
         return FAILED
     except KeyboardInterrupt as e:
-        print(f"error: {e or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        print(f"error: {str(e) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
         return INTERRUPTED
 
 

@@ -29,11 +29,19 @@ Batches (get_batch) gather block_size + 1 tokens at a few random offsets from th
 memory trains just as well; only the pages touched are read.
 """
 import argparse
+import bz2
+import codecs
+import concurrent.futures
+import gzip
 import json
+import lzma
 import multiprocessing
 import os
+import re
+import shutil
 import sys
 import tarfile
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +50,10 @@ from tqdm import tqdm
 import cli
 import encoder
 import files
-from download import download
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE = Path(__file__).resolve().parent / "corpora" / "tinyshakespeare.txt"  # shipped: no download needed
 NAMED = {"shakespeare_char": "char", "shakespeare": "gpt2", "openwebtext": "gpt2"}  # name -> its tokens
 TOKENS = ("char", "gpt2")
-GPT2_FILES = ("encoder.json", "vocab.bpe")
 TRAIN_FRACTION = 0.9       # of one text's characters, as nanoGPT
 VAL_FRACTION = 0.1         # of a folder's documents
 OWT_VAL_FRACTION = 0.0005  # OpenWebText: nanoGPT's split, about 4,000 documents
@@ -66,16 +72,43 @@ def dataset_folder(dataset, data_dir, tokens=None):
     it and its tokens: data/notes.txt with char tokens -> data_dir/notes_char."""
     if dataset in NAMED or not (os.sep in dataset or "/" in dataset or Path(dataset).exists()):
         return Path(data_dir) / dataset
-    return Path(data_dir) / f"{Path(dataset).stem}_{tokens}"
+    return Path(data_dir) / f"{Path(dataset).resolve().stem}_{tokens}"
 
 
-def load_split(folder, split):  # -> [n_tokens] uint16 memmap
+def load_split(folder, split, n_vocab=None):  # -> [n_tokens] uint16 memmap, every id < n_vocab (when given)
     path = Path(folder) / f"{split}.bin"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: prepare the dataset with `python data.py {Path(folder).name}`")
-    if path.stat().st_size < 2:
-        raise ValueError(f"{path} is empty: prepare the dataset again from more text")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    size = path.stat().st_size
+    if size < 2 or size % 2:
+        problem = "is empty" if size < 2 else f"has an odd number of bytes ({size:,}), so it is not uint16 tokens"
+        raise ValueError(f"{path} {problem}: prepare the dataset again")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if n_vocab is not None:
+        check_token_ids(tokens, n_vocab, path)
+    return tokens
+
+
+def check_token_ids(tokens, n_vocab, path):
+    """Every id must be one of the model's n_vocab: an id past the end would train silently on whatever lies beyond
+    (a gather is clamped, not checked). Read in slices: memory stays bounded, ~2 GB/s here."""
+    for start in range(0, len(tokens), 1 << 26):
+        top = int(tokens[start:start + (1 << 26)].max())
+        if top >= n_vocab:
+            raise ValueError(f"{path} holds token id {top}, but the model's vocabulary has {n_vocab} tokens: the "
+                             f"dataset was prepared for another vocabulary; prepare it again for this model")
+
+
+def prepared_folder(dataset, data_dir, tokens):
+    """The folder where dataset was prepared with tokens, which must be complete; nothing is prepared (a resumed
+    run reads what its run trained on)."""
+    folder = dataset_folder(dataset, data_dir, tokens)
+    if not is_prepared(folder) and is_prepared(Path(data_dir) / dataset):  # a folder given by name
+        folder = Path(data_dir) / dataset
+    if not is_prepared(folder):
+        raise FileNotFoundError(f"the dataset {dataset} is not prepared in {folder}: give the --dataset and --data_dir "
+                                f"the run trained on")
+    return folder
 
 
 def read_meta(folder):
@@ -113,33 +146,28 @@ def write_atomic(path, data):  # bytes -> path: path is whole or as it was, neve
         f.write(data)
 
 
-def write_tokens(path, pieces):
-    """Append each array of ids in pieces (an iterable) to path as uint16, atomically. Returns the count."""
-    n = 0
-    with files.atomic_write(path) as f:
-        for ids in pieces:
-            ids = np.asarray(ids)
-            if ids.size and ids.max() > np.iinfo(np.uint16).max:
-                raise ValueError(f"token id {int(ids.max())} does not fit in uint16; vocabularies of at most "
-                                 f"65,536 tokens are supported")
-            f.write(ids.astype(np.uint16).tobytes())
-            n += ids.size
-    return n
+def write_ids(f, ids):  # one array of ids -> an open token file, as uint16
+    ids = np.asarray(ids)
+    if ids.size and ids.max() > np.iinfo(np.uint16).max:
+        raise ValueError(f"token id {int(ids.max())} does not fit in uint16; vocabularies of at most 65,536 tokens "
+                         f"are supported")
+    f.write(ids.astype(np.uint16).tobytes())
+    return ids.size
 
 
 def write_meta(folder, meta):
     write_atomic(Path(folder) / "meta.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
 
 
-def char_vocab(text):  # every character that occurs, sorted: nanoGPT's shakespeare_char vocabulary
-    chars = sorted(set(text))
+def char_vocab(chars):  # every character that occurs, sorted: nanoGPT's shakespeare_char vocabulary
+    chars = sorted(chars)
     if len(chars) > 1 << 16:
         raise ValueError(f"the text has {len(chars)} distinct characters; at most 65,536 fit in uint16 tokens")
     return chars
 
 
 def char_encoder(chars):  # -> text -> [n_chars] int64 ids, by a table look-up on the code points
-    table = np.full(max(map(ord, chars)) + 1, -1, np.int64)
+    table = np.full(max(map(ord, chars), default=0) + 1, -1, np.int64)
     table[[ord(c) for c in chars]] = np.arange(len(chars))
     return lambda text: table[np.frombuffer(text.encode("utf-32-le"), np.uint32)]
 
@@ -147,7 +175,7 @@ def char_encoder(chars):  # -> text -> [n_chars] int64 ids, by a table look-up o
 def gpt2_encoder(vocab_dir):
     """GPT-2's tokenizer from vocab_dir (encoder.json + vocab.bpe)."""
     vocab_dir = Path(vocab_dir)
-    missing = [name for name in GPT2_FILES if not (vocab_dir / name).is_file()]
+    missing = [name for name in encoder.GPT2_FILES if not (vocab_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{vocab_dir} lacks {', '.join(missing)}: give a --vocab_dir that holds GPT-2's "
                                 f"encoder.json and vocab.bpe, or leave it out to use the ones in {encoder.GPT2_VOCAB}")
@@ -155,56 +183,140 @@ def gpt2_encoder(vocab_dir):
 
 
 def copy_gpt2_vocab(vocab_dir, folder):
-    for name in GPT2_FILES:
+    for name in encoder.GPT2_FILES:
         write_atomic(Path(folder) / name, (Path(vocab_dir) / name).read_bytes())
 
 
-def prepare_text(folder, text, tokens, vocab_dir):
-    """One text -> folder/{train,val}.bin + meta.json: the first 90% of its characters train, the rest validate."""
+# ----------------------------------------------------------------------------------------------- reading text
+# Texts are read in pieces of about PIECE_BYTES, so that memory stays bounded whatever a file's size, and cut only
+# where GPT-2's pre-tokenizer splits the text anyway (its pattern never joins characters across these points), so
+# the pieces' tokens, one after the other, are the whole text's: between a non-space character and " x" (a space
+# then a non-space), or after a line break between two non-space characters. Bytes are kept as they are ("\r\n"
+# stays, in files and archives alike).
+
+PIECE_BYTES = 8 << 20
+MAX_RUN_BYTES = 64 << 20  # a run this long with no place to cut (one 64 MB word) is refused
+CUT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=\S)")
+
+
+def text_pieces(stream, name):
+    """A binary stream of UTF-8 text -> its text in pieces cut where tokenization is unchanged (see above)."""
+    decode = codecs.getincrementaldecoder("utf-8")().decode
+    carry, offset = "", 0
+    while True:
+        raw = stream.read(PIECE_BYTES)
+        try:
+            text = carry + decode(raw, final=not raw)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {offset + e.start:,})") from None
+        offset += len(raw)
+        if not raw:
+            if text:
+                yield text
+            return
+        cut = last_cut(text)
+        if cut <= 0:
+            if len(text) > MAX_RUN_BYTES:
+                raise ValueError(f"{name} holds more than {MAX_RUN_BYTES:,} characters with no space or line break "
+                                 f"between words: too long a run to tokenize in bounded memory")
+            carry = text
+            continue
+        yield text[:cut]
+        carry = text[cut:]
+
+
+def last_cut(text):  # the last place in text where a piece may end (see above), or -1
+    for start in (max(0, len(text) - 65536), 0):  # almost always found near the end
+        cut = -1
+        for found in CUT.finditer(text, start):
+            cut = found.start()
+        if cut > 0:
+            return cut
+    return -1
+
+
+COMPRESSED = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+
+
+def documents(path):
+    """The documents of one source, each as an iterator of its text pieces: a text file is one document; an archive
+    (OpenWebText's .xz files are tar archives of .txt documents) holds one per member file, read in archive order
+    in a single pass; a compressed file (.xz, .gz, .bz2) that is not a tar archive is one document."""
+    if path.endswith(ARCHIVES) and tarfile.is_tarfile(path):
+        try:
+            with tarfile.open(path, mode="r|*") as archive:  # a stream: no seeking back, whatever the order
+                for member in archive:
+                    if member.isfile():
+                        yield text_pieces(archive.extractfile(member), f"{path}:{member.name}")
+        except (tarfile.TarError, EOFError, lzma.LZMAError, OSError) as e:
+            raise ValueError(f"{path} is a damaged archive ({e}); replace it or remove it from the folder") from None
+        return
+    opener = COMPRESSED.get(Path(path).suffix, open)
+    try:
+        with opener(path, "rb") as stream:
+            yield text_pieces(stream, path)
+    except (EOFError, lzma.LZMAError, gzip.BadGzipFile, OSError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); replace it or remove it from the folder") from None
+
+
+# ---------------------------------------------------------------------------------------------- one text
+
+def prepare_text(folder, path, tokens, vocab_dir):
+    """One text file -> folder/{train,val}.bin + meta.json: the first 90% of its characters train, the rest
+    validate (nanoGPT's split). Two streaming passes: the characters (count and vocabulary), then the tokens."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files.remove_stale_temporaries(folder)  # what a preparation killed mid-write left behind
     (folder / "meta.json").unlink(missing_ok=True)  # unfinished until it is written again
-    if len(text) < 2:
-        raise ValueError(f"the text for {folder} has {len(text)} characters: too little to train on")
-    cut = int(len(text) * TRAIN_FRACTION)
+    n_chars, chars = 0, set()
+    for piece in single_text(path):
+        n_chars += len(piece)
+        chars.update(piece)
+    if n_chars < 2:
+        raise ValueError(f"{path} has {n_chars} characters: too little to train on")
     if tokens == "char":
-        chars = char_vocab(text)
-        encode, meta = char_encoder(chars), {"kind": "char", "chars": chars}
+        vocab = char_vocab(chars)
+        encode, meta = char_encoder(vocab), {"kind": "char", "chars": vocab}
     else:
         encode, meta = gpt2_encoder(vocab_dir).encode_ordinary, {"kind": "gpt2"}
         copy_gpt2_vocab(vocab_dir, folder)
-    counts = {split: write_tokens(folder / f"{split}.bin", [encode(part)])
-              for split, part in zip(SPLITS, (text[:cut], text[cut:]))}
+    cut = int(n_chars * TRAIN_FRACTION)
+    with files.atomic_write(folder / "train.bin") as train, files.atomic_write(folder / "val.bin") as val:
+        at = 0  # characters read so far
+        for piece in single_text(path):
+            if at < cut:  # the piece that holds the cut is encoded as its two sides, as nanoGPT encodes its halves
+                write_ids(train, encode(piece[:cut - at]))
+            if at + len(piece) > cut:
+                write_ids(val, encode(piece[max(cut - at, 0):]))
+            at += len(piece)
     write_meta(folder, meta)
-    return counts
+
+
+def single_text(path):  # the pieces of the one document of path
+    for pieces in documents(str(path)):
+        yield from pieces
 
 
 # ---------------------------------------------------------------------------------------------- document folders
+# Each source file is encoded by a worker process into a part file of its own (parts/NNNNNNN.bin, written
+# atomically), then the parts are joined into train.bin and val.bin. A preparation that is stopped (Ctrl-C, a kill, a
+# dead worker) goes on from the parts already written when run again with the same sources.
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".xz", ".tar.bz2")
+WORKER = {}  # each encoding process's tokenizer
 
 
-def text_sources(root):  # the files under root, sorted, hidden ones skipped: text files or archives of them
-    return sorted(str(p) for p in Path(root).rglob("*") if p.is_file() and not p.name.startswith("."))
-
-
-def is_archive(path):
-    return path.endswith(ARCHIVES) and tarfile.is_tarfile(path)
-
-
-def read_documents(path):
-    """The documents of one source: a text file is one; an archive (OpenWebText's .xz files are tar archives of
-    .txt documents) holds one per member file, read in name order with a single pass over the archive."""
-    try:
-        if not is_archive(path):
-            return [Path(path).read_text(encoding="utf-8")]
-        with tarfile.open(path) as archive:
-            members = sorted((m for m in archive.getmembers() if m.isfile()), key=lambda m: m.name)
-            return [archive.extractfile(m).read().decode("utf-8") for m in members]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); remove it from the folder or "
-                         f"convert it") from None
+def text_sources(root):
+    """The files under root, sorted: text files or archives of them. Hidden files and folders (.git, .ssh, ...) and
+    symbolic links are left out: a link could point anywhere, a dataset holds its own files."""
+    found = []
+    for folder, subfolders, names in os.walk(root):  # os.walk does not follow links to folders
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in names:
+            path = os.path.join(folder, name)
+            if not name.startswith(".") and not os.path.islink(path) and os.path.isfile(path):
+                found.append(path)
+    return sorted(found)
 
 
 def val_sources(n_sources, fraction):  # a fixed random choice of the sources that validate (at least one)
@@ -212,28 +324,53 @@ def val_sources(n_sources, fraction):  # a fixed random choice of the sources th
     return set(np.random.default_rng(SPLIT_SEED).permutation(n_sources)[:n_val].tolist())
 
 
-WORKER = {}  # each encoding process's tokenizer
-
-
-def init_worker(tokens, vocab):  # vocab: the characters, or the folder of GPT-2's vocabulary files
+def init_worker(tokens, vocab, skip_bad):  # vocab: the characters, or the folder of GPT-2's vocabulary files
     if tokens == "gpt2":
         enc = gpt2_encoder(vocab)
-        WORKER["encode"] = lambda text: enc.encode_ordinary(text) + [enc.eot_token]  # documents end with EOT
+        WORKER["encode"], WORKER["end"] = enc.encode_ordinary, [enc.eot_token]  # documents end with EOT
     else:
-        WORKER["encode"] = char_encoder(vocab)
+        WORKER["encode"], WORKER["end"] = char_encoder(vocab), []
+    WORKER["skip_bad"] = skip_bad
 
 
-def encode_source(path):  # -> uint16 ids of every document of one source, one after the other
-    return np.concatenate([np.asarray(WORKER["encode"](text), np.int64) for text in read_documents(path)] +
-                          [np.zeros(0, np.int64)])
+def encode_source(path, part):
+    """Every document of the source path -> tokens in the file part, one document after the other. -> (the number of
+    documents, those skipped as not UTF-8)."""
+    n_docs, skipped = 0, []
+    with files.atomic_write(part) as f:
+        for pieces in documents(path):
+            start = f.tell()
+            try:
+                for piece in pieces:
+                    write_ids(f, WORKER["encode"](piece))
+            except ValueError as e:
+                if not (WORKER["skip_bad"] and "is not UTF-8" in str(e)):
+                    raise
+                f.seek(start)  # this document's tokens so far go
+                f.truncate()
+                skipped.append(str(e))
+                continue
+            write_ids(f, WORKER["end"])
+            n_docs += 1
+    return n_docs, skipped
 
 
-def prepare_folder(folder, root, tokens, vocab_dir, val_fraction=VAL_FRACTION, num_proc=1):
+def folder_chars(sources):  # every character of every document, for a character vocabulary (a streaming pass)
+    chars = set()
+    for path in sources:
+        for pieces in documents(path):
+            for piece in pieces:
+                chars.update(piece)
+    return char_vocab(chars)
+
+
+def prepare_folder(folder, root, tokens, vocab_dir, val_fraction=VAL_FRACTION, num_proc=1, skip_bad=False):
     """Every document under root -> folder/{train,val}.bin + meta.json, encoded in num_proc processes. The split is
-    by source file: val_fraction of them (at least one) validate."""
+    by source file: val_fraction of them (at least one) validate. skip_bad: leave out documents that are not UTF-8
+    (counted and reported) instead of stopping."""
     folder, sources = Path(folder), text_sources(root)
-    if len(sources) == 1 and not is_archive(sources[0]):
-        return prepare_text(folder, read_documents(sources[0])[0], tokens, vocab_dir)
+    if len(sources) == 1 and not sources[0].endswith(ARCHIVES):
+        return prepare_text(folder, sources[0], tokens, vocab_dir)
     if len(sources) < 2:
         raise ValueError(f"{root} holds {len(sources)} files; a folder needs at least two to split into train and "
                          f"val (or give the text file itself)")
@@ -241,80 +378,106 @@ def prepare_folder(folder, root, tokens, vocab_dir, val_fraction=VAL_FRACTION, n
     files.remove_stale_temporaries(folder)
     (folder / "meta.json").unlink(missing_ok=True)
     if tokens == "char":  # the vocabulary must be known before encoding: one pass to collect the characters
-        chars = set()
-        for path in sources:
-            for text in read_documents(path):
-                chars.update(text)
-        vocab = char_vocab(chars)
+        vocab = folder_chars(sources)
         meta = {"kind": "char", "chars": vocab}
     else:
         gpt2_encoder(vocab_dir)  # a missing vocabulary is reported once, here, not by every worker
         vocab, meta = str(vocab_dir), {"kind": "gpt2"}
         copy_gpt2_vocab(vocab_dir, folder)
+    parts = part_folder(folder, sources, tokens, vocab, skip_bad)
+    encode_parts(sources, parts, tokens, vocab, skip_bad, num_proc)
     val = val_sources(len(sources), val_fraction)
-    counts = {}
     for split in SPLITS:
-        chosen = [path for i, path in enumerate(sources) if (i in val) == (split == "val")]
-        if num_proc > 1:
-            with multiprocessing.Pool(num_proc, init_worker, (tokens, vocab)) as pool:
-                pieces = pool.imap(encode_source, chosen, chunksize=4)
-                counts[split] = write_tokens(folder / f"{split}.bin", progress(pieces, len(chosen), split))
-        else:
-            init_worker(tokens, vocab)
-            counts[split] = write_tokens(folder / f"{split}.bin",
-                                         progress(map(encode_source, chosen), len(chosen), split))
+        with files.atomic_write(folder / f"{split}.bin") as out:
+            for i in range(len(sources)):
+                if (i in val) == (split == "val"):
+                    with open(parts / f"{i:07d}.bin", "rb") as part:
+                        shutil.copyfileobj(part, out, 16 << 20)
     write_meta(folder, meta)
-    return counts
+    shutil.rmtree(parts)
 
 
-def progress(pieces, total, split):
-    return tqdm(pieces, total=total, desc=f"encoding {split}", unit="file", disable=total < 100)
+def part_folder(folder, sources, tokens, vocab, skip_bad):
+    """folder/parts, kept from an earlier, unfinished preparation of the same sources, tokens and settings, or new."""
+    parts = folder / "parts"
+    stamp = {"sources": [[p, *source_stamp(Path(p))[0][1:]] for p in sources], "tokens": tokens, "vocab": vocab,
+             "skip_bad": skip_bad}
+    if (parts / "stamp.json").is_file() and json.loads((parts / "stamp.json").read_text()) == stamp:
+        files.remove_stale_temporaries(parts)
+        return parts
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True)
+    write_atomic(parts / "stamp.json", json.dumps(stamp).encode())
+    return parts
+
+
+def encode_parts(sources, parts, tokens, vocab, skip_bad, num_proc):
+    """Encode the sources that have no part yet, in num_proc worker processes. A worker that dies (the
+    out-of-memory killer, a crash in the tokenizer) stops the preparation with an error, not a hang."""
+    todo = [i for i in range(len(sources)) if not (parts / f"{i:07d}.bin").is_file()]
+    skipped = []
+    bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc="encoding", unit="file",
+               disable=len(sources) < 100)
+    # spawned, not forked: a fork of a process whose threads (jax's) hold locks can hang in the child
+    spawn = multiprocessing.get_context("spawn")
+    with bar, concurrent.futures.ProcessPoolExecutor(num_proc, spawn, init_worker, (tokens, vocab, skip_bad)) as pool:
+        jobs = {pool.submit(encode_source, sources[i], parts / f"{i:07d}.bin"): i for i in todo}
+        try:
+            for job in concurrent.futures.as_completed(jobs):
+                skipped += job.result()[1]
+                bar.update(1)
+        except BrokenProcessPool:
+            raise ValueError(f"a process encoding the documents died (killed, perhaps by the system for lack of "
+                             f"memory); run the same command again to go on from the {bar.n:,} of {len(sources):,} "
+                             f"files encoded") from None
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+    if skipped:
+        print(f"skipped {len(skipped)} documents that are not UTF-8, e.g. {skipped[0]}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------- preparing
 
 def shakespeare_text(data_dir):
-    """Tiny Shakespeare from data_dir/shakespeare_char/input.txt or data_dir/shakespeare/input.txt, downloaded into
-    the first when it is in neither."""
-    places = [Path(data_dir) / name / "input.txt" for name in ("shakespeare_char", "shakespeare")]
-    for path in places:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    places[0].parent.mkdir(parents=True, exist_ok=True)
-    try:
-        download(SHAKESPEARE_URL, places[0])
-    except (ConnectionError, FileNotFoundError) as e:
-        raise ConnectionError(f"{e}; to work offline, put tiny Shakespeare's input.txt at {places[0]}") from None
-    return places[0].read_text(encoding="utf-8")
+    """data_dir/shakespeare_char/input.txt or data_dir/shakespeare/input.txt (a user's edited copy, say), else the
+    tiny Shakespeare that ships with gptjax."""
+    for name in ("shakespeare_char", "shakespeare"):
+        if (Path(data_dir) / name / "input.txt").is_file():
+            return Path(data_dir) / name / "input.txt"
+    return SHAKESPEARE
 
 
 def source_stamp(path):  # identifies the version of a user's text file or folder
-    paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    paths = [path] if path.is_file() else [Path(p) for p in text_sources(path)]
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
-def prepare(dataset, data_dir="data", tokens=None, vocab_dir=None, source=None, num_proc=1):
+def prepare(dataset, data_dir="data", tokens=None, vocab_dir=None, source=None, num_proc=1, skip_bad=False):
     """Prepare dataset unless it already is; returns its folder. dataset: a name (shakespeare_char, shakespeare,
     openwebtext, or a folder already under data_dir) or a path to a text file or a folder of documents. tokens:
     "char" or "gpt2" (a named dataset has its own). A text's dataset is prepared again when the text changes."""
     vocab_dir = Path(vocab_dir or encoder.GPT2_VOCAB)  # GPT-2's own vocabulary unless told another
+    if not str(dataset).strip() or Path(dataset) in (Path("."), Path("/")):
+        raise cli.UsageError(f"dataset {dataset!r} names no text: give shakespeare_char, shakespeare, openwebtext, a "
+                             f"text file or a folder of documents")
     if tokens is not None and tokens not in TOKENS:
         raise ValueError(f"tokens must be char or gpt2, not {tokens!r}")
     if dataset in NAMED:
         if tokens not in (None, NAMED[dataset]):
             raise ValueError(f"{dataset} uses {NAMED[dataset]} tokens; for {tokens} tokens prepare the text as a file: "
-                             f"`python data.py {data_dir}/shakespeare_char/input.txt --tokens={tokens}`")
+                             f"`python data.py {SHAKESPEARE} --tokens={tokens}`")
         folder = Path(data_dir) / dataset
-        if not is_prepared(folder):
-            if dataset == "openwebtext":
+        if dataset == "openwebtext":
+            if not is_prepared(folder):
                 if source is None:
                     raise FileNotFoundError(f"{folder} is not prepared: OpenWebText is not downloaded for you; run "
                                             f"`python data.py openwebtext --source=FOLDER` with FOLDER holding its "
                                             f".txt documents or the .xz archives of its release")
-                prepare_folder(folder, source, "gpt2", vocab_dir, OWT_VAL_FRACTION, num_proc)
-            else:
-                prepare_text(folder, shakespeare_text(data_dir), NAMED[dataset], vocab_dir)
-        return folder
+                prepare_folder(folder, source, "gpt2", vocab_dir, OWT_VAL_FRACTION, num_proc, skip_bad)
+            return folder
+        return prepare_source(folder, shakespeare_text(data_dir), NAMED[dataset], vocab_dir, num_proc, skip_bad)
     path = Path(dataset)
     if not path.exists():
         folder = Path(data_dir) / dataset
@@ -323,19 +486,19 @@ def prepare(dataset, data_dir="data", tokens=None, vocab_dir=None, source=None, 
         raise FileNotFoundError(f"no dataset {dataset!r}: give shakespeare_char, shakespeare, openwebtext, a folder "
                                 f"prepared under {data_dir}/, or the path of a text file or folder")
     tokens = tokens or "char"
-    folder = dataset_folder(dataset, data_dir, tokens)
+    return prepare_source(dataset_folder(dataset, data_dir, tokens), path, tokens, vocab_dir, num_proc, skip_bad)
+
+
+def prepare_source(folder, path, tokens, vocab_dir, num_proc, skip_bad):
+    """folder, prepared from the text file or folder path unless it already is from this version of it."""
     stamp = {"source": str(path.resolve()), "tokens": tokens, "files": source_stamp(path)}
     stamp_path = folder / "source.json"
     if is_prepared(folder) and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         return folder
     if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        prepare_text(folder, text, tokens, vocab_dir)
+        prepare_text(folder, path, tokens, vocab_dir)
     else:
-        prepare_folder(folder, path, tokens, vocab_dir, VAL_FRACTION, num_proc)
+        prepare_folder(folder, path, tokens, vocab_dir, VAL_FRACTION, num_proc, skip_bad)
     write_atomic(stamp_path, json.dumps(stamp).encode())
     return folder
 
@@ -350,13 +513,16 @@ def main(argv=None):
                                             "shipped in vocab/)")
     parser.add_argument("--source", help="openwebtext: the folder of its .txt documents or .xz archives")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="processes encoding documents")
+    parser.add_argument("--skip_bad", action="store_true", help="leave out documents that are not UTF-8 text (they "
+                                                                "are counted) instead of stopping")
     return cli.run(lambda argv: prepare_and_report(parser.parse_args(argv)), argv)
 
 
 def prepare_and_report(args):  # python data.py DATASET ...: prepare it and print its size
-    folder = prepare(args.dataset, args.data_dir, args.tokens, args.vocab_dir, args.source, args.num_proc)
+    folder = prepare(args.dataset, args.data_dir, args.tokens, args.vocab_dir, args.source, args.num_proc,
+                     args.skip_bad)
     meta = read_meta(folder)
-    sizes = ", ".join(f"{split} {load_split(folder, split).size:,}" for split in SPLITS)
+    sizes = ", ".join(f"{split} {(folder / f'{split}.bin').stat().st_size // 2:,}" for split in SPLITS)
     vocab = f"{len(meta['chars'])} characters" if meta["kind"] == "char" else "GPT-2 BPE"
     print(f"{folder}: {sizes} tokens ({vocab})")
 

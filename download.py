@@ -14,6 +14,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+import files
+
 RETRIES = 3        # further attempts after a connection error, a cut transfer or a 5xx answer
 BACKOFF_S = 0.5    # wait before retry k (k = 0, 1, ...): BACKOFF_S * 2**k seconds
 TIMEOUT_S = 30     # connect and read timeout of each request
@@ -22,18 +24,26 @@ STALL_WINDOW_S = 60  # a transfer slower than MIN_RATE bytes/s over this long is
 MIN_RATE = 1024
 
 
-def download(url, path, check=None):
+class TooLarge(ValueError):
+    """What the server sends is larger than the file can be."""
+
+
+def download(url, path, check=None, max_bytes=None):
     """Fetch url into path, streamed with a progress bar. Connection errors, stalls, cut transfers and 5xx answers are
-    retried with exponential backoff; a cut transfer resumes where it stopped (HTTP Range). The data grows in
-    `path.part` and is renamed to path only when its size matches Content-Length and check(part) (if given) accepts
-    it, so path never holds a partial file, nor a web page that a proxy or captive portal sent in its place."""
+    retried with exponential backoff; a cut transfer resumes where it stopped (HTTP Range, the answer's Content-Range
+    checked). The data grows in `path.part` and is renamed to path only when its size matches Content-Length and
+    check(part) (if given) accepts it, so path never holds a partial file, nor a web page that a proxy or captive
+    portal sent in its place. max_bytes: the most the file can be; a server sending more is stopped there."""
     path = Path(path)
     part = path.with_name(path.name + ".part")
     for attempt in range(RETRIES + 1):
         if attempt:
             time.sleep(BACKOFF_S * 2 ** (attempt - 1))
         try:
-            size, expected = fetch_into(url, part, desc=path.name)
+            size, expected = fetch_into(url, part, path.name, max_bytes)
+        except TooLarge as e:
+            part.unlink(missing_ok=True)
+            raise ConnectionError(f"what {url} sent is not the file expected ({e})") from None
         except requests.HTTPError as e:
             status = e.response.status_code
             if status == 404:
@@ -52,37 +62,48 @@ def download(url, path, check=None):
                 except (ValueError, IndexError, KeyError) as e:
                     part.unlink(missing_ok=True)
                     raise ConnectionError(f"what {url} sent is not the file expected ({e}); was it a proxy's or a "
-                                          f"captive portal's page? Check the network") from None
+                                          f"captive portal's page?") from None
                 os.replace(part, path)
                 return path
             problem = f"transfer cut at {size} of {expected} bytes"
     raise ConnectionError(f"could not download {url}: {problem} ({RETRIES + 1} attempts)")
 
 
-def fetch_into(url, part, desc):  # -> (bytes now in part, whole size or None if the server did not say)
+def fetch_into(url, part, desc, max_bytes=None):  # -> (bytes now in part, whole size or None if not said)
     have = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity"}  # sizes must be the file's, not a compressed stream's
     if have:
         headers["Range"] = f"bytes={have}-"
     with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as r:
-        if r.status_code == 416:  # part is not a prefix of the file (it is as long or longer): start over
+        if r.status_code == 416 and have:  # part is not a prefix of the file (it is as long or longer): start over
             part.unlink()
-            return fetch_into(url, part, desc)
+            return fetch_into(url, part, desc, max_bytes)
         r.raise_for_status()
         if r.headers.get("Content-Type", "").startswith("text/html"):  # no release file is a web page
             raise requests.ConnectionError(f"the server answered with a web page (Content-Type "
                                            f"{r.headers['Content-Type']}), not the file")
-        if r.status_code != 206:  # a 200 is the whole file: the server ignored the Range request
+        if r.status_code == 206:  # the rest of the file, which must start where part ends
+            sent = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", r.headers.get("Content-Range", "").strip())
+            if sent is None or int(sent.group(1)) != have:
+                part.unlink()  # what we hold cannot be joined to what came: start over on the next attempt
+                raise requests.ConnectionError(f"the server sent the range {r.headers.get('Content-Range')!r} "
+                                               f"when asked for bytes {have}-")
+        else:  # a 200 is the whole file: the server ignored the Range request
             have = 0
         length = r.headers.get("Content-Length")
-        expected = have + int(length) if length is not None else None
-        with open(part, "ab" if have else "wb") as f, tqdm(total=expected, initial=have, desc=desc, unit="B",
-                                                          unit_scale=True, unit_divisor=1024) as bar:
+        expected = have + int(length) if length is not None and length.isdigit() else None
+        if max_bytes is not None and expected is not None and expected > max_bytes:
+            raise TooLarge(f"{expected:,} bytes, more than the {max_bytes:,} it can be")
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if have else os.O_TRUNC)
+        bar = tqdm(total=expected, initial=have, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
+        with os.fdopen(files.open_fd(part, flags), "ab" if have else "wb") as f, bar:
             window = [(time.monotonic(), 0)]  # (time, bytes so far) at the start of the current rate window
             try:
                 # read1: what one read of the socket brings, so that a trickle is seen as it trickles (iter_content
                 # would wait for a whole chunk, which a byte every few seconds never fills in any time)
                 while chunk := r.raw.read1(CHUNK):
+                    if max_bytes is not None and f.tell() + len(chunk) > max_bytes:
+                        raise TooLarge(f"more than the {max_bytes:,} bytes it can be")
                     f.write(chunk)
                     bar.update(len(chunk))
                     check_rate(window, len(chunk))

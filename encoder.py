@@ -46,6 +46,7 @@ CHAR_FILE = "meta.json"
 # GPT-2's own encoder.json + vocab.bpe (OpenAI's release, MIT; vocab/LICENSE), shipped so that tokenizing never
 # needs the network: for models saved without a tokenizer, and for datasets tokenized with GPT-2's BPE
 GPT2_VOCAB = Path(__file__).resolve().parent / "vocab"
+GPT2_FILES = ("encoder.json", "vocab.bpe")  # GPT-2's vocabulary, as OpenAI released it
 
 
 def bytes_to_unicode():

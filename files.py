@@ -1,15 +1,18 @@
-"""Files that a crash or a second process cannot damage: atomic writes, the clean-up of what a killed writer left
-behind, and locks.
+"""Files that a crash, a second process or a planted link cannot damage: atomic writes, appends, the clean-up of what
+a killed writer left behind, and locks. Nothing here writes through a symbolic link: a link where gptjax writes (in an
+out_dir unpacked from someone else's archive, say) is refused with an error, never followed to its target.
 
     with atomic_write(path) as f:   # f writes to a temporary file beside path; path is replaced only when f is whole
         f.write(data)
     remove_stale_temporaries(folder)  # the temporary files of writers that died (kill -9, power cut)
     with locked(folder / ".lock", waiting="..."):   # one process at a time; a dead holder releases it at once
+    with appending(path) as f:      # a log's new lines
 
 A temporary file is named `.{name}.{pid}.part` after its writer's process id, so that a later process can tell a
 file that is still being written from one whose writer is gone.
 """
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -32,7 +35,9 @@ def atomic_write(path, mode="wb"):
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, mode) as f:
+        refuse_link(path)  # os.replace would not follow it, but a link there means someone else's file
+        tmp.unlink(missing_ok=True)  # whatever a dead process of our pid, or anyone, left at this name
+        with os.fdopen(open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -42,6 +47,39 @@ def atomic_write(path, mode="wb"):
         raise cannot_write(path, e, " (its previous version is intact)" if path.exists() else "") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def appending(path):
+    """Open path (created if absent) to append text to it, never through a symbolic link; a failed write raises an
+    OSError that names path."""
+    path = Path(path)
+    try:
+        with os.fdopen(open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as f:
+            yield f
+    except OSError as e:
+        raise cannot_write(path, e) from None
+
+
+def open_fd(path, flags):  # os.open that refuses a symbolic link at path (O_NOFOLLOW) with a message saying so
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise link_error(path) from None
+        raise
+
+
+def refuse_link(path):
+    if Path(path).is_symlink():
+        raise link_error(path)
+
+
+def link_error(path):
+    error = OSError(f"{path} is a symbolic link, which gptjax never writes through: remove it, or choose another "
+                    f"folder")
+    error.errno = errno.ELOOP
+    return error
 
 
 def cannot_write(path, error, note=""):  # an OSError whose one-line message names path and the system's reason
@@ -94,7 +132,7 @@ def locked(path, waiting=None, busy=None):
     when its holder exits, however it exits. If another process holds it: with busy (a message), raise BlockingIOError
     with it at once; else print waiting (if given) to stderr and wait for it."""
     path = Path(path)
-    with open(path, "a+") as f:
+    with os.fdopen(open_fd(path, os.O_RDWR | os.O_CREAT), "r+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -29,21 +29,31 @@ import safetensors.numpy
 from jax.experimental import multihost_utils
 
 import data
+import encoder
 import files
 import weights
+from cli import UsageError
 
 CKPT_NAME = "ckpt.safetensors"
 CKPT_FORMAT = "gptjax-train-1"
 VOCABULARY_FILES = ("meta.json", "encoder.json", "vocab.bpe")  # characters, or GPT-2's BPE
 RUN_FILES = (CKPT_NAME, "params.safetensors", "metrics.jsonl", "loss.png", *VOCABULARY_FILES)  # what a run writes
+MARKER = ".gptjax-run"  # written into an out_dir when a run claims it: RUN_FILES there are train.py's to replace
 
 
 # ------------------------------------------------------------------------------------------------- the claim
 
 
 def check_out_dir(config):
-    """A run that does not continue out_dir's model (init_from=resume) must not replace it unasked."""
+    """A run must not replace files that train.py did not write, nor, unless it continues out_dir's model
+    (init_from=resume) or is told to (overwrite), a trained model."""
+    if not str(config["out_dir"]).strip():
+        raise UsageError("out_dir is empty: give the folder for the run's checkpoints and model, e.g. --out_dir=out")
     out_dir = Path(config["out_dir"])
+    present = [name for name in RUN_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    if present and not is_run_folder(out_dir):
+        raise FileExistsError(f"{out_dir} holds {', '.join(present)}, which train.py did not write: give a new or "
+                              f"empty --out_dir (a run replaces only the files of an earlier run)")
     if config["init_from"] == "resume" or config["overwrite"]:
         return
     for name in (CKPT_NAME, "params.safetensors"):
@@ -52,39 +62,66 @@ def check_out_dir(config):
                                   f"--init_from=resume, train into another --out_dir, or replace it with --overwrite")
 
 
+def is_run_folder(out_dir):  # a folder that train.py has claimed (or, from before the marker, holds its checkpoint)
+    if (out_dir / MARKER).is_file():
+        return True
+    try:
+        read_checkpoint_meta(out_dir / CKPT_NAME)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def claimed_out_dir(config):
     """Hold out_dir for the run: a lock that a second train.py on the same folder meets at once (the system drops it
-    when this process ends, however it ends), the temporary files of a killed run removed, and (unless the run
-    continues out_dir's model) the files of an earlier run removed, so that none of them mixes with this run's."""
+    when this process ends, however it ends), the folder marked as a run's, the temporary files of a killed run
+    removed, and for a resumed run the metrics recorded after its checkpoint (which it repeats) dropped. A new run
+    then calls clear_previous_run once it knows it can start."""
     out_dir = Path(config["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     with files.locked(out_dir / ".lock", busy=f"{out_dir} is in use by another train.py: wait for it to end, or "
                                                f"give another --out_dir"):
         check_out_dir(config)  # again, now that no other run can write there
         files.remove_stale_temporaries(out_dir)
+        with files.atomic_write(out_dir / MARKER) as f:  # every time: an out_dir that cannot be written fails now
+            f.write(b"a train.py out_dir: its checkpoints, model, vocabulary, metrics.jsonl and loss.png\n")
         if config["init_from"] == "resume":
             drop_metrics_after(out_dir, read_checkpoint_meta(out_dir / CKPT_NAME)["iter"])
-        else:
-            for name in RUN_FILES:
-                (out_dir / name).unlink(missing_ok=True)
         yield
+
+
+def clear_previous_run(out_dir):
+    """Remove an earlier run's files (check_out_dir made sure they are train.py's), so that none mixes with this
+    run's. Called once the new run has its model and data: a run that cannot start leaves the old one intact."""
+    for name in RUN_FILES:
+        (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams, base=None):
+def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams, depends):
     """The whole training state -> out_dir/ckpt.safetensors, atomically (a crash or a full disk leaves the previous
-    checkpoint as it was)."""
+    checkpoint as it was). depends: what the state is only valid with, checked on resume: {"vocabulary": the
+    dataset's meta.json, and with LoRA "base" (a release name or an absolute folder) and "base_fingerprint"}."""
     tensors = {name: host_array(x) for name, x in {**flat_names(params, "params/"),
                                                     **flat_names(opt_state, "opt_state/")}.items()}
     metadata = {"format": CKPT_FORMAT, "iter": str(it), "best_val_loss": repr(best_val_loss),
-                "config": json.dumps(config), "hparams": json.dumps(hparams)}
-    if base is not None:  # LoRA: params are adapters of this model (what init_from named)
-        metadata["base"] = base
+                "config": json.dumps(absolute_paths(config)), "hparams": json.dumps(hparams),
+                "vocabulary": json.dumps(depends["vocabulary"], ensure_ascii=False)}
+    if depends.get("base") is not None:  # LoRA: params are adapters of this model
+        metadata["base"], metadata["base_fingerprint"] = depends["base"], depends["base_fingerprint"]
     if jax.process_index() == 0:
         weights.write_safetensors(Path(out_dir) / CKPT_NAME, tensors, metadata)
+
+
+def absolute_paths(config):  # the config with its folders made absolute: a resume from elsewhere finds the same ones
+    paths = {key: str(Path(config[key]).resolve()) for key in ("data_dir", "models_dir", "out_dir")}
+    dataset = config["dataset"]
+    if dataset not in data.NAMED and Path(dataset).exists():  # a path to text, not a name
+        paths["dataset"] = str(Path(dataset).resolve())
+    return {**config, **paths}
 
 
 def read_checkpoint_meta(path):
@@ -97,9 +134,17 @@ def read_checkpoint_meta(path):
                                 f"first, or give the out_dir of an earlier run)") from None
     if metadata.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path} is not a gptjax training checkpoint (format {metadata.get('format')!r})")
-    return {"iter": int(metadata["iter"]), "best_val_loss": float(metadata["best_val_loss"]),
-            "config": json.loads(metadata["config"]), "hparams": json.loads(metadata["hparams"]),
-            "base": metadata.get("base")}
+    try:
+        meta = {"iter": int(metadata["iter"]), "best_val_loss": float(metadata["best_val_loss"]),
+                "config": json.loads(metadata["config"]), "hparams": json.loads(metadata["hparams"]),
+                "vocabulary": json.loads(metadata.get("vocabulary", "null")), "base": metadata.get("base"),
+                "base_fingerprint": metadata.get("base_fingerprint")}
+        if not isinstance(meta["config"], dict):
+            raise TypeError("config is not a table")
+        weights.checked_hparams(meta["hparams"], path)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path} has damaged metadata ({e}); restore it or train anew") from None
+    return meta
 
 
 def load_checkpoint(path, optimizer_for):
@@ -110,7 +155,9 @@ def load_checkpoint(path, optimizer_for):
         tensors = safetensors.numpy.load_file(path)
     except Exception as e:  # the package raises its own error types for damaged files
         raise ValueError(f"{path} is damaged ({e}); restore it or train anew") from None
-    params = weights.unflatten({name[len("params/"):]: x for name, x in tensors.items() if name.startswith("params/")})
+    flat = {name[len("params/"):]: x for name, x in tensors.items() if name.startswith("params/")}
+    check_params_fit(flat, meta["hparams"], path, lora=meta["base"] is not None)
+    params = weights.unflatten(flat)
     template = jax.eval_shape(optimizer_for(params).init, params)
     names = flat_names(template, "opt_state/")
     missing = [name for name in names if name not in tensors]
@@ -123,6 +170,25 @@ def load_checkpoint(path, optimizer_for):
         leaves.append(tensors[name].astype(shape.dtype))
     opt_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
     return params, opt_state, meta
+
+
+def check_params_fit(flat, hparams, path, lora):
+    """The checkpoint's params (or LoRA adapters) must have the shapes its hparams give: a resume must not train, and
+    then save, a model that main.py would call damaged."""
+    shapes = weights.param_shapes(hparams)
+    for name, x in flat.items():
+        if lora:  # "h/attn/c_attn/lora_a": [n_layer, n_in, rank]; lora_b: [n_layer, rank, n_out]
+            target, leaf = name.rsplit("/", 1)
+            w = shapes.get(f"{target}/w")
+            want = w and ((*w[:2], x.shape[-1]) if leaf == "lora_a" else (w[0], x.shape[1], w[2]))
+        else:
+            want = shapes.get(name)
+        if want is None or tuple(x.shape) != tuple(want):
+            raise ValueError(f"{path}: {name} has shape {list(x.shape)} where its hparams give "
+                             f"{list(want) if want else 'no such tensor'}: the checkpoint is damaged or was edited")
+    missing = [name for name in shapes if not lora and name not in flat and not name.endswith("/b")]
+    if missing:
+        raise ValueError(f"{path} lacks params/{missing[0]}: the checkpoint is damaged or was edited")
 
 
 def flat_names(tree, prefix):  # {prefix + path: leaf}, "/"-joined dict keys (params) or jax's key strings (state)
@@ -160,7 +226,7 @@ def write_vocabulary(out_dir, dataset_dir):
     if meta["kind"] == "char":
         contents = {"meta.json": json.dumps({"kind": "char", "chars": meta["chars"]}, ensure_ascii=False).encode()}
     else:
-        contents = {name: (Path(dataset_dir) / name).read_bytes() for name in data.GPT2_FILES}
+        contents = {name: (Path(dataset_dir) / name).read_bytes() for name in encoder.GPT2_FILES}
     for name in VOCABULARY_FILES:
         path = Path(out_dir) / name
         if name not in contents:
@@ -173,12 +239,8 @@ def write_vocabulary(out_dir, dataset_dir):
 
 
 def append_metrics(out_dir, record):
-    path = Path(out_dir) / "metrics.jsonl"
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise files.cannot_write(path, e) from None
+    with files.appending(Path(out_dir) / "metrics.jsonl") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def drop_metrics_after(out_dir, it):

@@ -33,6 +33,7 @@ import gpt
 
 CHUNK = 16  # tokens per jitted decode call: the granularity of streaming (a host round trip costs ~0.1 ms)
 MIN_BUCKET = 16
+MIN_TEMPERATURE = 1e-6  # below it, logits / temperature can overflow float32 (then inf - inf: NaN)
 BATCH_BYTES = 2 << 30  # the memory one batch of generate() may take (rows_that_fit)
 
 
@@ -201,9 +202,9 @@ def check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (for the most likely tokens, use greedy "
-                         f"decoding)")
+    if not greedy and not temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be at least {MIN_TEMPERATURE}, got {temperature} (for the most likely "
+                         f"tokens, use greedy decoding)")
 
 
 def generate_stream(params, hparams, prompts, n_tokens, *, greedy=False, temperature=1.0, top_k=None, top_p=None,

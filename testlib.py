@@ -31,7 +31,7 @@ PROGRAMS = TESTDATA / "programs"  # small Python programs the tests run in a pro
 TINY_TF, TINY_HF = TESTDATA / "gpt2-tiny", TESTDATA / "gpt2-tiny-hf"  # the fixtures (testdata/README.md)
 EXPECTED = json.loads((TINY_TF / "expected.json").read_text())
 PROMPTS = EXPECTED["prompts"]
-SHAKESPEARE = TESTDATA / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = HERE / "corpora" / "tinyshakespeare.txt"  # shipped with gptjax (corpora/README.md)
 DATA_FILE = "model.ckpt.data-00000-of-00001"
 
 # Everything the tests write goes below SCRATCH, removed at exit: the model folders they load (a load writes its

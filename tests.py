@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import io
 import json
+import lzma
 import math
 import os
 import pathlib
@@ -19,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from functools import partial
@@ -28,12 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+import tiktoken
+import tiktoken.load
 import urllib3
 
 import cli
 import data
 import download
 import encoder
+import files
 import gpt
 import main
 import outdir
@@ -328,7 +333,7 @@ def test_lora_adapters_start_at_the_base_model_and_merge_exactly():
 # ==================== encoder =========================================================================================
 # GPT-2's BPE against tiktoken's ids; other vocabularies
 
-SHAKESPEARE_TOKENS = 338_025  # testdata README
+SHAKESPEARE_TOKENS = 338_025  # tiktoken gpt2 (testdata/README.md)
 
 
 @pytest.fixture(scope="module")
@@ -958,7 +963,7 @@ def test_weights_hf_folder_without_tokenizer_gets_the_shipped_gpt2_vocabulary(tm
 def test_weights_load_encoder_hparams_and_params_finds_the_vocabulary(tmp_path, release_server, monkeypatch):
     stub = type(sys)("encoder")  # records which folder the tokenizer would be read from
     stub.get_encoder = lambda folder: pathlib.Path(folder)
-    stub.GPT2_VOCAB = encoder.GPT2_VOCAB
+    stub.GPT2_VOCAB, stub.GPT2_FILES = encoder.GPT2_VOCAB, encoder.GPT2_FILES
     monkeypatch.setattr(weights, "encoder", stub)
     models = tmp_path / "models"
     folder, hparams, params = weights.load_encoder_hparams_and_params("124M", models, dtype=jnp.bfloat16)
@@ -1279,7 +1284,8 @@ def test_bad_requests_raise_one_line_errors(tiny_tf):
              ([ids], {"n_tokens": 55}, "10 tokens plus 55 new tokens is 65, more than the model's context of n_ctx=64"),
              ([ids], {"n_tokens": 0}, "at least 1"), ([[50257]], {}, "token id 50257"),
              ([ids], {"top_k": 0}, "top_k"), ([ids], {"top_p": 0.0}, "top_p"), ([ids], {"top_p": 1.5}, "top_p"),
-             ([ids], {"temperature": 0.0}, "temperature"), ([ids], {"temperature": -1.0}, "temperature")]
+             ([ids], {"temperature": 0.0}, "temperature"), ([ids], {"temperature": -1.0}, "temperature"),
+             ([ids], {"temperature": 1e-38}, "temperature must be at least 1e-06")]
     for prompts, options, message in cases:
         n_tokens = options.pop("n_tokens", 5)
         with pytest.raises(ValueError, match=message) as e:
@@ -1512,6 +1518,154 @@ def test_train_batches_come_from_the_memmap_shifted_by_one(train_data_dir):
     assert not np.array_equal(starts, data.batch_starts(len(ids), 16, 8, seed=5, it=3, split="val"))
     with pytest.raises(ValueError, match="too few for block_size"):
         data.batch_starts(10, 16, 8, seed=5, it=0, split="val")
+
+
+def test_data_one_text_is_read_in_pieces_that_keep_tiktokens_tokens(tmp_path, monkeypatch):
+    # tiny Shakespeare read 1,000 bytes at a time (a 1 GB text the same way, 8 MB at a time): train.bin and val.bin
+    # hold tiktoken's ids of the text's first 90% of characters and of the rest, as if each were encoded whole
+    monkeypatch.setattr(data, "PIECE_BYTES", 1000)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    source = tmp_path / "play.txt"
+    source.write_text(text + " a\r\nb\rc", encoding="utf-8")  # carriage returns kept as they are
+    text = source.read_bytes().decode("utf-8")
+    cut = int(len(text) * 0.9)
+    enc = tiktoken_gpt2()
+    folder = data.prepare(str(source), tmp_path / "data", "gpt2")
+    assert np.array_equal(data.load_split(folder, "train"), enc.encode_ordinary(text[:cut]))
+    assert np.array_equal(data.load_split(folder, "val"), enc.encode_ordinary(text[cut:]))
+    chars = sorted(set(text))
+    folder = data.prepare(str(source), tmp_path / "data", "char")
+    ids = np.concatenate([data.load_split(folder, split) for split in data.SPLITS])
+    assert "".join(chars[i] for i in ids) == text and data.read_meta(folder)["chars"] == chars
+    # a run longer than the most a piece may grow to, with no place to cut, is refused in one line
+    monkeypatch.setattr(data, "MAX_RUN_BYTES", 5000)
+    (tmp_path / "word.txt").write_text("x" * 20_000)
+    with pytest.raises(ValueError, match="more than 5,000 characters with no space or line break"):
+        data.prepare(str(tmp_path / "word.txt"), tmp_path / "data", "gpt2")
+
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # tiktoken's, for gpt2
+
+
+def tiktoken_gpt2():  # tiktoken's GPT-2 encoding from the shipped vocabulary files (no download)
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(encoder.GPT2_VOCAB / "vocab.bpe"),
+                                                           str(encoder.GPT2_VOCAB / "encoder.json"))
+    return tiktoken.Encoding("gpt2-test", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={encoder.EOT: 50256})
+
+
+def write_documents(folder, n, words=3000, seed=0):  # n text files of random Shakespeare words -> their texts
+    words_ = SHAKESPEARE.read_text(encoding="utf-8").split()
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for i in range(n):
+        texts.append(" ".join(rng.choice(words_) for _ in range(words)))
+        (folder / f"{i:04d}.txt").write_text(texts[-1], encoding="utf-8")
+    return texts
+
+
+def test_data_a_dead_worker_stops_the_preparation_which_then_goes_on(tmp_path):
+    texts = write_documents(tmp_path / "docs", 120, words=20_000)
+    command = [sys.executable, str(HERE / "data.py"), str(tmp_path / "docs"), "--tokens=gpt2", "--num_proc=2",
+               f"--data_dir={tmp_path / 'data'}"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "data" / "docs_gpt2" / "parts"
+    deadline = time.monotonic() + 60
+    while len(list(parts.glob("*.bin"))) < 3 and time.monotonic() < deadline:  # the workers are at work
+        time.sleep(0.05)
+    workers = [pid for pid in child_pids(proc.pid) if "spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_text()]
+    assert workers, "no worker process found"
+    os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer would
+    out, err = proc.communicate(timeout=60)  # it stops, not hangs
+    assert proc.returncode == 1 and err.strip().splitlines()[-1].startswith("error: a process encoding the documents "
+                                                                           "died"), err[-2000:]
+    done = len(list(parts.glob("*.bin")))
+    assert 0 < done < len(texts)
+    # the same command goes on from the files encoded, and the tokens are tiktoken's, document after document
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not parts.exists()
+    enc = tiktoken_gpt2()
+    val = data.val_sources(len(texts), data.VAL_FRACTION)
+    for split in data.SPLITS:
+        want = [i for t, text in enumerate(texts) if (t in val) == (split == "val")
+                for i in enc.encode_ordinary(text) + [50256]]
+        assert np.array_equal(data.load_split(tmp_path / "data" / "docs_gpt2", split), want), split
+
+
+def child_pids(pid):
+    return [int(p) for p in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_data_a_folder_is_read_the_same_way_in_files_and_archives(tmp_path):
+    # the same documents as .txt files and as a .tar.xz whose members are not in name order: the same tokens; a
+    # non-UTF-8 document stops the preparation, or with skip_bad is left out and counted
+    texts = write_documents(tmp_path / "docs", 6, words=50)
+    texts[2] = texts[2].replace(" ", "\r\n", 3)
+    (tmp_path / "docs" / "0002.txt").write_bytes(texts[2].encode())
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    for name, members in (("a.tar.xz", [5, 4, 3]), ("b.tar.xz", [2, 1, 0])):
+        with tarfile.open(archives / name, "w:xz") as archive:
+            for i in members:
+                archive.add(tmp_path / "docs" / f"{i:04d}.txt", arcname=f"{i:04d}.txt")
+    prepared = {kind: data.prepare(str(tmp_path / kind), tmp_path / "data", "gpt2") for kind in ("docs", "archives")}
+    enc = tiktoken_gpt2()
+    tokens = {kind: np.concatenate([data.load_split(folder, s) for s in data.SPLITS]) for kind, folder in
+              prepared.items()}
+    want = sorted(tuple(enc.encode_ordinary(text)) + (50256,) for text in texts)
+    for kind in ("docs", "archives"):
+        assert sorted(map(tuple, documents_of(tokens[kind]))) == want, kind
+    # a plain .xz text (not a tar archive) is one document
+    with lzma.open(tmp_path / "plain.txt.xz", "wb") as f:
+        f.write(texts[0].encode())
+    (tmp_path / "one").mkdir()
+    shutil.move(tmp_path / "plain.txt.xz", tmp_path / "one" / "plain.txt.xz")
+    (tmp_path / "one" / "other.txt").write_text(texts[1])
+    folder = data.prepare(str(tmp_path / "one"), tmp_path / "data", "gpt2")
+    both = np.concatenate([data.load_split(folder, s) for s in data.SPLITS])
+    assert sorted(map(tuple, documents_of(both))) == sorted(tuple(enc.encode_ordinary(t)) + (50256,) for t in texts[:2])
+    (tmp_path / "docs" / "0003.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match="0003.txt is not UTF-8 text"):
+        data.prepare(str(tmp_path / "docs"), tmp_path / "data", "gpt2")
+    folder = data.prepare(str(tmp_path / "docs"), tmp_path / "data", "gpt2", skip_bad=True)
+    both = np.concatenate([data.load_split(folder, s) for s in data.SPLITS])
+    assert (both == 50256).sum() == 5
+
+
+def documents_of(ids):  # GPT-2 token ids -> the documents, each ending with <|endoftext|>
+    return np.split(ids, np.flatnonzero(ids == 50256)[:-1] + 1)
+
+
+def test_data_reads_only_the_dataset_it_is_given(tmp_path, monkeypatch):
+    # an empty dataset is no dataset (it once meant the current folder, hidden ones included); links and hidden
+    # folders inside a dataset folder are not read; an edited tiny Shakespeare is prepared again
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " ", "."):
+        with pytest.raises(cli.UsageError, match="names no text"):
+            data.prepare(empty, tmp_path / "data", "char")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("first document")
+    (docs / "b.txt").write_text("second document")
+    (tmp_path / "secret.txt").write_text("password")
+    (docs / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (docs / ".ssh").mkdir()
+    (docs / ".ssh" / "id_rsa").write_text("key material")
+    (docs / "linked_folder").symlink_to(docs / ".ssh")
+    folder = data.prepare(str(docs), tmp_path / "data", "char")
+    assert "".join(sorted(data.read_meta(folder)["chars"])) == "".join(sorted(set("first documentsecond")))
+    data_dir = tmp_path / "data2"
+    (data_dir / "shakespeare_char").mkdir(parents=True)
+    (data_dir / "shakespeare_char" / "input.txt").write_text("to be or not to be " * 50)
+    folder = data.prepare("shakespeare_char", data_dir)
+    assert data.read_meta(folder)["chars"] == sorted(set("to be or not "))
+    (data_dir / "shakespeare_char" / "input.txt").write_text("xyz " * 100)
+    assert data.read_meta(data.prepare("shakespeare_char", data_dir))["chars"] == sorted(set("xyz "))
+    # with no copy in data_dir, the tiny Shakespeare that ships with gptjax (no network needed)
+    folder = data.prepare("shakespeare_char", tmp_path / "data3")
+    assert len(data.read_meta(folder)["chars"]) == 65
 
 
 # ==================== train_config ====================================================================================
@@ -1966,7 +2120,7 @@ def test_train_out_dir_holds_only_the_runs_vocabulary(tmp_path, train_data_dir):
     # a character run in a folder that once held a GPT-2 run (and the other way round) leaves one vocabulary there
     out, chars = tmp_path / "out", tmp_path / "chars"
     out.mkdir()
-    for name in data.GPT2_FILES:
+    for name in encoder.GPT2_FILES:
         shutil.copy(TINY_TF / name, out / name)
     chars.mkdir()
     data.write_meta(chars, {"kind": "char", "chars": ["a", "b"]})
@@ -2064,6 +2218,205 @@ def test_train_cpu_settings_leave_a_users_xla_flags_alone(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
     cli.keep_freed_memory()  # malloc tuning: must not fail, whatever the platform
     assert np.ones(10**6).sum() == 10**6
+
+
+def test_train_never_writes_through_a_link_planted_in_out_dir(train_data_dir, tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    victim.write_text("someone else's file")
+    for name in (".lock", "metrics.jsonl", f".ckpt.safetensors.{os.getpid()}.part"):
+        planted = out / name
+        planted.unlink(missing_ok=True)
+        planted.symlink_to(victim)
+        try:
+            train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4, "eval_interval": 2})
+        except OSError as e:  # a link where gptjax writes is refused, in one line that names it
+            assert f"{planted} is a symbolic link" in str(e) and "\n" not in str(e), e
+        else:  # a stale temporary's name is replaced, not followed
+            assert name.endswith(".part") and not planted.exists()
+        assert victim.read_text() == "someone else's file", name
+        planted.unlink(missing_ok=True)
+
+
+def test_train_leaves_alone_files_it_did_not_write(train_data_dir, tmp_path, monkeypatch, capsys):
+    # a folder of the user's (GPT-2's vocabulary, say) is not a run's out_dir; an empty out_dir is none; a run that
+    # cannot start (a mistyped dataset) leaves the model it was to replace intact
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("encoder.json", "vocab.bpe", "notes.txt"):
+        (mine / name).write_text(name)
+    before = folder_state(mine)
+    for out_dir, words in ((mine, "which train.py did not write"), ("", "out_dir is empty"), (" ", "out_dir is empty")):
+        code = train.main([f"--out_dir={out_dir}", f"--data_dir={train_data_dir}", "--max_iters=1", "--overwrite"])
+        err = capsys.readouterr().err
+        assert code in (1, 2) and err.count("\n") == 1 and words in err, err
+    assert folder_state(mine) == before
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    model = folder_state(out)
+    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--overwrite", "--dataset=shakespear_char"])
+    assert code == 1 and "no dataset 'shakespear_char'" in capsys.readouterr().err
+    assert folder_state(out) == model
+
+
+def test_train_token_ids_must_be_the_models(train_data_dir, tmp_path, capsys):
+    # an id past the model's vocabulary would train silently (a gather is clamped): refused at start, naming the file
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    wide = tmp_path / "data" / "wide"
+    shutil.copytree(train_data_dir / "shakespeare_char", wide)
+    tokens = np.fromfile(wide / "train.bin", np.uint16)
+    tokens[1234] = 60000
+    tokens.tofile(wide / "train.bin")
+    for init_from in ("scratch", "resume"):
+        code = train.main([f"--out_dir={out}", "--dataset=wide", f"--data_dir={tmp_path / 'data'}", "--max_iters=4",
+                           f"--init_from={init_from}", "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 1 and f"{wide / 'train.bin'} holds token id 60000" in err and "65 tokens" in err, err
+    # a copied checkpoint (no meta.json beside it) resumed on a dataset of another vocabulary is refused too
+    other = tmp_path / "other.txt"
+    other.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:50_000] + "é€")
+    data.prepare(str(other), tmp_path / "data", "char")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(out / "ckpt.safetensors", copy)
+    code = train.main(["--init_from=resume", f"--out_dir={copy}", f"--dataset={other}", "--max_iters=4",
+                       f"--data_dir={tmp_path / 'data'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "another character vocabulary" in err, err
+    assert sorted(p.name for p in copy.iterdir()) == [".gptjax-run", ".lock", "ckpt.safetensors"]
+
+
+def test_train_lora_resume_needs_its_own_base(tmp_path, capsys):
+    model = tmp_path / "gpt2-tiny"
+    shutil.copytree(TINY_TF, model, ignore=shutil.ignore_patterns(weights.CACHE_NAME))
+    text = tmp_path / "sonnets.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    out = tmp_path / "out"
+    config = {"init_from": str(model), "dataset": str(text), "data_dir": str(tmp_path / "data"), "block_size": 32,
+              "batch_size": 4, "max_iters": 2, "eval_interval": 2, "eval_iters": 2, "lora_rank": 4,
+              "out_dir": str(out)}
+    train.train(config)
+    # the base replaced by another model of the same shape: refused (training on would adapt the wrong model)
+    flat = reference_params()
+    flat["h/mlp/c_fc/w"] = flat["h/mlp/c_fc/w"] + np.float32(0.01)
+    write_bundle(model / "model.ckpt", tf_tensors(flat))
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "is not the LoRA base" in err and "--lora_base" in err, err
+    # the original, moved: pointed to with --lora_base, and from then on found there
+    moved = tmp_path / "moved"
+    shutil.copytree(TINY_TF, moved, ignore=shutil.ignore_patterns(weights.CACHE_NAME))
+    shutil.rmtree(model)
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    assert code == 1 and "--lora_base=FOLDER" in capsys.readouterr().err
+    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4", f"--lora_base={moved}"]) == 0
+    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["base"] == str(moved.resolve())
+    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=6"]) == 0
+
+
+def test_train_a_checkpoint_cannot_steer_a_resume_elsewhere(train_data_dir, tmp_path, release_server, monkeypatch,
+                                                            capsys):
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    saved = outdir.read_checkpoint_meta(out / "ckpt.safetensors")["config"]
+    assert all(pathlib.Path(saved[key]).is_absolute() for key in ("data_dir", "models_dir", "out_dir"))
+    tensors = ckpt_tensors(out)
+
+    def rewrite(**metadata):  # the checkpoint with some of its metadata replaced, as a hostile copy could be
+        with open(out / "ckpt.safetensors", "rb") as f:
+            _, meta, _ = weights.safetensors_header(f, out / "ckpt.safetensors")
+        weights.write_safetensors(out / "ckpt.safetensors", tensors, {**meta, **metadata})
+    # a LoRA base that a checkpoint names is never downloaded by a resume (it once started a 1558M download)
+    text = tmp_path / "sonnets.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    lora = {"init_from": "124M", "models_dir": str(tmp_path / "m"), "dataset": str(text), "block_size": 32,
+            "data_dir": str(tmp_path / "data"), "batch_size": 4, "max_iters": 2, "eval_interval": 2, "eval_iters": 2,
+            "lora_rank": 4, "out_dir": str(tmp_path / "lora")}
+    train.train(lora)  # the release fetched from the test server
+    shutil.rmtree(tmp_path / "m")
+    release_server.log.clear()
+    code = train.main(["--init_from=resume", f"--out_dir={tmp_path / 'lora'}", "--max_iters=4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "lacks" in err and "--lora_base" in err and not release_server.log, err
+    # hparams that disagree with its tensors: refused, not trained on and saved as a model main.py calls damaged
+    rewrite(hparams=json.dumps({**json.loads(json.dumps(outdir.read_checkpoint_meta(out / "ckpt.safetensors")
+                                                        ["hparams"])), "n_embd": 64, "n_head": 2}))
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    assert code == 1 and "where its hparams give" in capsys.readouterr().err
+    rewrite(hparams="[1, 2]")
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    assert code == 1 and "damaged metadata" in capsys.readouterr().err
+    # a dataset it names is read where it was prepared, never prepared anew from a path it holds
+    rewrite(hparams=json.dumps({"n_vocab": 65, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}),
+            config=json.dumps({**saved, "dataset": str(tmp_path / "elsewhere.txt"), "data_dir": str(tmp_path / "x")}))
+    (tmp_path / "elsewhere.txt").write_text("some other text " * 100)
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    assert code == 1 and "is not prepared" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_train_says_only_what_is_true(train_data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    # a NaN before any checkpoint: no "last good checkpoint" that does not exist
+    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--learning_rate=1e9", "--warmup_iters=0",
+                       "--grad_clip=0", "--max_iters=20", "--eval_interval=50", "--n_layer=1", "--n_embd=16"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "no checkpoint had been saved yet" in err and "last good" not in err, err
+    # Ctrl-C before the first step: it says nothing was saved, and saves nothing
+    shutil.rmtree(out)
+
+    def ctrl_c_at_once(*args):
+        signal.raise_signal(signal.SIGINT)
+        return get_batch(*args)
+    get_batch = data.get_batch
+    monkeypatch.setattr(data, "get_batch", ctrl_c_at_once)
+    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=5"])
+    assert code == 130 and "before any step: nothing to save" in capsys.readouterr().out
+    assert not (out / "ckpt.safetensors").exists()
+    monkeypatch.undo()
+    # Ctrl-C while starting: one line that says so, no "second Ctrl-C"
+    monkeypatch.setattr(data, "prepare", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=5"])
+    assert code == 130 and capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
+    monkeypatch.undo()
+    # max_iters=0 writes the model as it starts; a finished run says where it is; a resume with nothing to do says so
+    shutil.rmtree(out)
+    assert train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=0"]) == 0
+    assert (out / "params.safetensors").is_file() and outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 0
+    assert "done: best val loss" in capsys.readouterr().out
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=0"])
+    assert code == 2 and "nothing to train; give a larger --max_iters" in capsys.readouterr().err
+    # config files take finite numbers only, as flags do
+    for value in ("nan", "inf", "1e400"):
+        (tmp_path / "c.toml").write_text(f"learning_rate = {value}\n")
+        with pytest.raises(cli.UsageError, match="finite"):
+            train_config.parse_args([str(tmp_path / "c.toml")])
+
+
+def test_train_checks_memory_before_making_a_new_model(train_data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "available_memory", lambda: (10**6, "this machine has"))
+    monkeypatch.setattr(train, "init_params", lambda *a: pytest.fail("the model was made before the memory check"))
+    code = train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={train_data_dir}", "--max_iters=2"])
+    assert code == 1 and "this machine has 1 MB" in capsys.readouterr().err
+
+
+def test_train_an_unwritable_out_dir_fails_at_start(train_data_dir, tmp_path, monkeypatch, capsys):
+    # resuming into an out_dir that can no longer be written fails before any step, not an eval interval later
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    open_fd = files.open_fd
+
+    def read_only(path, flags):  # as a read-only file system answers (root writes through chmod, so not that)
+        if pathlib.Path(path).parent == out and flags & os.O_CREAT and not str(path).endswith(".lock"):
+            raise PermissionError(13, "Read-only file system")
+        return open_fd(path, flags)
+    monkeypatch.setattr(files, "open_fd", read_only)
+    monkeypatch.setattr(data, "get_batch", lambda *a: pytest.fail("a step ran"))
+    capsys.readouterr()
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: cannot write {out / outdir.MARKER}: Read-only file system"), err
+    assert err.count("\n") == 1
 
 
 # ==================== bench, cli ======================================================================================

@@ -106,7 +106,10 @@ def run(config):  # a resolved config -> train()'s result
     outdir.check_out_dir(config)
     writes = jax.process_index() == 0 and not config["eval_only"]  # eval_only writes nothing at all
     with outdir.claimed_out_dir(config) if writes else contextlib.nullcontext():
-        return training(starting_point(config, Path(config["out_dir"])), writes)
+        start = starting_point(config, Path(config["out_dir"]))
+        if writes and start.kind != "resume":
+            outdir.clear_previous_run(config["out_dir"])
+        return training(start, writes)
 
 
 # -------------------------------------------------------------------------------------------------------- the step
@@ -327,82 +330,119 @@ class Start:
     kind: str                 # "scratch", "pretrained" (a GPT-2 release or model folder) or "resume" (out_dir's)
     config: dict              # the run's config, with its tokens and the model's shape filled in
     hparams: dict             # the model's shape: n_vocab, n_ctx, n_embd, n_head, n_layer
-    params: dict              # what trains: the model's params, or with LoRA its adapters
+    params: dict | None       # what trains: the model's params, or with LoRA its adapters; None for a new model,
+                              # made (init_params) once the memory plan says it fits
     dataset_dir: Path         # the prepared dataset (data.py)
-    splits: dict              # {"train", "val": [n_tokens] uint16 memmap}
+    splits: dict              # {"train", "val": [n_tokens] uint16 memmap}, ids checked against the vocabulary
+    depends: dict             # what a checkpoint of this run is valid with (outdir.save_checkpoint): the vocabulary,
+                              # and with LoRA the base's name or folder and fingerprint
     frozen: dict | None = None  # LoRA's base model (not trained), else None
-    base: str | None = None   # LoRA's base as a release name or an absolute folder, found again on resume
     opt_state: object = None  # a resumed run's optimizer state; None: made fresh
     iter: int = 0             # the first iteration to run
     best_val_loss: float = float("inf")  # the best val loss so far
 
 
 def starting_point(config, out_dir):
-    """Decide what the run starts from (init_from), prepare its dataset, and check that they fit together."""
+    """Decide what the run starts from (init_from), find or prepare its dataset, and check that they fit together."""
     kind = {"scratch": "scratch", "resume": "resume"}.get(config["init_from"], "pretrained")
-    saved, frozen, base, vocab_dir = {}, None, None, None  # vocab_dir None: GPT-2's, shipped with gptjax
-    if kind == "resume":
-        params, opt_state, meta = outdir.load_checkpoint(out_dir / outdir.CKPT_NAME,
-                                                         lambda p: make_optimizer(config, p))
-        hparams, model_tokens, base = meta["hparams"], meta["config"]["tokens"], meta["base"]
-        saved = {"opt_state": opt_state, "iter": meta["iter"], "best_val_loss": meta["best_val_loss"]}
-        vocab_dir = out_dir if (out_dir / "encoder.json").is_file() else None
-        if base is not None:  # LoRA: the checkpoint holds adapters of this base model
-            _, frozen, _, _ = pretrained_model(base, config["models_dir"])
-    elif kind == "pretrained":
-        hparams, params, folder, vocab_dir = pretrained_model(config["init_from"], config["models_dir"])
-        if out_dir.resolve() == folder.resolve():
-            raise ValueError(f"out_dir {out_dir} is the folder of the model being finetuned; choose another")
-        model_tokens = "gpt2"
-        if config["lora_rank"]:  # the pretrained weights stay as they are; the adapters train
-            name = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
-            base = name if name in NANOGPT_NAMES.values() else str(folder.resolve())  # found on resume
-            frozen = params
-            params = gpt.init_adapters(jax.random.PRNGKey(config["seed"]), params, config["lora_rank"],
-                                       lora_targets(config))
-    dataset_dir, tokens = prepare_dataset(config, kind, vocab_dir)
+    params, lora, saved, model_vocab = None, {}, {}, {"kind": "gpt2"}  # a GPT-2 reads GPT-2's tokens
+    if kind == "resume":  # the data it trained on, as prepared then: a resume prepares nothing
+        hparams, params, lora, saved, meta = resumed_state(config, out_dir)
+        tokens = meta["config"]["tokens"]
+        dataset_dir = data.prepared_folder(config["dataset"], config["data_dir"], tokens)
+        model_vocab = meta["vocabulary"] or legacy_vocabulary(out_dir, tokens)
+    else:
+        vocab_dir = None  # GPT-2's, shipped with gptjax
+        if kind == "pretrained":
+            hparams, params, lora, vocab_dir = pretrained_state(config, out_dir)
+        tokens = config["tokens"]
+        if tokens == "auto":
+            tokens = data.NAMED.get(config["dataset"]) or ("char" if kind == "scratch" else "gpt2")
+        dataset_dir = data.prepare(config["dataset"], config["data_dir"], tokens, vocab_dir)
     config = {**config, "tokens": tokens}
     vocab = data.read_meta(dataset_dir)
     if kind == "scratch":
         hparams = scratch_hparams(config, len(vocab["chars"]) if tokens == "char" else GPT2_VOCAB)
-        params = init_params(config, hparams)
     else:
-        check_vocabulary(config, model_tokens, vocab, out_dir)
+        check_vocabulary(config, hparams, model_vocab, vocab)
     if config["block_size"] > hparams["n_ctx"]:
         raise ValueError(f"block_size {config['block_size']} exceeds the model's context of {hparams['n_ctx']} "
                          f"tokens")
-    splits = {split: data.load_split(dataset_dir, split) for split in data.SPLITS}
+    splits = {split: data.load_split(dataset_dir, split, hparams["n_vocab"]) for split in data.SPLITS}
     check_splits(splits, dataset_dir, config["block_size"])
+    frozen = lora.pop("frozen", None)
     if frozen is not None:
         frozen = gpt.cast(frozen, jnp.dtype(config["lora_base_dtype"]))
     model = frozen if frozen is not None else params
-    config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}, "bias": "b" in model["ln_f"]}
-    return Start(kind, config, hparams, params, dataset_dir, splits, frozen, base, **saved)
+    config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}}
+    if model is not None:
+        config["bias"] = "b" in model["ln_f"]
+    return Start(kind, config, hparams, params, dataset_dir, splits, {"vocabulary": vocab, **lora}, frozen, **saved)
 
 
-def pretrained_model(init_from, models_dir):
-    """(hparams, params, model folder, tokenizer folder) of the GPT-2 that init_from names (a release is fetched)."""
-    folder, hparams, params = weights.load_model(NANOGPT_NAMES.get(init_from, init_from), models_dir)
+def resumed_state(config, out_dir):
+    """(hparams, params, LoRA's {"frozen", "base", "base_fingerprint"} or {}, the saved loop state, the checkpoint's
+    metadata) of out_dir's checkpoint. LoRA's base is found again (never downloaded: --lora_base points at a moved
+    one) and must be the very model the adapters were trained on."""
+    params, opt_state, meta = outdir.load_checkpoint(out_dir / outdir.CKPT_NAME, lambda p: make_optimizer(config, p))
+    if meta["iter"] >= config["max_iters"] and not config["eval_only"]:
+        raise cli.UsageError(f"{out_dir}'s checkpoint is at iteration {meta['iter']} and max_iters is "
+                             f"{config['max_iters']}: nothing to train; give a larger --max_iters")
+    saved = {"opt_state": opt_state, "iter": meta["iter"], "best_val_loss": meta["best_val_loss"]}
+    if meta["base"] is None:
+        return meta["hparams"], params, {}, saved, meta
+    base = config["lora_base"] or meta["base"]
+    try:
+        _, frozen, folder, _ = pretrained_model(base, config["models_dir"], download=False)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}: the LoRA base of {out_dir}'s adapters is not where it was; give its folder "
+                                f"with --lora_base=FOLDER") from None
+    fingerprint = weights.fingerprint(frozen)
+    if meta["base_fingerprint"] is not None and fingerprint != meta["base_fingerprint"]:
+        raise ValueError(f"{folder} is not the LoRA base that {out_dir}'s adapters were trained on (its weights "
+                         f"differ); give that model with --lora_base=FOLDER")
+    base = str(folder.resolve()) if config["lora_base"] else meta["base"]  # a moved base is found there from now on
+    return meta["hparams"], params, {"frozen": frozen, "base": base, "base_fingerprint": fingerprint}, saved, meta
+
+
+def pretrained_state(config, out_dir):
+    """(hparams, params, LoRA's {"frozen", "base", "base_fingerprint"} or {}, the tokenizer's folder) of the GPT-2
+    that init_from names; with lora_rank, params are fresh adapters of it."""
+    hparams, params, folder, vocab_dir = pretrained_model(config["init_from"], config["models_dir"])
+    if out_dir.resolve() == folder.resolve():
+        raise ValueError(f"out_dir {out_dir} is the folder of the model being finetuned; choose another")
+    if not config["lora_rank"]:  # every weight trains
+        return hparams, params, {}, vocab_dir
+    name = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
+    lora = {"frozen": params, "base": name if name in NANOGPT_NAMES.values() else str(folder.resolve()),
+            "base_fingerprint": weights.fingerprint(params)}
+    adapters = gpt.init_adapters(jax.random.PRNGKey(config["seed"]), params, config["lora_rank"], lora_targets(config))
+    return hparams, adapters, lora, vocab_dir
+
+
+def pretrained_model(init_from, models_dir, download=True):
+    """(hparams, params, model folder, tokenizer folder) of the GPT-2 that init_from names (a release is fetched
+    unless download is false)."""
+    folder, hparams, params = weights.load_model(NANOGPT_NAMES.get(init_from, init_from), models_dir, download=download)
     return hparams, params, folder, weights.tokenizer_folder(folder)
 
 
-def prepare_dataset(config, kind, vocab_dir):  # -> (the prepared dataset's folder, its tokens: "char" or "gpt2")
-    tokens = config["tokens"]
-    if tokens == "auto":
-        tokens = data.NAMED.get(config["dataset"]) or ("char" if kind == "scratch" else "gpt2")
-    return data.prepare(config["dataset"], config["data_dir"], tokens, vocab_dir), tokens
+def check_vocabulary(config, hparams, model_vocab, vocab):
+    """A pretrained or resumed model must train on ids of its own vocabulary (model_vocab: a meta.json's contents)."""
+    if vocab["kind"] != model_vocab["kind"]:
+        hint = " (tiny Shakespeare in GPT-2 tokens: --dataset=shakespeare)" if model_vocab["kind"] == "gpt2" else ""
+        raise ValueError(f"the model reads {model_vocab['kind']} tokens but dataset {config['dataset']} has "
+                         f"{vocab['kind']} tokens: prepare it with --tokens={model_vocab['kind']}{hint}")
+    if vocab["kind"] == "char" and (vocab["chars"] != model_vocab.get("chars", vocab["chars"])
+                                    or len(vocab["chars"]) != hparams["n_vocab"]):
+        raise ValueError(f"dataset {config['dataset']} has another character vocabulary than the model being "
+                         f"resumed: resume on the dataset it was trained on")
 
 
-def check_vocabulary(config, model_tokens, vocab, out_dir):
-    """A pretrained or resumed model must train on ids of its own vocabulary."""
-    if vocab["kind"] != model_tokens:
-        raise ValueError(f"the model reads {model_tokens} tokens but dataset {config['dataset']} has {vocab['kind']} "
-                         f"tokens: prepare it with --tokens={model_tokens}")
-    if model_tokens == "char" and (out_dir / "meta.json").is_file():
-        chars = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))["chars"]
-        if chars != vocab["chars"]:
-            raise ValueError(f"dataset {config['dataset']} has another character vocabulary than the model in "
-                             f"{out_dir}: resume on the dataset it was trained on")
+def legacy_vocabulary(out_dir, tokens):  # a checkpoint from before checkpoints named their vocabulary
+    if tokens == "char" and (out_dir / "meta.json").is_file():
+        return json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+    return {"kind": tokens}  # its width is still checked against the model's (check_vocabulary)
 
 
 def scratch_hparams(config, n_vocab):  # the shape of a model trained from scratch
@@ -411,8 +451,11 @@ def scratch_hparams(config, n_vocab):  # the shape of a model trained from scrat
 
 
 def init_params(config, hparams):  # gpt.py's initialisation, as one compiled program (not dozens of small ones)
-    init = jax.jit(lambda key: gpt.init_params(key, hparams))
-    params = init(jax.random.PRNGKey(config["seed"]))
+    return jax.jit(partial(new_params, config, hparams))(jax.random.PRNGKey(config["seed"]))
+
+
+def new_params(config, hparams, key):  # a new model's params; bias=False: without biases
+    params = gpt.init_params(key, hparams)
     return params if config["bias"] else drop_biases(params)
 
 
@@ -444,13 +487,19 @@ def training(start, writes):
     mesh = Mesh(np.array(jax.devices()), ("data",))
     if B % jax.device_count():
         raise ValueError(f"batch_size {B} must be a multiple of the {jax.device_count()} devices")
-    optimizer = make_optimizer(config, start.params)
-    params = jax.device_put(start.params, tree_shardings(mesh, start.params, config["fsdp"]))
+    # a new model's shapes only: it is made once the plan says it fits (an XL-sized one takes minutes and GBs)
+    abstract = start.params
+    if abstract is None:
+        abstract = jax.eval_shape(partial(new_params, config, hparams), jax.random.PRNGKey(0))
+    shardings = tree_shardings(mesh, abstract, config["fsdp"])
+    optimizer = make_optimizer(config, abstract)
     if frozen is not None:
         frozen = jax.device_put(frozen, tree_shardings(mesh, frozen, config["fsdp"]))
     # the step compiled, and XLA's plan for its memory checked against the device, before the optimizer state exists
-    step, plan, opt_shardings = compiled_step(config, optimizer, hparams["n_head"], mesh, params, frozen)
+    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    step, plan, opt_shardings = compiled_step(config, optimizer, hparams["n_head"], mesh, placed, frozen)
     check_memory(plan, config)
+    params = jax.device_put(start.params if start.params is not None else init_params(config, hparams), shardings)
     if show and not config["eval_only"]:
         print(f"memory: {describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
     evaluate = jax.jit(partial(eval_loss, n_head=hparams["n_head"], dtype=compute_dtype(config), scale=scale))
@@ -476,13 +525,13 @@ def training(start, writes):
                     progress.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
                     if not all(map(math.isfinite, estimate.values())):
                         raise FloatingPointError(f"the estimated loss is not finite at iteration {it}: training "
-                                                 f"stopped and nothing was saved (the last good checkpoint is in "
-                                                 f"{out_dir}); lower learning_rate")
+                                                 f"stopped and nothing was saved ({last_checkpoint(out_dir)}); lower "
+                                                 f"learning_rate")
                     if writes:  # before the checkpoint: a resume drops the records after its checkpoint
                         outdir.append_metrics(out_dir, history[-1])
                     if config["eval_only"]:
                         break
-                    if it > start.iter:
+                    if it > start.iter or it == max_iters:  # max_iters=0: the model as it starts
                         improved = estimate["val"] < best_val_loss
                         best_val_loss = min(best_val_loss, estimate["val"])
                         save(start, params, opt_state, frozen, it, best_val_loss,
@@ -506,6 +555,12 @@ def training(start, writes):
             save(start, params, opt_state, frozen, it, best_val_loss, False)
             progress.write(f"interrupted at iteration {it}: saved {out_dir / outdir.CKPT_NAME}; continue with "
                            f"--init_from=resume --out_dir={out_dir}")
+        elif stopped:
+            progress.write(f"interrupted at iteration {it}, before any step: nothing to save")
+        elif writes and history:
+            best = min(history, key=lambda record: record["val_loss"])
+            progress.write(f"done: best val loss {best['val_loss']:.4f} at iteration {best['iter']}; the model is in "
+                           f"{out_dir}: python main.py --model_dir {out_dir} --prompt TEXT")
     return {"losses": losses, "evals": history, "iter": it, "interrupted": stopped}
 
 
@@ -558,10 +613,15 @@ def save(start, params, opt_state, frozen, it, best_val_loss, as_model):
     out_dir = Path(start.config["out_dir"])
     if not bool(ready(all_finite(params))):
         raise FloatingPointError(f"the params are not finite at iteration {it}; nothing was saved")
-    outdir.save_checkpoint(out_dir, params, opt_state, it, best_val_loss, start.config, start.hparams, start.base)
+    outdir.save_checkpoint(out_dir, params, opt_state, it, best_val_loss, start.config, start.hparams, start.depends)
     if as_model or not (out_dir / "params.safetensors").is_file():
         model = params if frozen is None else merged(frozen, params, scale=lora_scale(start.config))
         outdir.save_model(out_dir, start.hparams, model)
+
+
+def last_checkpoint(out_dir):  # what a run that stops on an error leaves, in words
+    path = Path(out_dir) / outdir.CKPT_NAME
+    return f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint had been saved yet"
 
 
 @jax.jit
@@ -601,8 +661,8 @@ class Progress:
         loss = float(ready(loss))
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at iteration {it}: training stopped and nothing more was saved "
-                                     f"(the last good checkpoint is in {self.config['out_dir']}); lower "
-                                     f"learning_rate or use float32")
+                                     f"({last_checkpoint(self.config['out_dir'])}); lower learning_rate or use "
+                                     f"float32")
         now = time.perf_counter()
         if self.stretch_start is None:
             self.stretch_start, self.iters = now, 0
@@ -634,7 +694,7 @@ def stop_requests(say, out_dir):
             raise KeyboardInterrupt(f"stopped at once by a second Ctrl-C; nothing was saved (the last checkpoint in "
                                     f"{out_dir} is intact)")
         requested.set()
-        say("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again: stop now, save nothing)")
+        say("Ctrl-C: stopping after this step and saving what it trained (Ctrl-C again: stop now, save nothing)")
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
     previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None

@@ -60,6 +60,7 @@ CONFIG = {
     "lora_rank": (0, "LoRA: finetune rank-r adapters beside the frozen pretrained weights (0: finetune all weights)"),
     "lora_alpha": (16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank"),
     "lora_targets": ("attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", "LoRA: the layers that get adapters"),
+    "lora_base": ("", "LoRA, on resume: the base model's folder if it has moved (it must be the same model)"),
     "lora_base_dtype": ("float32", "LoRA: the dtype the frozen weights are held in (bfloat16 halves them; for "
                                    "GPUs: a float32 step on a CPU widens them all again)"),
     "remat": (False, "gradient checkpointing: recompute each block's activations in the backward pass (less memory, "
@@ -118,6 +119,8 @@ def checked_file_value(name, value, path):  # a value read from a config file ->
         value = float(value)
     if type(value) is not kind:
         raise UsageError(f"{path}: {name} should be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if kind is float and not math.isfinite(value):  # TOML's nan and inf, and 1e400, which JSON reads as inf
+        raise UsageError(f"{path}: {name} takes a finite number, not {value!r}")
     return value
 
 

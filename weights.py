@@ -23,6 +23,7 @@ each file checked for its kind before it is renamed into place; tf_checkpoint.py
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -44,6 +45,7 @@ from tf_checkpoint import bundle_tensor, checkpoint_prefix, parse_proto, read_bu
 MODEL_SIZES = ("124M", "355M", "774M", "1558M")
 RELEASE_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
                  "model.ckpt.meta", "vocab.bpe")
+LOADING_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "encoder.json", "vocab.bpe")
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe", "vocab.json", "merges.txt", "meta.json")
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
 CACHE_NAME = "params.safetensors"
@@ -56,17 +58,32 @@ def base_url():
     return os.environ.get("GPTJAX_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
 
 
+# The most a release file can be, where no other file tells (the data file's size is its index's; the vocabulary's,
+# its shipped copy's): a server streaming more is stopped there. 1558M's index is ~25 KB and its graph ~2 MB.
+RELEASE_FILE_BYTES = {"checkpoint": 4096, "hparams.json": 4096, "model.ckpt.index": 1 << 20,
+                      "model.ckpt.meta": 64 << 20}
+
+
+def release_file_limit(folder, name):  # -> the most bytes release file `name` can have
+    if name in encoder.GPT2_FILES:
+        return (encoder.GPT2_VOCAB / name).stat().st_size
+    if ".data-" in name and (folder / "model.ckpt.index").exists():
+        entries, _ = read_bundle_index(folder / "model.ckpt.index")
+        return max(e["offset"] + e["size"] for e in entries.values())
+    return RELEASE_FILE_BYTES.get(name)
+
+
 def release_file_check(folder, name):
     """What a file of OpenAI's release must look like before it is renamed into place -> check(path), raising
-    ValueError: JSON that parses, the vocabulary's header, a tensor bundle's index table, data of the length that
-    the index gives."""
+    ValueError: GPT-2's vocabulary byte for byte (every release has the same, shipped in vocab/), JSON that parses,
+    a tensor bundle's index table, data of the length that the index gives."""
     def check(path):
-        if name.endswith(".json"):
+        if name in encoder.GPT2_FILES:
+            if path.read_bytes() != (encoder.GPT2_VOCAB / name).read_bytes():
+                raise ValueError(f"it differs from GPT-2's {name}, which every release shares (vocab/{name})")
+        elif name.endswith(".json"):
             if not isinstance(json.loads(path.read_bytes()), dict):
                 raise ValueError("not a JSON object")
-        elif name == "vocab.bpe":
-            if not path.read_bytes()[:64].startswith(b"#version"):
-                raise ValueError("no '#version' header")
         elif name == "checkpoint":
             if b"model_checkpoint_path" not in path.read_bytes()[:4096]:
                 raise ValueError("no model_checkpoint_path")
@@ -99,7 +116,7 @@ def download_release(model_type, folder, names=RELEASE_FILES):
                 continue
             url = f"{base_url()}/models/{model_type}/{name}"
             try:
-                download(url, folder / name, release_file_check(folder, name))
+                download(url, folder / name, release_file_check(folder, name), release_file_limit(folder, name))
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{e}: is {model_type!r} one of the releases {', '.join(MODEL_SIZES)}, and "
                                         f"is GPTJAX_BASE_URL (if set) right?") from None
@@ -357,6 +374,16 @@ def cache_is_current(cache, stamp):
     return metadata.get("format") == CACHE_FORMAT and metadata.get("sources") == stamp
 
 
+def fingerprint(params):
+    """A hash of the params' values (float32, in name order): tells one model from another of the same shape, as a
+    LoRA checkpoint must of its base. ~1 GB/s: 0.5 s for 124M, 6 s for 1558M."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, x in sorted(flatten(params).items()):
+        digest.update(name.encode())
+        digest.update(memoryview(np.ascontiguousarray(x)).cast("B"))
+    return digest.hexdigest()
+
+
 def to_device(array, dtype):  # np.float32 -> jax array of dtype (float32 when None)
     # Waiting for the copy lets the host buffer go before the next tensor is read: without it the copies queue up and
     # the host holds up to a second copy of the weights.
@@ -428,14 +455,21 @@ def save_params(model_dir, hparams, params):
     write_safetensors(folder / CACHE_NAME, flatten(params), {"format": CACHE_FORMAT, "hparams": json.dumps(hparams)})
 
 
-def model_folder(model, models_dir):  # a release size (downloaded when incomplete) or a path -> folder
+def model_folder(model, models_dir, download=True):
+    """A release size (fetched when it lacks a file that loading needs, unless download is false) or a path -> the
+    model's folder."""
     model = str(model)
     if os.path.isdir(model) or os.sep in model or "/" in model:
         return Path(model)
     if model not in MODEL_SIZES:
         raise ValueError(f"unknown model {model!r}: give a GPT-2 size ({', '.join(MODEL_SIZES)}) or a model folder")
-    download_release(model, Path(models_dir) / model)
-    return Path(models_dir) / model
+    folder = Path(models_dir) / model
+    missing = [name for name in LOADING_FILES if not (folder / name).exists()]
+    if missing and not download:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} of release {model}")
+    if missing:  # the whole release, as OpenAI publishes it; checkpoint and model.ckpt.meta alone are not needed
+        download_release(model, folder)
+    return folder
 
 
 def tokenizer_folder(folder):
@@ -445,10 +479,11 @@ def tokenizer_folder(folder):
     return encoder.GPT2_VOCAB
 
 
-def load_model(model, models_dir="models", dtype=None):
-    """(folder, hparams, params) of model: a GPT-2 release size, downloaded into models_dir/<size> when incomplete,
-    or a model folder (see the module docstring). params are jax arrays of dtype (float32 by default)."""
-    folder = model_folder(model, models_dir)
+def load_model(model, models_dir="models", dtype=None, download=True):
+    """(folder, hparams, params) of model: a GPT-2 release size, downloaded into models_dir/<size> when incomplete
+    (unless download is false), or a model folder (see the module docstring). params are jax arrays of dtype (float32
+    by default)."""
+    folder = model_folder(model, models_dir, download)
     try:
         hparams, params = load_hparams_and_params(folder, dtype)
     except Damaged as e:
