@@ -8,6 +8,7 @@
     python bench.py train --vs_nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python      # ... and by nanoGPT
     python bench.py full_run --vs_nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python   # the default run, whole
     python bench.py finetune                  # finetuning GPT-2 124M / 1558M shapes: planned memory, s/step, peak RSS
+    python bench.py data --sizes_mb 100,1000  # data.py on one text of each size: peak memory, MB/s vs the tokenizer
 
 With no --model_dir the weights are random with GPT-2 124M's shapes (no download). Timings are medians of repeated runs
 after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm. Peers are
@@ -394,6 +395,35 @@ def full_run_table(args):
           f"{losses['nanoGPT']:.4f} | {ours / theirs:.2f} (gptjax / nanoGPT) |")
 
 
+def data_table(args):
+    """python data.py on one text of each size, in a fresh process each: its peak RSS (the whole process, jax's import
+    included) and its speed, beside the tokenizer's own speed on one 8 MB piece of the same text in this process."""
+    rows = []
+    with tempfile.TemporaryDirectory(dir=HERE) as tmp:
+        words = open(data.SHAKESPEARE, encoding="utf-8").read().split()
+        rng = np.random.default_rng(0)
+        piece = " ".join(rng.choice(words, 2_000_000)) + "\n"  # ~11 MB of Shakespeare's words in random order
+        enc = data.gpt2_encoder(data.encoder.GPT2_VOCAB) if args.tokens == "gpt2" else None
+        sample = piece[:8 << 20]
+        t = time.perf_counter()
+        enc.encode_ordinary(sample) if enc else data.char_encoder(sorted(set(sample)))(sample)
+        tokenizer_mb_s = len(sample.encode()) / 1e6 / (time.perf_counter() - t)
+        for size in args.sizes_mb:
+            path = os.path.join(tmp, f"text{size}.txt")
+            with open(path, "w", encoding="utf-8") as f:
+                written = 0
+                while written < size * 1e6:
+                    written += f.write(piece)
+            r = probe_json("data", f"{path},{args.tokens},{tmp}/data")
+            rows.append(f"| {written / 1e6:,.0f} MB | {r['peak_rss_mib']:,.0f} MiB | {r['seconds']:.1f} s | "
+                        f"{written / 1e6 / r['seconds']:.1f} MB/s | {tokenizer_mb_s:.1f} MB/s |")
+            os.unlink(path)
+    print(f"\ndata.py's preparation of one text, --tokens={args.tokens}, {os.cpu_count()} CPUs, each size in a fresh "
+          f"process (its peak RSS includes the imports, jax's among them)")
+    print("| text | peak RSS | time | data.py | tokenizer alone |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
 def compile_probe(spec):
     # "SHAPE,DTYPE", in a fresh process: time the first generation (compile + run) and a second one (run only)
     hparams_name, dtype = spec.split(",")
@@ -412,6 +442,14 @@ def compile_probe(spec):
 
 def compile_time(hparams_name, cache_dir, dtype="float32"):
     return probe_json("compile", f"{hparams_name},{dtype}", GPTJAX_COMPILATION_CACHE=cache_dir)["compile_s"]
+
+
+def data_probe(spec):  # "PATH,TOKENS,DATA_DIR": prepare the text as data.py does; its time and this process's peak
+    path, tokens, data_dir = spec.split(",")
+    t = time.perf_counter()
+    data.prepare(path, data_dir, tokens)
+    seconds = time.perf_counter() - t
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": train.proc_bytes("/proc/self/status", "VmHWM") / 2**20}))
 
 
 def load_probe(model_dir):
@@ -440,6 +478,20 @@ def probe_json(kind, arg, **env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def positive(text):  # an argparse type: a whole number of at least 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number of at least 1, not {text!r}")
+    return value
+
+
+def batch_sizes(text):  # "1,8" -> [1, 8]
+    return [positive(size) for size in text.split(",")]
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = ap.add_subparsers(dest="command", required=True, metavar="{generate,train,full_run,finetune}")
@@ -448,28 +500,32 @@ def parse_args(argv):
                                          "weights")
     gen.add_argument("--vs_hf", action="store_true", help="also run HF transformers (PyTorch) on the same weights")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    gen.add_argument("--batches", default="1,8", help="decode batch sizes, comma separated")
-    gen.add_argument("--n_prompt", type=int, default=10)
-    gen.add_argument("--n_new", type=int, default=64)
-    gen.add_argument("--repeats", type=int, default=5)
+    gen.add_argument("--batches", default="1,8", type=batch_sizes, help="decode batch sizes, comma separated")
+    gen.add_argument("--n_prompt", type=positive, default=10)
+    gen.add_argument("--n_new", type=positive, default=64)
+    gen.add_argument("--repeats", type=positive, default=5)
     gen.add_argument("--skip_compile", action="store_true", help="skip the cold/warm compile-time probes")
     tr = commands.add_parser("train", help="training ms/iter, in turns with the peers")
     tr.add_argument("--vs_hf", action="store_true", help="also train the same models with HF transformers")
     tr.add_argument("--configs", default=",".join(TRAIN_CONFIGS), help="config files to time")
     tr.add_argument("--dtype", help="the compute dtype (default: train.py's auto)")
-    tr.add_argument("--small_iters", type=int, default=30, help="iterations per round, small config")
-    tr.add_argument("--baby_iters", type=int, default=3, help="iterations per round, baby GPT")
+    tr.add_argument("--small_iters", type=positive, default=30, help="iterations per round, small config")
+    tr.add_argument("--baby_iters", type=positive, default=3, help="iterations per round, baby GPT")
     full = commands.add_parser("full_run", help="the default python train.py, start to end, beside nanoGPT's")
     for sub in (tr, full):
         sub.add_argument("--vs_nanogpt", metavar="DIR", required=sub is full,
                          help="also run nanoGPT's train.py from this checkout of karpathy/nanoGPT, unmodified")
         sub.add_argument("--nanogpt_python", default=sys.executable, help="the python (with torch) that runs nanoGPT")
-        sub.add_argument("--rounds", type=int, default=3, help="rounds of timing in turns")
+        sub.add_argument("--rounds", type=positive, default=3, help="rounds of timing in turns")
         sub.add_argument("--data_dir", default="data", help="where tiny Shakespeare is (or is fetched to) for nanoGPT")
+    dat = commands.add_parser("data", help="data.py on one synthetic text of each size: peak RSS and MB/s, beside "
+                                            "the tokenizer's own speed")
+    dat.add_argument("--sizes_mb", default="100,1000", type=batch_sizes, help="text sizes in MB, comma separated")
+    dat.add_argument("--tokens", default="gpt2", choices=["char", "gpt2"])
     commands.add_parser("finetune", help="memory and step time of finetuning GPT-2 124M and 1558M shapes at block "
                                          "1024, with and without remat and LoRA (each in a fresh process)")
     probe = commands.add_parser("probe")  # internal: see "Probes" above
-    probe.add_argument("kind", choices=["compile", "load", "finetune"])
+    probe.add_argument("kind", choices=["compile", "load", "finetune", "data"])
     probe.add_argument("arg")
     args = ap.parse_args(argv)
     if getattr(args, "vs_hf", False) and not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
@@ -487,9 +543,12 @@ def run(args):
     mode = args.kind if args.command == "probe" else args.command
     cli.setup(training=mode in ("train", "full_run", "finetune"))  # as main.py, or as train.py runs its steps
     if args.command == "probe":
-        return {"compile": compile_probe, "load": load_probe, "finetune": finetune_probe}[args.kind](args.arg)
+        probes = {"compile": compile_probe, "load": load_probe, "finetune": finetune_probe, "data": data_probe}
+        return probes[args.kind](args.arg)
     if args.command == "finetune":
         return finetune_table()
+    if args.command == "data":
+        return data_table(args)
     if args.command == "full_run":
         return full_run_table(args)
     if args.command == "train":
@@ -518,7 +577,7 @@ def generate_table(args):
         hf = hf_model(params, hparams) if args.vs_hf else None
 
         floor_tok_s = copy_bandwidth() / weight_bytes_per_token(params)
-        for b in [int(x) for x in args.batches.split(",")]:
+        for b in args.batches:
             ours, our_ids = gptjax_decode(layers, hparams, b, args.n_prompt, args.n_new)
             fns = [ours]
             if hf is not None:

@@ -92,8 +92,12 @@ def initialize_distributed():
     env = os.environ
     if jax.distributed.is_initialized():
         return
-    if "JAX_COORDINATOR_ADDRESS" in env:
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                                   int(env["JAX_PROCESS_ID"]))
-    elif int(env.get("SLURM_NTASKS", 1)) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
-        jax.distributed.initialize()
+    try:
+        if "JAX_COORDINATOR_ADDRESS" in env:
+            jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                                       int(env["JAX_PROCESS_ID"]))
+        elif int(env.get("SLURM_NTASKS", 1)) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
+            jax.distributed.initialize()
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot join the other processes of this launch ({e}): set JAX_COORDINATOR_ADDRESS, "
+                         f"JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run a single process") from None

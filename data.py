@@ -19,11 +19,16 @@ Splits. One text (a file, tiny Shakespeare) is cut at 90% of its characters, tra
 folder of documents sends a fixed, seeded choice of documents (val_fraction of them, at least one) to val. GPT-2
 tokens end every document with <|endoftext|>, as GPT-2 was trained.
 
-Tiny Shakespeare is read from {data_dir}/shakespeare_char/input.txt (or shakespeare/input.txt), downloaded there from
-karpathy/char-rnn when it is in neither place; put it there by hand to work offline. OpenWebText is not downloaded
-(about 40 GB of text and 12 GB of tokens): point --source at a folder of its .txt documents, or at the folder of .xz
-archives that the original release (Skylion007's openwebtext.tar.xz) unpacks to; these are read with the standard
-library, nothing else is needed. GPT-2's vocabulary files are the ones shipped in vocab/ (or --vocab_dir's).
+Tiny Shakespeare is read from {data_dir}/shakespeare_char/input.txt (or shakespeare/input.txt) when one is there,
+else from corpora/tinyshakespeare.txt, which ships with gptjax: no download. OpenWebText is not downloaded (about 40
+GB of text and 12 GB of tokens): point --source at a folder of its .txt documents, or at the folder of .xz archives
+that the original release (Skylion007's openwebtext.tar.xz) unpacks to; these are read with the standard library.
+GPT-2's vocabulary files are the ones shipped in vocab/ (or --vocab_dir's).
+
+Scale. Every text is read in pieces (text_pieces), so memory stays bounded whatever a file's or a document's size; a
+folder's files are encoded by --num_proc worker processes, each into a part file of its own, so that a preparation
+that stops (Ctrl-C, a kill, a worker the system killed: reported, never waited on for ever) goes on from the parts
+already made when run again. --skip_bad leaves out the documents that are not UTF-8.
 
 Batches (get_batch) gather block_size + 1 tokens at a few random offsets from the memmap, so a dataset larger than
 memory trains just as well; only the pages touched are read.
@@ -119,8 +124,12 @@ def read_meta(folder):
         raise FileNotFoundError(f"{path} does not exist: prepare the dataset with `python data.py`") from None
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}): prepare the dataset again") from None
-    if not isinstance(meta, dict) or meta.get("kind") not in TOKENS:
-        raise ValueError(f'{path} should hold {{"kind": "char", "chars": [...]}} or {{"kind": "gpt2"}}')
+    chars = meta.get("chars") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("kind") not in TOKENS or (
+            meta["kind"] == "char" and not (isinstance(chars, list) and chars and all(
+                isinstance(c, str) and len(c) == 1 for c in chars))):
+        raise ValueError(f'{path} should hold {{"kind": "char", "chars": [...]}} or {{"kind": "gpt2"}}: prepare the '
+                         f'dataset again')
     return meta
 
 
@@ -204,7 +213,10 @@ def text_pieces(stream, name):
     decode = codecs.getincrementaldecoder("utf-8")().decode
     carry, offset = "", 0
     while True:
-        raw = stream.read(PIECE_BYTES)
+        try:
+            raw = stream.read(PIECE_BYTES)
+        except (EOFError, lzma.LZMAError, tarfile.TarError, OSError) as e:  # a damaged or cut compressed stream
+            raise ValueError(f"{name} cannot be read ({e}); replace it or remove it") from None
         try:
             text = carry + decode(raw, final=not raw)
         except UnicodeDecodeError as e:

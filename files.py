@@ -34,8 +34,8 @@ def atomic_write(path, mode="wb"):
     failed write (a full disk, say) raises an OSError that names path."""
     path = Path(path)
     tmp = temporary_path(path)
+    refuse_link(path)  # os.replace would not follow it, but a link there stands for someone else's file
     try:
-        refuse_link(path)  # os.replace would not follow it, but a link there means someone else's file
         tmp.unlink(missing_ok=True)  # whatever a dead process of our pid, or anyone, left at this name
         with os.fdopen(open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), mode) as f:
             yield f

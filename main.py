@@ -113,11 +113,13 @@ def generate_texts(encoder, hparams, params, prompts, args, eot_token):
             print(piece, end="", flush=True)
         print()
         return
-    outputs = sampling.generate(params, hparams, ids, args.n_tokens_to_generate, **options)
-    for row, new_ids in enumerate(outputs):
-        if len(outputs) > 1:
-            print(heading(row, len(prompts), args.num_samples))
-        print(encoder.decode(new_ids), flush=True)
+    row = 0
+    for batch in sampling.generate_batches(params, hparams, ids, args.n_tokens_to_generate, **options):
+        for new_ids in batch:  # printed batch by batch: 10,000 samples show as they come, and are not all kept
+            if len(ids) > 1:
+                print(heading(row, len(prompts), args.num_samples))
+            print(encoder.decode(new_ids), flush=True)
+            row += 1
 
 
 def heading(row, n_prompts, n_samples):  # "--- prompt 2, sample 1 ---" above each of several continuations

@@ -155,6 +155,9 @@ def load_checkpoint(path, optimizer_for):
         tensors = safetensors.numpy.load_file(path)
     except Exception as e:  # the package raises its own error types for damaged files
         raise ValueError(f"{path} is damaged ({e}); restore it or train anew") from None
+    with open(path, "rb") as f:
+        _, metadata, _ = weights.safetensors_header(f, path)
+    weights.verify_checksums(path, tensors, metadata)
     flat = {name[len("params/"):]: x for name, x in tensors.items() if name.startswith("params/")}
     check_params_fit(flat, meta["hparams"], path, lora=meta["base"] is not None)
     params = weights.unflatten(flat)

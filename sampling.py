@@ -249,22 +249,27 @@ def cut_finished_rows(rows, finished, eot_token):  # each row's tokens before it
 
 
 def generate(params, hparams, prompts, n_tokens, *, max_rows=None, **options):
-    """generate_stream's chunks joined: a list with the list of new token ids of each prompt. A request of more rows
-    than fit in memory at once (max_rows; by default what BATCH_BYTES allows) runs as several batches, each row with
-    the random stream and padded shapes it has in the whole request, so that the batches give the tokens of one."""
+    """generate_stream's chunks joined: a list with the list of new token ids of each prompt (generate_batches's
+    batches, one after the other)."""
+    return [row for batch in generate_batches(params, hparams, prompts, n_tokens, max_rows=max_rows, **options)
+            for row in batch]
+
+
+def generate_batches(params, hparams, prompts, n_tokens, *, max_rows=None, **options):
+    """-> each batch's rows of new token ids, as it is done. A request of more rows than fit in memory at once
+    (max_rows; by default what BATCH_BYTES allows) runs as several batches, each row with the random stream and
+    padded shapes it has in the whole request, so that the batches give the tokens of one."""
     check_request(hparams, prompts, n_tokens, options.get("greedy", False), options.get("temperature", 1.0),
                   options.get("top_k"), options.get("top_p"))
     shapes = padded_lengths(hparams, prompts, n_tokens)
     max_rows = max_rows or rows_that_fit(hparams, *shapes, params["wte"].dtype.itemsize)
-    rows = []
     for first in range(0, len(prompts), max_rows):
         batch = [[] for _ in prompts[first:first + max_rows]]
         for chunk in generate_stream(params, hparams, prompts[first:first + max_rows], n_tokens, first_row=first,
                                      shapes=shapes, **options):
             for row, tokens in zip(batch, chunk):
                 row.extend(tokens)
-        rows += batch
-    return rows
+        yield batch
 
 
 def padded_lengths(hparams, prompts, n_tokens):  # -> (padded prompt length, KV cache length) of a request

@@ -6,6 +6,7 @@ faults. None of it calls the code under test to make an expected value.
     from testlib import numpy_gpt2, reference_params, ReleaseHandler, write_bundle, ...
 """
 import atexit
+import contextlib
 import http.server
 import json
 import math
@@ -39,12 +40,13 @@ DATA_FILE = "model.ckpt.data-00000-of-00001"
 SCRATCH = pathlib.Path(tempfile.mkdtemp(prefix="gptjax-tests-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 os.environ["GPTJAX_COMPILATION_CACHE"] = str(SCRATCH / "jax-cache")
+os.environ["GPTJAX_CACHE"] = str(SCRATCH / "cache")  # converted weights (weights.cache_path)
 
 
 def scratch_copy(folder):  # a copy of a testdata folder under SCRATCH, made once; tests load copies, not testdata/
     copy = SCRATCH / "testdata" / folder.name
     if not copy.exists():
-        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("params.safetensors", "*.part"))
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.part"))
     return copy
 
 
@@ -204,7 +206,8 @@ class ReleaseHandler(http.server.BaseHTTPRequestHandler):
     """Serves the fixture as release 124M. server.plan maps a URL path to actions used once each, in order: an HTTP
     status to answer with, "cut" (send half the body, then hang up), "ignore_range" (answer 200 with everything),
     "portal" / "portal_as_file" (answer 200 with a captive portal's web page, as text/html / as a binary file),
-    "trickle" (send a byte every 50 ms), "slow" (send the file in 8 pieces over 0.4 s)."""
+    "trickle" (send a byte every 50 ms), "slow" (send the file in 8 pieces over 0.4 s), "endless" (stream 8 MB of
+    zeros with no Content-Length), "wrong_range" (answer a Range request with 206 and the file from byte 0)."""
 
     def do_GET(self):
         self.server.log.append((self.path, self.headers.get("Range")))
@@ -222,9 +225,16 @@ class ReleaseHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(PORTAL_PAGE)
             return
+        if action == "endless":  # bounded all the same: the client must stop long before
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for _ in range(128):
+                    self.wfile.write(bytes(1 << 16))
+            return
         data = source.read_bytes()
         ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "")) if action != "ignore_range" else None
-        start = int(ranged.group(1)) if ranged else 0
+        start = int(ranged.group(1)) if ranged and action != "wrong_range" else 0
         self.send_response(206 if ranged else 200)
         if ranged:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")

@@ -780,7 +780,7 @@ def test_weights_own_layout_is_checked_against_its_hparams(tmp_path):
 
 def test_weights_damaged_release_is_fetched_anew_but_a_users_folder_is_not(tmp_path, release_server):
     folder, _, _ = weights.load_model("124M", tmp_path / "models")
-    (folder / weights.CACHE_NAME).unlink()
+    weights.cache_path(folder).unlink()
     data = bytearray((folder / "model.ckpt.data-00000-of-00001").read_bytes())
     data[100] ^= 1
     (folder / "model.ckpt.data-00000-of-00001").write_bytes(bytes(data))
@@ -819,13 +819,16 @@ def test_weights_hf_without_transformer_prefix_and_in_bfloat16(tmp_path):
 
 def test_weights_cache_is_written_used_and_invalidated(tmp_path, monkeypatch):
     folder = copy_folder(tmp_path, TINY_TF)
-    expected = reference_params()
+    expected, before = reference_params(), folder_state(folder)
     weights.load_hparams_and_params(folder)
-    cached = safetensors.numpy.load_file(folder / "params.safetensors")  # readable by the reference implementation
+    assert folder_state(folder) == before  # the user's folder is left as it was: the cache is gptjax's own
+    cache = weights.cache_path(folder)
+    assert cache.is_file() and str(cache).startswith(os.environ["GPTJAX_CACHE"])
+    cached = safetensors.numpy.load_file(cache)  # readable by the reference implementation
     assert sorted(cached) == sorted(expected)
     for name in expected:
         np.testing.assert_array_equal(cached[name], expected[name])
-    with safetensors.safe_open(folder / "params.safetensors", "np") as f:
+    with safetensors.safe_open(cache, "np") as f:
         assert json.loads(f.metadata()["hparams"]) == EXPECTED["hparams"]
 
     with monkeypatch.context() as m:  # a second load reads the cache only
@@ -842,7 +845,7 @@ def test_weights_cache_is_written_used_and_invalidated(tmp_path, monkeypatch):
 def test_weights_damaged_cache_is_remade(tmp_path):
     folder = copy_folder(tmp_path, TINY_TF)
     weights.load_hparams_and_params(folder)
-    cache = folder / "params.safetensors"
+    cache = weights.cache_path(folder)
     cache.write_bytes(cache.read_bytes()[:-100])
     _, params = weights.load_hparams_and_params(folder)
     assert_params_equal(params, reference_params())
@@ -978,11 +981,11 @@ def test_weights_load_encoder_hparams_and_params_finds_the_vocabulary(tmp_path, 
 
 def test_weights_unwritable_cache_still_loads(tmp_path):
     folder = copy_folder(tmp_path, TINY_TF)
-    (folder / "params.safetensors").mkdir()  # the cache cannot be put in place
+    weights.cache_path(folder).mkdir(parents=True)  # the cache cannot be put in place
     with pytest.warns(UserWarning, match="converted on every load"):
         _, params = weights.load_hparams_and_params(folder)
     assert_params_equal(params, reference_params())
-    assert not list(folder.glob(".*part"))
+    assert not list(weights.cache_path(folder).parent.glob(".*part"))
 
 
 def test_weights_end_to_end_hf_folder_with_gpt2_tokenizer(tmp_path, release_server):
@@ -1035,7 +1038,7 @@ def test_weights_to_hf_writes_what_transformers_writes(tmp_path, capsys):
     # a folder that holds a model is not written over
     assert weights.main(["to_hf", str(TINY_TF), str(dest)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "already holds a model (config.json)" in err
+    assert err.count("\n") == 1 and "already holds config.json" in err
 
 
 def test_weights_to_hf_loads_in_transformers(tmp_path):
@@ -1069,6 +1072,101 @@ def test_weights_to_hf_of_a_trained_char_model_without_biases(train_data_dir, tm
     ids = jnp.array(encoder.encode("ROMEO: O Juliet"))
     np.testing.assert_allclose(gpt.gpt(exported, ids, hparams["n_head"]), gpt.gpt(trained, ids, hparams["n_head"]),
                                atol=1e-5)
+
+
+def test_weights_a_release_vocabulary_must_be_gpt2s(tmp_path, release_server):
+    # a vocab.bpe cut at a line boundary (its header intact, its length what the server says) once changed the
+    # tokenization for good; a reordered encoder.json of valid form too: both differ from the shipped copies
+    bpe = (TINY_TF / "vocab.bpe").read_bytes()
+    cut = tmp_path / "cut.bpe"
+    cut.write_bytes(bpe[:bpe.index(b"\n", len(bpe) // 2) + 1])
+    vocab = json.loads((TINY_TF / "encoder.json").read_text())
+    reordered = tmp_path / "reordered.json"
+    reordered.write_text(json.dumps(dict(zip(vocab, reversed(list(vocab.values()))))))
+    for name, served in (("vocab.bpe", cut), ("encoder.json", reordered)):
+        release_server.files[f"/models/124M/{name}"] = served
+        folder = tmp_path / name / "124M"
+        with pytest.raises(ConnectionError) as e:
+            weights.download_release("124M", folder)
+        assert f"differs from GPT-2's {name}" in one_line_error(e)
+        assert not (folder / name).exists() and not (folder / f"{name}.part").exists()
+        release_server.files[f"/models/124M/{name}"] = TINY_TF / name
+
+
+def test_weights_a_release_file_is_no_larger_than_it_can_be(tmp_path, release_server):
+    # a server streaming on and on into a small file (no Content-Length) is stopped at the file's limit; a 206 whose
+    # Content-Range is not what was asked is not appended; a server that answers 416 to everything is one line
+    for name in ("checkpoint", "hparams.json", "vocab.bpe", "model.ckpt.index"):
+        release_server.plan = {f"/models/124M/{name}": ["endless"]}
+        folder = tmp_path / "endless" / name
+        with pytest.raises(ConnectionError) as e:
+            weights.download_release("124M", folder)
+        message = one_line_error(e)
+        assert "not the file expected" in message and "it can be" in message, message
+        assert not (folder / name).exists() and not (folder / f"{name}.part").exists()
+    folder = tmp_path / "ranges"
+    folder.mkdir()
+    data = (TINY_TF / DATA_FILE).read_bytes()
+    shutil.copy(TINY_TF / "model.ckpt.index", folder / "model.ckpt.index")
+    (folder / f"{DATA_FILE}.part").write_bytes(data[:1000])  # what an earlier attempt kept
+    release_server.plan = {f"/models/124M/{DATA_FILE}": ["wrong_range"]}
+    weights.download_release("124M", folder)
+    assert (folder / DATA_FILE).read_bytes() == data  # started over, not spliced
+    release_server.plan = {"/models/124M/hparams.json": [416] * (download.RETRIES + 1)}
+    with pytest.raises(ConnectionError) as e:
+        weights.download_release("124M", tmp_path / "416")
+    assert "HTTP 416" in one_line_error(e) and "Errno" not in one_line_error(e)
+
+
+def test_weights_are_read_as_given_and_never_written_beside_them(tmp_path, release_server, capsys):
+    # the conversion cache is gptjax's (weights.cache_path): a user's folder is left as it was; NaN weights are
+    # refused; a flipped bit in gptjax's own files is found; a release lacking only what loading does not need
+    # (model.ckpt.meta) loads offline; a folder holding only a training checkpoint says what to do
+    hf = copy_folder(tmp_path, TINY_HF)
+    before = folder_state(hf)
+    assert main.main(["--model_dir", str(hf), "--prompt", PROMPTS[0]["text"], "--greedy",
+                      "--n_tokens_to_generate", "20"]) == 0
+    assert capsys.readouterr().out == PROMPTS[0]["greedy_text"] + "\n" and folder_state(hf) == before
+    tensors = read_safetensors(hf / "model.safetensors")
+    tensors["transformer.h.1.mlp.c_fc.weight"][3, 5] = np.nan
+    safetensors.numpy.save_file(tensors, hf / "model.safetensors", {"format": "pt"})
+    with pytest.raises(ValueError, match="h.1.mlp.c_fc.weight holds NaN or infinite values"):
+        weights.load_hparams_and_params(hf)
+    own = tmp_path / "own"
+    weights.save_params(own, EXPECTED["hparams"], weights.unflatten(reference_params()))
+    blob = bytearray((own / "params.safetensors").read_bytes())
+    blob[-5] ^= 0x01  # one bit of the last tensor (ln_f's)
+    (own / "params.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="fails its checksum"):
+        weights.load_hparams_and_params(own)
+    models = tmp_path / "models"
+    weights.download_release("124M", models / "124M")
+    (models / "124M" / "model.ckpt.meta").unlink()
+    release_server.log.clear()
+    _, params = weights.load_hparams_and_params(weights.model_folder("124M", models))
+    assert not release_server.log
+    only_ckpt = tmp_path / "only-ckpt"
+    only_ckpt.mkdir()
+    (only_ckpt / "ckpt.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="holds a training checkpoint .* --init_from=resume"):
+        weights.load_hparams_and_params(only_ckpt)
+
+
+def test_weights_to_hf_writes_only_a_new_model(tmp_path, capsys):
+    dest = tmp_path / "hf"
+    dest.mkdir()
+    (dest / "tokenizer_config.json").write_text("a user's own")
+    assert weights.main(["to_hf", str(TINY_TF), str(dest)]) == 2
+    assert "already holds tokenizer_config.json" in capsys.readouterr().err
+    assert (dest / "tokenizer_config.json").read_text() == "a user's own"
+    assert weights.main(["to_hf", str(TINY_TF), ""]) == 2
+    assert "the destination is empty" in capsys.readouterr().err
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "new" / f".model.safetensors.{int(dead.stdout)}.part"  # what a killed export left
+    stale.parent.mkdir()
+    stale.write_bytes(b"x" * 1000)
+    assert weights.main(["to_hf", str(TINY_TF), str(tmp_path / "new")]) == 0
+    assert not stale.exists()
 
 
 # ==================== sampling ========================================================================================
@@ -1988,8 +2086,12 @@ def test_train_checkpoint_survives_a_crash_mid_write(train_data_dir, tmp_path, m
     good = (out / "ckpt.safetensors").read_bytes()
     good_model = (out / "params.safetensors").read_bytes()
 
-    def disk_full(fd):  # the bytes were written but cannot reach the disk
-        raise OSError(28, "No space left on device")
+    fsync = os.fsync
+
+    def disk_full(fd):  # the checkpoint's bytes were written but cannot reach the disk
+        if "ckpt.safetensors" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        return fsync(fd)
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match=f"cannot write {re.escape(str(out / 'ckpt.safetensors'))}: No space left on "
                                       f"device \\(its previous version is intact\\)"):
@@ -2417,6 +2519,94 @@ def test_train_an_unwritable_out_dir_fails_at_start(train_data_dir, tmp_path, mo
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(f"error: cannot write {out / outdir.MARKER}: Read-only file system"), err
     assert err.count("\n") == 1
+
+
+def test_train_metrics_are_not_recorded_twice_after_a_crash(train_data_dir, tmp_path, monkeypatch):
+    # killed between an evaluation's metrics line and its checkpoint: the resumed run repeats that evaluation, and
+    # metrics.jsonl holds it once; a checkpoint with a flipped bit is refused
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    save_checkpoint = outdir.save_checkpoint
+
+    def crash_at_4(out_dir, params, opt_state, it, *args):
+        if it == 4:
+            raise OSError(5, "the machine went down")
+        return save_checkpoint(out_dir, params, opt_state, it, *args)
+    monkeypatch.setattr(outdir, "save_checkpoint", crash_at_4)
+    with pytest.raises(OSError):
+        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
+    monkeypatch.undo()
+    assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 2, 4]
+    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
+    assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 2, 4, 6]
+    blob = bytearray((out / "ckpt.safetensors").read_bytes())
+    blob[-3] ^= 0x10
+    (out / "ckpt.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="fails its checksum"):
+        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 8})
+
+
+def test_misuse_gets_one_line_not_a_traceback(train_data_dir, tmp_path, monkeypatch, capsys):
+    # a GPT-2-token folder given by name trains from scratch in its own vocabulary (it once raised KeyError 'chars')
+    data.prepare(str(SHAKESPEARE), tmp_path / "data", "gpt2")
+    result = train.train(run_config(tmp_path / "data", tmp_path / "gpt2-scratch", dataset="tinyshakespeare_gpt2",
+                                    max_iters=1, eval_interval=1))
+    assert result["iter"] == 1 and weights.load_hparams_and_params(tmp_path / "gpt2-scratch")[0]["n_vocab"] == 50257
+    cases = []
+    broken = tmp_path / "data" / "broken"
+    shutil.copytree(train_data_dir / "shakespeare_char", broken)
+    (broken / "meta.json").write_text('{"kind": "char"}')
+    cases.append(([f"--data_dir={tmp_path / 'data'}", "--dataset=broken"], 1, 'should hold {"kind": "char"'))
+    listed = copy_folder(tmp_path, TINY_TF)
+    (listed / "hparams.json").write_text("[1, 2]")
+    cases.append(([f"--init_from={listed}", f"--data_dir={train_data_dir}"], 1, "should hold a JSON object, not a"))
+    cases.append(([f"--init_from={TINY_TF}", f"--data_dir={train_data_dir}"], 1, "--dataset=shakespeare"))
+    (tmp_path / "train_shakespeare_char.py").write_text("n_layer = 6\n")
+    cases.append(([str(tmp_path / "train_shakespeare_char.py")], 2, "configs/shakespeare_char.toml"))
+    for args, code, words in cases:
+        assert train.main([*args, f"--out_dir={tmp_path / 'o'}", "--max_iters=1", "--overwrite"]) == code, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and words in err[-1] and "Traceback" not in "".join(err), (args, err)
+    # Ctrl-C in main.py and weights.py: one line, exit 130
+    monkeypatch.setattr(weights, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main.main(["--model_dir", str(TINY["tf"]), "--prompt", "a"]) == 130
+    assert weights.main(["to_hf", str(TINY["tf"]), str(tmp_path / "hf")]) == 130
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n" * 2
+    # data.py: a cut .tar.xz and an empty split are one line or a summary, not a traceback
+    docs = tmp_path / "docs"
+    write_documents(docs, 3, words=2000)
+    with tarfile.open(tmp_path / "cut.tar.xz", "w:xz") as archive:
+        archive.add(docs, arcname="docs")
+    blob = (tmp_path / "cut.tar.xz").read_bytes()
+    (docs / "cut.tar.xz").write_bytes(blob[:len(blob) // 2])
+    assert data.main([str(docs), f"--data_dir={tmp_path / 'd'}", "--num_proc=1"]) == 1
+    assert "cut.tar.xz" in capsys.readouterr().err
+    # bench.py's values are checked by argparse: exit 2, one line of error
+    for args in (["generate", "--repeats", "0"], ["generate", "--batches", "1,x"], ["train", "--rounds", "-1"]):
+        proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args], capture_output=True, text=True,
+                              cwd=HERE, timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "at least 1" in proc.stderr, args
+
+
+def test_main_many_samples_print_as_each_batch_is_done(monkeypatch, capsys):
+    # 7 samples in batches of 2: printed batch by batch, the same tokens as one generate() call
+    hparams, params = weights.load_hparams_and_params(TINY["tf"])
+    prompt = PROMPTS[1]
+    want = sampling.generate(params, hparams, [prompt["ids"]] * 7, 6, seed=5)  # one call, all seven rows
+    monkeypatch.setattr(sampling, "rows_that_fit", lambda *a: 2)
+    batches = []
+    generate_batches = sampling.generate_batches
+
+    def watched(*args, **kwargs):
+        for batch in generate_batches(*args, **kwargs):
+            batches.append((len(batch), capsys.readouterr().out.count("--- sample")))  # printed before the next
+            yield batch
+    monkeypatch.setattr(sampling, "generate_batches", watched)
+    assert main.main(["--model_dir", str(TINY["tf"]), "--prompt", prompt["text"], "--num_samples", "7", "--seed", "5",
+                      "--n_tokens_to_generate", "6"]) == 0
+    assert [n for n, _ in batches] == [2, 2, 2, 1] and [shown for _, shown in batches] == [0, 2, 2, 2]
+    enc = encoder.get_encoder(TINY["tf"])
+    assert capsys.readouterr().out.split("--- sample 7 ---\n")[1] == enc.decode(want[6]) + "\n"
 
 
 # ==================== bench, cli ======================================================================================

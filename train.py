@@ -361,8 +361,9 @@ def starting_point(config, out_dir):
         dataset_dir = data.prepare(config["dataset"], config["data_dir"], tokens, vocab_dir)
     config = {**config, "tokens": tokens}
     vocab = data.read_meta(dataset_dir)
-    if kind == "scratch":
-        hparams = scratch_hparams(config, len(vocab["chars"]) if tokens == "char" else GPT2_VOCAB)
+    if kind == "scratch":  # the vocabulary of the dataset as prepared (a folder given by name has its own)
+        config["tokens"] = vocab["kind"]
+        hparams = scratch_hparams(config, len(vocab["chars"]) if vocab["kind"] == "char" else GPT2_VOCAB)
     else:
         check_vocabulary(config, hparams, model_vocab, vocab)
     if config["block_size"] > hparams["n_ctx"]:

@@ -40,7 +40,7 @@ import encoder
 import files
 from download import download
 from files import Damaged
-from tf_checkpoint import bundle_tensor, checkpoint_prefix, parse_proto, read_bundle_index, read_table
+from tf_checkpoint import bundle_tensor, checkpoint_prefix, crc32c, parse_proto, read_bundle_index, read_table
 
 MODEL_SIZES = ("124M", "355M", "774M", "1558M")
 RELEASE_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
@@ -69,7 +69,7 @@ def release_file_limit(folder, name):  # -> the most bytes release file `name` c
         return (encoder.GPT2_VOCAB / name).stat().st_size
     if ".data-" in name and (folder / "model.ckpt.index").exists():
         entries, _ = read_bundle_index(folder / "model.ckpt.index")
-        return max(e["offset"] + e["size"] for e in entries.values())
+        return max((e["offset"] + e["size"] for e in entries.values()), default=0)
     return RELEASE_FILE_BYTES.get(name)
 
 
@@ -91,7 +91,7 @@ def release_file_check(folder, name):
             read_table(path.read_bytes())
         elif ".data-" in name and (folder / "model.ckpt.index").exists():
             entries, _ = read_bundle_index(folder / "model.ckpt.index")
-            end = max(e["offset"] + e["size"] for e in entries.values())
+            end = max((e["offset"] + e["size"] for e in entries.values()), default=0)
             if path.stat().st_size != end:
                 raise ValueError(f"{path.stat().st_size:,} bytes where the index gives {end:,}")
         elif name.endswith(".meta"):
@@ -156,6 +156,8 @@ def stack_params(hparams, read):
 def checked_shape(array, path, name, shape):  # a source tensor reshaped to shape; TF's matrices have a leading 1
     if array.shape[array.ndim - len(shape):] != shape or array.size != int(np.prod(shape)):
         raise ValueError(f"{path}: tensor {name} has shape {list(array.shape)} where the hparams give {list(shape)}")
+    if not np.isfinite(array).all():  # a model that would generate "!!!!!!!!" for ever
+        raise ValueError(f"{path}: tensor {name} holds NaN or infinite values: these weights cannot be used")
     return array.reshape(shape)
 
 
@@ -259,7 +261,7 @@ def safetensors_header(f, path):  # -> ({name: {dtype, shape, data_offsets}}, me
     return header, metadata, 8 + length
 
 
-def safetensor(f, path, start, info):  # one tensor -> float32 array (no copy when it is stored as float32)
+def safetensor(f, path, start, info, crc=None):  # one tensor -> float32 array (no copy when stored as float32)
     if info["dtype"] not in SAFETENSORS_DTYPES:
         raise ValueError(f"{path}: tensors of dtype {info['dtype']} are not supported (use F32, F16, BF16 or F64)")
     begin, end = info["data_offsets"]
@@ -267,6 +269,8 @@ def safetensor(f, path, start, info):  # one tensor -> float32 array (no copy wh
     f.seek(start + begin)
     if f.readinto(buf) != end - begin:
         raise Damaged(path, "truncated")
+    if crc is not None and crc32c(buf) != crc:  # gptjax's own files carry a checksum per tensor
+        raise Damaged(path, "a tensor fails its checksum")
     return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).astype(np.float32, copy=False)
 
 
@@ -277,7 +281,10 @@ def empty_aligned(nbytes):  # [nbytes] uint8 at a 64-byte boundary, which lets j
 
 
 def write_safetensors(path, tensors, metadata):  # {name: numpy array}, {str: str} -> path, atomically
-    # each array keeps its dtype (float32 params, int32 counters); files.atomic_write: a crash leaves path as it was
+    # each array keeps its dtype (float32 params, int32 counters); files.atomic_write: a crash leaves path as it was;
+    # the metadata's "crc32c" holds each tensor's checksum (google-crc32c: ~12 GB/s), which gptjax's readers verify
+    tensors = {name: np.asarray(array, order="C") for name, array in tensors.items()}  # 0-d stays 0-d
+    metadata = {**metadata, "crc32c": json.dumps({name: crc32c(array) for name, array in tensors.items()})}
     dtypes = {np.dtype(d): name for name, d in SAFETENSORS_DTYPES.items()} | {np.dtype("<i4"): "I32",
                                                                              np.dtype("<i8"): "I64"}
     header, offset = {"__metadata__": metadata}, 0
@@ -290,7 +297,20 @@ def write_safetensors(path, tensors, metadata):  # {name: numpy array}, {str: st
     with files.atomic_write(path) as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
         for array in tensors.values():
-            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            f.write(memoryview(array).cast("B"))
+
+
+def checksums(path, metadata):  # {tensor name: crc32c} that write_safetensors recorded ({} in others' files)
+    try:
+        return {name: int(crc) for name, crc in json.loads(metadata.get("crc32c", "{}")).items()}
+    except (ValueError, TypeError, AttributeError):
+        raise Damaged(path, "its checksums are unreadable") from None
+
+
+def verify_checksums(path, tensors, metadata):  # tensors read by another reader (safetensors.numpy), checked
+    for name, crc in checksums(path, metadata).items():
+        if name in tensors and crc32c(np.asarray(tensors[name], order="C")) != crc:
+            raise Damaged(path, f"{name} fails its checksum")
 
 
 # ------------------------------------------------------------------------------------------------ model folders
@@ -301,11 +321,14 @@ def require_files(folder, paths):
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}")
 
 
-def read_json(path):
+def read_json(path):  # a JSON object's contents, or a one-line error naming path
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} should hold a JSON object, not a {type(value).__name__}")
+    return value
 
 
 def checked_hparams(hparams, path):
@@ -356,6 +379,10 @@ def model_sources(folder):  # -> (reader, hparams, the files the weights are mad
         if "hparams" not in metadata:
             raise ValueError(f"{folder / CACHE_NAME} has no hparams in its metadata: it was not written by gptjax")
         return None, checked_hparams(json.loads(metadata["hparams"]), folder / CACHE_NAME), [folder / CACHE_NAME]
+    if (folder / "ckpt.safetensors").exists():
+        raise FileNotFoundError(f"{folder} holds a training checkpoint (ckpt.safetensors) but not its model "
+                                f"(params.safetensors): write it with python train.py --init_from=resume "
+                                f"--out_dir={folder} --max_iters=<a larger one>, or restore params.safetensors")
     raise FileNotFoundError(f"{folder} holds no GPT-2 model: expected hparams.json + model.ckpt.index + "
                             f"model.ckpt.data-00000-of-00001 (OpenAI's layout) or config.json + model.safetensors "
                             f"(Hugging Face's) or params.safetensors (gptjax's)")
@@ -411,7 +438,8 @@ def read_params(path, hparams, dtype=None):
     that hparams give (train.py's models may have no biases)."""
     shapes = param_shapes(hparams)
     with open(path, "rb") as f:
-        tensors, _, start = safetensors_header(f, path)
+        tensors, metadata, start = safetensors_header(f, path)
+        crcs = checksums(path, metadata)
         for name, info in tensors.items():
             if name not in shapes:
                 raise Damaged(path, f"it holds {name}, which is no GPT-2 weight")
@@ -420,21 +448,34 @@ def read_params(path, hparams, dtype=None):
         missing = [name for name in shapes if name not in tensors and not name.endswith("/b")]
         if missing:
             raise Damaged(path, f"it lacks {missing[0]}")
-        return unflatten({name: to_device(safetensor(f, path, start, info), dtype) for name, info in tensors.items()})
+        return unflatten({name: to_device(safetensor(f, path, start, info, crcs.get(name)), dtype)
+                          for name, info in tensors.items()})
+
+
+def cache_path(folder):
+    """Where the converted weights of an OpenAI or HF folder are kept: in gptjax's own cache ($GPTJAX_CACHE, else
+    ~/.cache/gptjax), keyed by the folder's absolute path, never in the folder (a user's, maybe shared or read-only:
+    the cache is the model's size, 6 GB for 1558M). The cache records its sources' sizes and times (sources_stamp)."""
+    root = Path(os.environ.get("GPTJAX_CACHE") or Path.home() / ".cache" / "gptjax") / "converted"
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return root / f"{folder.resolve().name}-{key}" / CACHE_NAME
 
 
 def load_hparams_and_params(model_dir, dtype=None):
-    """hparams and params (jax arrays of dtype, float32 by default) of the model in folder model_dir, in OpenAI's or
-    Hugging Face's layout. Converts and caches the weights as model_dir/params.safetensors on the first call."""
+    """hparams and params (jax arrays of dtype, float32 by default) of the model in folder model_dir: OpenAI's or
+    Hugging Face's layout, converted on the first load and then read from gptjax's cache (cache_path), or gptjax's
+    own (params.safetensors), read as it is."""
     folder = Path(model_dir)
     read_source, hparams, sources = model_sources(folder)
-    cache, stamp = folder / CACHE_NAME, sources_stamp(sources)
+    cache = folder / CACHE_NAME if read_source is None else cache_path(folder)
+    stamp = sources_stamp(sources)
     if read_source is not None and not cache_is_current(cache, stamp):
-        files.remove_stale_temporaries(folder)  # what a load killed while writing its cache left behind
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        files.remove_stale_temporaries(cache.parent)  # what a load killed while writing its cache left behind
         flat = read_source(folder, hparams)
         try:
             write_safetensors(cache, flat, {"format": CACHE_FORMAT, "hparams": json.dumps(hparams), "sources": stamp})
-        except OSError as e:  # a read-only folder, a full disk: the model still loads, converted anew each time
+        except OSError as e:  # a read-only cache, a full disk: the model still loads, converted anew each time
             warnings.warn(f"{e.strerror or e}; the weights will be converted on every load", stacklevel=2)
             return hparams, unflatten({name: to_device(x, dtype) for name, x in flat.items()})
         del flat  # read the cache back rather than convert these: one copy of the weights in memory, not two
@@ -504,6 +545,9 @@ def load_encoder_hparams_and_params(model, models_dir="models", dtype=None):
 # [in, out], as gpt.py's), ties lm_head to wte (not stored), and names the vocabulary files vocab.json + merges.txt:
 # the same contents as encoder.json + vocab.bpe.
 
+HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json", "meta.json")
+
+
 def hf_config(hparams, eot_token):  # -> config.json for transformers' GPT2LMHeadModel: GPT-2's architecture
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": hparams["n_vocab"],
             "n_positions": hparams["n_ctx"], "n_embd": hparams["n_embd"], "n_layer": hparams["n_layer"],
@@ -532,11 +576,14 @@ def to_hf(model, dest, models_dir="models"):
     GPT-2 layout: config.json, model.safetensors and, for GPT-2-token models, vocab.json, merges.txt and
     tokenizer_config.json, so that transformers' GPT2LMHeadModel and GPT2TokenizerFast load it.
     -> a note for the user when the vocabulary cannot go with it (a character-level model's has no HF tokenizer)."""
+    if not str(dest).strip():
+        raise cli.UsageError("the destination is empty: give the folder to write the model into")
     dest = Path(dest)
-    model_files = ("config.json", "model.safetensors", CACHE_NAME, "hparams.json")
-    taken = [name for name in model_files if (dest / name).exists()]
+    taken = [name for name in HF_FILES + (CACHE_NAME, "hparams.json") if (dest / name).exists()]
     if taken:
-        raise cli.UsageError(f"{dest} already holds a model ({taken[0]}): give a new folder as the destination")
+        raise cli.UsageError(f"{dest} already holds {taken[0]}: give a new folder as the destination (a model's files "
+                             f"are never written over someone's)")
+    files.remove_stale_temporaries(dest)  # a model-sized temporary left by an export that was killed
     folder, hparams, params = load_model(model, models_dir)
     vocab = tokenizer_folder(folder)
     pair = next((pair for pair in encoder.BPE_FILE_PAIRS if all((vocab / name).is_file() for name in pair)), None)
