@@ -13,7 +13,8 @@ Exit codes, the same for main.py, train.py, data.py, weights.py and bench.py:
     2    bad usage: the command line or a config file asked for something that cannot be done as asked
          (UsageError, and argparse's own errors)
     130  interrupted (Ctrl-C), as a shell reports a process stopped by SIGINT; train.py's first Ctrl-C saves a
-         checkpoint and still exits 130, since the run did not finish
+         checkpoint and still exits 130, since the run did not finish, and likewise 128 + the signal for the
+         SIGTERM (143), SIGUSR1 (138) or SIGHUP (129) of a scheduler
 Every error is printed as one line, "error: ...", on stderr: no traceback.
 """
 import ctypes
@@ -30,6 +31,14 @@ class UsageError(ValueError):
     """The command line or a config file asked for something that cannot be done as asked (exit code 2)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop at once, by a signal (exit code: code, 128 + the signal)."""
+
+    def __init__(self, message, code=INTERRUPTED):
+        super().__init__(message)
+        self.code = code
+
+
 def run(body, argv=None):
     """body(argv) -> exit code (None: 0), with every expected error turned into one line and its exit code."""
     try:
@@ -42,7 +51,7 @@ def run(body, argv=None):
         return FAILED
     except KeyboardInterrupt as e:
         print(f"error: {str(e) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
-        return INTERRUPTED
+        return getattr(e, "code", INTERRUPTED)
 
 
 def setup(training=False):

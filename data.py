@@ -68,8 +68,9 @@ SPLITS = ("train", "val")
 
 # ---------------------------------------------------------------------------------------------------- reading
 
-def is_prepared(folder):
-    return all((Path(folder) / name).is_file() for name in ("train.bin", "val.bin", "meta.json"))
+def is_prepared(folder):  # gptjax's own layout, or a folder of llm.c token shards
+    return all((Path(folder) / name).is_file() for name in ("train.bin", "val.bin", "meta.json")) or \
+        is_shard_folder(folder)
 
 
 def dataset_folder(dataset, data_dir, tokens=None):
@@ -80,8 +81,16 @@ def dataset_folder(dataset, data_dir, tokens=None):
     return Path(data_dir) / f"{Path(dataset).resolve().stem}_{tokens}"
 
 
-def load_split(folder, split, n_vocab=None):  # -> [n_tokens] uint16 memmap, every id < n_vocab (when given)
+def load_split(folder, split, n_vocab=None):
+    """-> the split's tokens: a [n_tokens] uint16 memmap, or the ShardedTokens of an llm.c shard folder; every id
+    checked to be < n_vocab (when given)."""
     path = Path(folder) / f"{split}.bin"
+    if not path.is_file() and shard_paths(folder, split):
+        tokens = ShardedTokens([read_shard(p) for p in shard_paths(folder, split)])
+        if n_vocab is not None:
+            for shard, shard_path in zip(tokens.shards, shard_paths(folder, split)):
+                check_token_ids(shard, n_vocab, shard_path)
+        return tokens
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: prepare the dataset with `python data.py {Path(folder).name}`")
     size = path.stat().st_size
@@ -94,7 +103,7 @@ def load_split(folder, split, n_vocab=None):  # -> [n_tokens] uint16 memmap, eve
     return tokens
 
 
-def check_token_ids(tokens, n_vocab, path):
+def check_token_ids(tokens, n_vocab, path):  # tokens: one memmap
     """Every id must be one of the model's n_vocab: an id past the end would train silently on whatever lies beyond
     (a gather is clamped, not checked). Read in slices: memory stays bounded, ~2 GB/s here."""
     for start in range(0, len(tokens), 1 << 26):
@@ -108,6 +117,8 @@ def prepared_folder(dataset, data_dir, tokens):
     """The folder where dataset was prepared with tokens, which must be complete; nothing is prepared (a resumed
     run reads what its run trained on)."""
     folder = dataset_folder(dataset, data_dir, tokens)
+    if is_shard_folder(dataset):  # llm.c's shards: read where they are
+        return Path(dataset)
     if not is_prepared(folder) and is_prepared(Path(data_dir) / dataset):  # a folder given by name
         folder = Path(data_dir) / dataset
     if not is_prepared(folder):
@@ -118,6 +129,8 @@ def prepared_folder(dataset, data_dir, tokens):
 
 def read_meta(folder):
     path = Path(folder) / "meta.json"
+    if not path.is_file() and is_shard_folder(folder):  # llm.c's shards hold GPT-2 tokens
+        return {"kind": "gpt2"}
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -143,9 +156,87 @@ def batch_starts(n_tokens, block_size, batch_size, seed, it, split):  # -> [batc
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
-def get_batch(data, starts, block_size):  # [n_tokens] memmap, [B] -> x [B, block_size] int32, y: x shifted by one
-    window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)  # reads only these tokens
+def get_batch(data, starts, block_size):  # [n_tokens] tokens, [B] -> x [B, block_size] int32, y: x shifted by one
+    if isinstance(data, ShardedTokens):
+        window = data.windows(starts, block_size + 1)
+    else:
+        window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)  # reads only these tokens
     return window[:, :-1], window[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------- llm.c token shards
+# llm.c's and modded-nanogpt's format (dev/data/data_common.py): a header of 256 little-endian int32 (magic 20240520,
+# version 1, the token count, zeros), then the tokens as uint16. A folder of NAME_train_NNNNNN.bin and
+# NAME_val_NNNNNN.bin shards (FineWeb's, say) is a dataset as it is: memory-mapped in place, never copied or converted.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+SHARD_TOKENS = 100_000_000  # per shard written by write_shards, as llm.c's FineWeb shards
+
+
+def shard_paths(folder, split):
+    return sorted(Path(folder).glob(f"*_{split}_*.bin"))
+
+
+def is_shard_folder(folder):
+    return Path(folder).is_dir() and all(shard_paths(folder, split) for split in SPLITS)
+
+
+def read_shard(path):  # -> [n_tokens] uint16 memmap of one shard's tokens, its header checked
+    header = np.fromfile(path, "<i4", 256)
+    if len(header) < 256 or header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path} is not an llm.c token shard (magic {header[0] if len(header) else None}, not "
+                         f"{SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path} is a version {header[1]} shard; version {SHARD_VERSION} (uint16 GPT-2 tokens) is "
+                         f"read")
+    n_tokens, size = int(header[2]), Path(path).stat().st_size
+    if n_tokens < 1 or size != SHARD_HEADER_BYTES + 2 * n_tokens:
+        raise ValueError(f"{path} holds {size:,} bytes where its header's {n_tokens:,} tokens take "
+                         f"{SHARD_HEADER_BYTES + 2 * max(n_tokens, 0):,}: it is cut or damaged")
+    return np.memmap(path, np.uint16, "r", offset=SHARD_HEADER_BYTES, shape=(n_tokens,))
+
+
+class ShardedTokens:
+    """A split's shards as one sequence of tokens, one shard after the other, read in place: len(), and windows at
+    offsets into the whole (a window may run from one shard into the next)."""
+
+    def __init__(self, shards):
+        self.shards = shards
+        self.ends = np.cumsum([len(shard) for shard in shards])
+
+    def __len__(self):
+        return int(self.ends[-1])
+
+    def windows(self, starts, length):  # [B] offsets -> [B, length] int32
+        out = np.empty((len(starts), length), np.int32)
+        for row, start in enumerate(starts):
+            pos, filled = int(start), 0
+            while filled < length:
+                i = int(np.searchsorted(self.ends, pos, side="right"))
+                offset = pos - (int(self.ends[i - 1]) if i else 0)
+                take = min(length - filled, len(self.shards[i]) - offset)
+                out[row, filled:filled + take] = self.shards[i][offset:offset + take]
+                filled, pos = filled + take, pos + take
+        return out
+
+
+def write_shards(folder, dest, name, shard_tokens=None):
+    """A prepared dataset of GPT-2 tokens -> dest/NAME_{val,train}_NNNNNN.bin in llm.c's format, each shard written
+    atomically, so that llm.c and modded-nanogpt train on gptjax's data (and gptjax on theirs)."""
+    if read_meta(folder)["kind"] != "gpt2":
+        raise ValueError(f"{folder} holds character tokens; llm.c's shards hold GPT-2 tokens: prepare it with "
+                         f"--tokens=gpt2")
+    shard_tokens = shard_tokens or SHARD_TOKENS
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        tokens = load_split(folder, split)
+        for i, start in enumerate(range(0, len(tokens), shard_tokens)):
+            part = np.asarray(tokens[start:start + shard_tokens])
+            header = np.zeros(256, "<i4")
+            header[:3] = SHARD_MAGIC, SHARD_VERSION, len(part)
+            with files.atomic_write(Path(dest) / f"{name}_{split}_{i:06d}.bin") as f:
+                f.write(header.tobytes())
+                f.write(part.astype("<u2").tobytes())
 
 
 # ----------------------------------------------------------------------------------------------------- writing
@@ -281,9 +372,10 @@ def prepare_text(folder, path, tokens, vocab_dir):
     files.remove_stale_temporaries(folder)  # what a preparation killed mid-write left behind
     (folder / "meta.json").unlink(missing_ok=True)  # unfinished until it is written again
     n_chars, chars = 0, set()
-    for piece in single_text(path):
+    for piece in single_text(path):  # the length (for the cut), and for character tokens the vocabulary
         n_chars += len(piece)
-        chars.update(piece)
+        if tokens == "char":
+            chars.update(piece)
     if n_chars < 2:
         raise ValueError(f"{path} has {n_chars} characters: too little to train on")
     if tokens == "char":
@@ -497,6 +589,8 @@ def prepare(dataset, data_dir="data", tokens=None, vocab_dir=None, source=None, 
             return folder
         raise FileNotFoundError(f"no dataset {dataset!r}: give shakespeare_char, shakespeare, openwebtext, a folder "
                                 f"prepared under {data_dir}/, or the path of a text file or folder")
+    if is_shard_folder(path):  # llm.c's token shards: trained on in place
+        return path
     tokens = tokens or "char"
     return prepare_source(dataset_folder(dataset, data_dir, tokens), path, tokens, vocab_dir, num_proc, skip_bad)
 
@@ -525,6 +619,8 @@ def main(argv=None):
                                             "shipped in vocab/)")
     parser.add_argument("--source", help="openwebtext: the folder of its .txt documents or .xz archives")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="processes encoding documents")
+    parser.add_argument("--to_shards", metavar="DIR", help="also write the prepared dataset (GPT-2 tokens) into DIR as "
+                                                            "llm.c token shards")
     parser.add_argument("--skip_bad", action="store_true", help="leave out documents that are not UTF-8 text (they "
                                                                 "are counted) instead of stopping")
     return cli.run(lambda argv: prepare_and_report(parser.parse_args(argv)), argv)
@@ -534,7 +630,11 @@ def prepare_and_report(args):  # python data.py DATASET ...: prepare it and prin
     folder = prepare(args.dataset, args.data_dir, args.tokens, args.vocab_dir, args.source, args.num_proc,
                      args.skip_bad)
     meta = read_meta(folder)
-    sizes = ", ".join(f"{split} {(folder / f'{split}.bin').stat().st_size // 2:,}" for split in SPLITS)
+    if args.to_shards:
+        write_shards(folder, args.to_shards, Path(folder).name)
+        print(f"wrote {args.to_shards}/{Path(folder).name}_{{train,val}}_*.bin (llm.c's token shards)")
+    sizes = ", ".join(f"{split} {len(load_split(folder, split)):,}" if is_shard_folder(folder) else
+                      f"{split} {(folder / f'{split}.bin').stat().st_size // 2:,}" for split in SPLITS)
     vocab = f"{len(meta['chars'])} characters" if meta["kind"] == "char" else "GPT-2 BPE"
     print(f"{folder}: {sizes} tokens ({vocab})")
 

@@ -101,17 +101,18 @@ def clear_previous_run(out_dir):
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams, depends):
+def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams, record):
     """The whole training state -> out_dir/ckpt.safetensors, atomically (a crash or a full disk leaves the previous
-    checkpoint as it was). depends: what the state is only valid with, checked on resume: {"vocabulary": the
-    dataset's meta.json, and with LoRA "base" (a release name or an absolute folder) and "base_fingerprint"}."""
+    checkpoint as it was). record: what the state is valid with, checked on resume, and the run's identity:
+    {"vocabulary": the dataset's meta.json, "run_id": the trackers' run, and with LoRA "base" (a release name or an
+    absolute folder) and "base_fingerprint"}."""
     tensors = {name: host_array(x) for name, x in {**flat_names(params, "params/"),
                                                     **flat_names(opt_state, "opt_state/")}.items()}
     metadata = {"format": CKPT_FORMAT, "iter": str(it), "best_val_loss": repr(best_val_loss),
                 "config": json.dumps(absolute_paths(config)), "hparams": json.dumps(hparams),
-                "vocabulary": json.dumps(depends["vocabulary"], ensure_ascii=False)}
-    if depends.get("base") is not None:  # LoRA: params are adapters of this model
-        metadata["base"], metadata["base_fingerprint"] = depends["base"], depends["base_fingerprint"]
+                "vocabulary": json.dumps(record["vocabulary"], ensure_ascii=False), "run_id": record["run_id"]}
+    if record.get("base") is not None:  # LoRA: params are adapters of this model
+        metadata["base"], metadata["base_fingerprint"] = record["base"], record["base_fingerprint"]
     if jax.process_index() == 0:
         weights.write_safetensors(Path(out_dir) / CKPT_NAME, tensors, metadata)
 
@@ -138,7 +139,7 @@ def read_checkpoint_meta(path):
         meta = {"iter": int(metadata["iter"]), "best_val_loss": float(metadata["best_val_loss"]),
                 "config": json.loads(metadata["config"]), "hparams": json.loads(metadata["hparams"]),
                 "vocabulary": json.loads(metadata.get("vocabulary", "null")), "base": metadata.get("base"),
-                "base_fingerprint": metadata.get("base_fingerprint")}
+                "base_fingerprint": metadata.get("base_fingerprint"), "run_id": metadata.get("run_id")}
         if not isinstance(meta["config"], dict):
             raise TypeError("config is not a table")
         weights.checked_hparams(meta["hparams"], path)
@@ -229,7 +230,8 @@ def write_vocabulary(out_dir, dataset_dir):
     if meta["kind"] == "char":
         contents = {"meta.json": json.dumps({"kind": "char", "chars": meta["chars"]}, ensure_ascii=False).encode()}
     else:
-        contents = {name: (Path(dataset_dir) / name).read_bytes() for name in encoder.GPT2_FILES}
+        source = Path(dataset_dir) if (Path(dataset_dir) / "encoder.json").is_file() else encoder.GPT2_VOCAB  # shards
+        contents = {name: (source / name).read_bytes() for name in encoder.GPT2_FILES}
     for name in VOCABULARY_FILES:
         path = Path(out_dir) / name
         if name not in contents:

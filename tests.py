@@ -8,6 +8,7 @@ sections come first.
 """
 import hashlib
 import http.server
+import importlib.util
 import io
 import json
 import lzma
@@ -2544,6 +2545,210 @@ def test_train_metrics_are_not_recorded_twice_after_a_crash(train_data_dir, tmp_
     (out / "ckpt.safetensors").write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="fails its checksum"):
         train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 8})
+
+
+def test_train_a_schedulers_signal_saves_and_the_resume_is_the_uninterrupted_run(train_data_dir, tmp_path,
+                                                                                monkeypatch, capsys):
+    # SIGTERM (SLURM, Kubernetes, spot machines), SIGUSR1 or SIGHUP: the step finishes, a checkpoint is saved, the
+    # exit code is 128 + the signal; resuming gives the losses of a run that never stopped, bitwise
+    straight = train.train(run_config(train_data_dir, tmp_path / "straight", max_iters=8, eval_interval=8))
+    get_batch = data.get_batch
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        out, calls = tmp_path / signal.Signals(signum).name, []
+
+        def get_batch_then_signal(*args, signum=signum, calls=calls):
+            calls.append(1)
+            if len(calls) == 2 + 4:  # the evaluation's two batches at iteration 0, then iteration 3's batch
+                signal.raise_signal(signum)
+            return get_batch(*args)
+        monkeypatch.setattr(data, "get_batch", get_batch_then_signal)
+        args = [f"--{k}={v}" for k, v in run_config(train_data_dir, out, max_iters=8, eval_interval=8).items()]
+        assert train.main(args) == 128 + signum
+        monkeypatch.undo()
+        captured = capsys.readouterr()
+        assert f"{signal.Signals(signum).name}: stopping after this step" in captured.out
+        assert "continue with --init_from=resume" in captured.out
+        assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 4
+    resumed = train.train({"init_from": "resume", "out_dir": str(tmp_path / "SIGTERM"), "max_iters": 8})
+    assert [resumed["losses"][i] for i in range(4, 8)] == [straight["losses"][i] for i in range(4, 8)]
+    assert resumed["evals"][-1]["val_loss"] == straight["evals"][-1]["val_loss"]
+    # a second signal stops at once, saving nothing, with 128 + that signal
+    calls.clear()
+
+    def get_batch_then_two_signals(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+        return get_batch(*args)
+    monkeypatch.setattr(data, "get_batch", get_batch_then_two_signals)
+    good = (tmp_path / "SIGTERM" / "ckpt.safetensors").read_bytes()
+    assert train.main(["--init_from=resume", f"--out_dir={tmp_path / 'SIGTERM'}", "--max_iters=20"]) == 143
+    assert "stopped at once by a second SIGTERM; nothing was saved" in capsys.readouterr().err
+    assert (tmp_path / "SIGTERM" / "ckpt.safetensors").read_bytes() == good
+
+
+@pytest.mark.slow
+def test_train_processes_agree_on_the_step_a_signal_stops(train_data_dir, tmp_path):
+    # SIGTERM reaches one process of two: both stop at the same step and one whole checkpoint results
+    cwds = [tmp_path / "p0", tmp_path / "p1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    config = run_config(train_data_dir, "out", max_iters=100000, eval_interval=5, checkpoint_interval_minutes=0)
+    procs = train_processes(config, cwds, free_port())
+    deadline = time.monotonic() + 120
+    while not (cwds[0] / "out" / "ckpt.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # the process that does not write
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [143, 143], [err[-2000:] for _, err in outs]
+    meta = outdir.read_checkpoint_meta(cwds[0] / "out" / "ckpt.safetensors")
+    assert meta["iter"] % 5 != 0 or "stopped by SIGTERM" in outs[0][0]
+    assert f"stopped by SIGTERM at iteration {meta['iter']}" in outs[0][0]
+
+
+def test_train_checkpoints_by_time_between_evaluations(train_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    saved, models = [], []
+    save_checkpoint, save_model = outdir.save_checkpoint, outdir.save_model
+    monkeypatch.setattr(outdir, "save_checkpoint", lambda d, p, o, it, *a: (saved.append(it),
+                                                                            save_checkpoint(d, p, o, it, *a)))
+    monkeypatch.setattr(outdir, "save_model", lambda *a: (models.append(len(saved)), save_model(*a)))
+    # every 6 µs, so after each step; evaluations only at the end
+    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6, "eval_interval": 100,
+                 "checkpoint_interval_minutes": 1e-7})
+    assert saved[:3] == [3, 4, 5] and saved[-1] == 6  # by time, then the final evaluation's
+    assert all(at > 3 for at in models)  # params.safetensors (the best model) only from an evaluation
+    saved.clear()
+    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 9, "eval_interval": 100,
+                 "checkpoint_interval_minutes": 0})
+    assert saved == [9]
+
+
+def test_train_auto_resume_continues_this_run_and_refuses_another(train_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    straight = train.train(run_config(train_data_dir, tmp_path / "straight", max_iters=8, eval_interval=4))
+    command = [f"--{k}={v}" for k, v in run_config(train_data_dir, out, eval_interval=4).items()] + ["--auto_resume"]
+    assert train.main([*command, "--max_iters=4"]) == 0  # nothing there: it starts
+    assert train.main([*command, "--max_iters=8"]) == 0  # the same command line, requeued: it continues
+    assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 4, 8]
+    assert outdir.read_metrics(out)[-1]["val_loss"] == straight["evals"][-1]["val_loss"]
+    capsys.readouterr()
+    assert train.main([*command, "--max_iters=12", "--learning_rate=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "is of another run (learning_rate=0.003 there, 0.01 here)" in err and err.count("\n") == 1, err
+
+
+def tensorboard_scalars(logdir, tag):  # (step, value) pairs, read by TensorBoard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def wandb_history(out_dir):  # the history records of every offline W&B run file under out_dir, read back
+    from wandb.proto import wandb_internal_pb2
+    rows, run_ids = [], set()
+    for path in sorted(pathlib.Path(out_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        blob = path.read_bytes()  # a LevelDB-style log after a 7-byte header (":W&B", magic, version)
+        assert blob[:4] == b":W&B"
+        pos, pending = 7, b""
+        while pos + 7 <= len(blob):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is padding
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = int.from_bytes(blob[pos + 4:pos + 6], "little"), blob[pos + 6]
+            pending += blob[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a whole record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                 for item in record.history.item})
+                elif record.WhichOneof("record_type") == "run":
+                    run_ids.add(record.run.run_id)
+    return rows, run_ids
+
+
+def test_train_logs_to_wandb_and_tensorboard_across_a_resume(train_data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    config = run_config(train_data_dir, out, max_iters=4, eval_interval=2, wandb_log=True, tensorboard_log=True,
+                        wandb_run_name="tiny")
+    train.train(config)
+    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
+    metrics = outdir.read_metrics(out)
+    for tag, key in (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("lr", "lr")):
+        assert tensorboard_scalars(out / "tensorboard", tag) == [(r["iter"], pytest.approx(r[key], rel=1e-6))
+                                                                 for r in metrics], tag
+    rows, run_ids = wandb_history(out)
+    assert len(run_ids) == 1  # the resumed run continues the same W&B run
+    assert [(row["_step"], row["val/loss"]) for row in rows] == [(r["iter"], r["val_loss"]) for r in metrics], rows
+    # a tracker that fails mid-run warns once, and training goes on
+    import tensorboardX
+    monkeypatch.setattr(tensorboardX.SummaryWriter, "add_scalar", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
+    result = train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 10, "wandb_log": False})
+    assert result["iter"] == 10 and capsys.readouterr().err.count("warning: tensorboard failed") == 1
+    # asking for a tracker that is not installed fails at start, naming the extra
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    assert train.main([f"--out_dir={tmp_path / 'w'}", f"--data_dir={train_data_dir}", "--wandb_log"]) == 2
+    assert 'wandb_log needs wandb: pip install -e ".[track]"' in capsys.readouterr().err
+
+
+def write_llmc_shard(path, tokens):  # llm.c's dev/data/data_common.py write_datafile, written out independently
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def test_train_on_llmc_token_shards_in_place(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    shards = tmp_path / "fineweb10B"
+    shards.mkdir()
+    pieces = {"train": [rng.integers(0, 50257, n) for n in (3000, 1500, 2500)], "val": [rng.integers(0, 50257, 2000)]}
+    for split, arrays in pieces.items():
+        for i, tokens in enumerate(arrays):
+            write_llmc_shard(shards / f"fineweb_{split}_{i:06d}.bin", tokens)
+    # batches across all shards, read in place: the windows of the shards' concatenation
+    train_tokens = data.load_split(shards, "train", 50257)
+    assert len(train_tokens) == 7000
+    starts = data.batch_starts(len(train_tokens), 64, 50, 1337, 3, "train")
+    whole = np.concatenate(pieces["train"])
+    x, y = data.get_batch(train_tokens, starts, 64)
+    assert np.array_equal(x, whole[starts[:, None] + np.arange(64)]) and np.array_equal(y[:, -1], whole[starts + 64])
+    result = train.train({**TINY_RUN, "dataset": str(shards), "out_dir": str(tmp_path / "out"), "max_iters": 2,
+                          "eval_interval": 2})
+    assert result["iter"] == 2 and sorted(p.name for p in shards.iterdir()) == sorted(
+        f"fineweb_{s}_{i:06d}.bin" for s, arrays in pieces.items() for i in range(len(arrays)))  # nothing added
+    # a damaged header is one line naming the file
+    blob = (shards / "fineweb_train_000001.bin").read_bytes()
+    for bad, words in ((b"\0" * 4 + blob[4:], "is not an llm.c token shard"),
+                       (blob[:4] + b"\2" + blob[5:], "version 2"), (blob[:-10], "it is cut or damaged")):
+        (shards / "fineweb_train_000001.bin").write_bytes(bad)
+        with pytest.raises(ValueError, match=words):
+            data.load_split(shards, "train")
+    (shards / "fineweb_train_000001.bin").write_bytes(blob)
+    # data.py writes gptjax's own datasets as shards, which llm.c's reader (written out here) reads back
+    folder = data.prepare(str(SHAKESPEARE), tmp_path / "data", "gpt2")
+    assert data.main([str(SHAKESPEARE), "--tokens=gpt2", f"--data_dir={tmp_path / 'data'}",
+                      f"--to_shards={tmp_path / 'shards'}"]) == 0
+    for split in data.SPLITS:
+        paths = sorted((tmp_path / "shards").glob(f"*_{split}_*.bin"))
+        read = []
+        for path in paths:
+            header = np.fromfile(path, dtype=np.int32, count=256)
+            assert header[0] == 20240520 and header[1] == 1
+            read.append(np.fromfile(path, dtype=np.uint16, offset=1024))
+            assert len(read[-1]) == header[2]
+        assert np.array_equal(np.concatenate(read), data.load_split(folder, split)), split
 
 
 def test_misuse_gets_one_line_not_a_traceback(train_data_dir, tmp_path, monkeypatch, capsys):

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -64,6 +65,7 @@ import cli
 import data
 import gpt
 import outdir
+import tracking
 import train_config
 import weights
 from train_config import NANOGPT_NAMES, lora_targets
@@ -88,7 +90,7 @@ def command(argv):  # the command line -> exit code (cli.py's convention)
         return cli.OK
     cli.setup(training=True)
     result = run(train_config.resolve_config(train_config.parse_args(argv)))
-    return cli.INTERRUPTED if result["interrupted"] else cli.OK
+    return 128 + result["signal"] if result["signal"] else cli.OK  # stopped by a signal: not finished
 
 
 def train(overrides):
@@ -99,6 +101,7 @@ def train(overrides):
 
 
 def run(config):  # a resolved config -> train()'s result
+    tracking.check_installed(config)
     cli.initialize_distributed()
     if config["eval_only"] and config["init_from"] == "scratch":
         raise cli.UsageError("eval_only evaluates a trained model: add --init_from=resume (out_dir's checkpoint) or "
@@ -334,8 +337,9 @@ class Start:
                               # made (init_params) once the memory plan says it fits
     dataset_dir: Path         # the prepared dataset (data.py)
     splits: dict              # {"train", "val": [n_tokens] uint16 memmap}, ids checked against the vocabulary
-    depends: dict             # what a checkpoint of this run is valid with (outdir.save_checkpoint): the vocabulary,
-                              # and with LoRA the base's name or folder and fingerprint
+    record: dict              # what a checkpoint of this run records besides the state (outdir.save_checkpoint): the
+                              # vocabulary, the trackers' run id, and with LoRA the base's name or folder and
+                              # fingerprint
     frozen: dict | None = None  # LoRA's base model (not trained), else None
     opt_state: object = None  # a resumed run's optimizer state; None: made fresh
     iter: int = 0             # the first iteration to run
@@ -378,7 +382,9 @@ def starting_point(config, out_dir):
     config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}}
     if model is not None:
         config["bias"] = "b" in model["ln_f"]
-    return Start(kind, config, hparams, params, dataset_dir, splits, {"vocabulary": vocab, **lora}, frozen, **saved)
+    run_id = saved.pop("run_id", None) or tracking.new_run_id()
+    record = {"vocabulary": vocab, "run_id": run_id, **lora}
+    return Start(kind, config, hparams, params, dataset_dir, splits, record, frozen, **saved)
 
 
 def resumed_state(config, out_dir):
@@ -389,7 +395,8 @@ def resumed_state(config, out_dir):
     if meta["iter"] >= config["max_iters"] and not config["eval_only"]:
         raise cli.UsageError(f"{out_dir}'s checkpoint is at iteration {meta['iter']} and max_iters is "
                              f"{config['max_iters']}: nothing to train; give a larger --max_iters")
-    saved = {"opt_state": opt_state, "iter": meta["iter"], "best_val_loss": meta["best_val_loss"]}
+    saved = {"opt_state": opt_state, "iter": meta["iter"], "best_val_loss": meta["best_val_loss"],
+             "run_id": meta["run_id"]}
     if meta["base"] is None:
         return meta["hparams"], params, {}, saved, meta
     base = config["lora_base"] or meta["base"]
@@ -476,51 +483,25 @@ def check_splits(splits, dataset_dir, block_size):  # every split must hold at l
 # -------------------------------------------------------------------------------------------------------- the loop
 
 def training(start, writes):
-    """The loop: steps, evaluations, checkpoints, metrics and the progress bar, from a Start; Ctrl-C stops it after a
-    step, with a checkpoint. writes: whether this process writes out_dir's files."""
-    config, hparams, frozen = start.config, start.hparams, start.frozen
+    """The loop: steps, evaluations, checkpoints (at evaluations, every checkpoint_interval_minutes, and when a signal
+    stops it), metrics, trackers and the progress bar, from a Start. writes: whether this process writes out_dir."""
+    config = start.config
     out_dir, max_iters = Path(config["out_dir"]), config["max_iters"]
-    B, T, n_micro = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
-    scale = lora_scale(config) if frozen is not None else None
-    show = jax.process_index() == 0
-
-    # devices, optimizer, compiled functions
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    if B % jax.device_count():
-        raise ValueError(f"batch_size {B} must be a multiple of the {jax.device_count()} devices")
-    # a new model's shapes only: it is made once the plan says it fits (an XL-sized one takes minutes and GBs)
-    abstract = start.params
-    if abstract is None:
-        abstract = jax.eval_shape(partial(new_params, config, hparams), jax.random.PRNGKey(0))
-    shardings = tree_shardings(mesh, abstract, config["fsdp"])
-    optimizer = make_optimizer(config, abstract)
-    if frozen is not None:
-        frozen = jax.device_put(frozen, tree_shardings(mesh, frozen, config["fsdp"]))
-    # the step compiled, and XLA's plan for its memory checked against the device, before the optimizer state exists
-    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    step, plan, opt_shardings = compiled_step(config, optimizer, hparams["n_head"], mesh, placed, frozen)
-    check_memory(plan, config)
-    params = jax.device_put(start.params if start.params is not None else init_params(config, hparams), shardings)
-    if show and not config["eval_only"]:
-        print(f"memory: {describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
-    evaluate = jax.jit(partial(eval_loss, n_head=hparams["n_head"], dtype=compute_dtype(config), scale=scale))
-    opt_state = start.opt_state if start.opt_state is not None else jax.jit(optimizer.init)(params)
-    opt_state = jax.device_put(opt_state, opt_shardings)
-    flops_per_iter = flops_per_token(params if frozen is None else frozen, hparams, T) * B * T * n_micro
+    run, params, opt_state, frozen = compiled_run(start)
     if writes:
         outdir.write_vocabulary(out_dir, start.dataset_dir)
-
     best_val_loss, losses, history, t_start = start.best_val_loss, {}, [], time.perf_counter()
     pending = None  # (iteration, loss still on the device) of the step dispatched last: read one step late, so that
     # the host prepares the next batch while the device computes
-    it, stopped = start.iter, False
-    progress = Progress(config, start.iter, flops_per_iter, plan, show)
-    with progress, stop_requests(progress.write, out_dir) as stop:
+    it, stopped, last_save = start.iter, None, time.monotonic()
+    progress = Progress(config, start.iter, run.flops_per_iter, run.plan, run.show)
+    trackers = tracking.trackers(config, out_dir, start.record["run_id"], start.iter) if writes else []
+    with progress, stop_requests(progress.write, out_dir) as stop, tracking.closing(trackers):
         for it in range(start.iter, max_iters + 1):
             if evaluation_due(it, start):
                 if pending is not None:
                     losses[pending[0]], pending = progress.step_done(*pending), None
-                estimate = estimate_losses(evaluate, params, frozen, start, mesh, it, stop, show)
+                estimate = estimate_losses(run.evaluate, params, frozen, start, run.mesh, it, stop, run.show)
                 if estimate is not None:
                     history.append(metrics_record(it, estimate, config, progress, t_start))
                     progress.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
@@ -530,6 +511,7 @@ def training(start, writes):
                                                  f"learning_rate")
                     if writes:  # before the checkpoint: a resume drops the records after its checkpoint
                         outdir.append_metrics(out_dir, history[-1])
+                        tracking.log(trackers, it, tracked_values(history[-1]))
                     if config["eval_only"]:
                         break
                     if it > start.iter or it == max_iters:  # max_iters=0: the model as it starts
@@ -537,16 +519,23 @@ def training(start, writes):
                         best_val_loss = min(best_val_loss, estimate["val"])
                         save(start, params, opt_state, frozen, it, best_val_loss,
                              improved or config["always_save_checkpoint"])
+                        last_save = time.monotonic()
                     if writes:  # after the checkpoint: a picture must not stand in the way of the state
                         outdir.plot_losses(out_dir)
                 progress.pause()  # the evaluation's time is not the steps'
             if it == max_iters:
                 break
-            if stop.is_set():
-                stopped = True
+            stop_now, checkpoint_now = agreed(stop.is_set(), checkpoint_due(config, last_save) and it > start.iter)
+            if stop_now:
+                stopped = stop.signum or signal.SIGTERM  # another process's signal, agreed on
                 break
-            x, y = device_batches(start.splits["train"], "train", it, n_micro, config, mesh)
-            params, opt_state, loss = step(params, opt_state, x, y, it, frozen)
+            if checkpoint_now:  # by time, between evaluations: a preempted run loses minutes, not an interval
+                save(start, params, opt_state, frozen, it, best_val_loss, False)
+                last_save = time.monotonic()
+                progress.pause()
+            x, y = device_batches(start.splits["train"], "train", it, config["gradient_accumulation_steps"], config,
+                                  run.mesh)
+            params, opt_state, loss = run.step(params, opt_state, x, y, it, frozen)
             if pending is not None:
                 losses[pending[0]] = progress.step_done(*pending)
             pending = (it, loss)
@@ -554,15 +543,76 @@ def training(start, writes):
             losses[pending[0]] = progress.step_done(*pending)
         if stopped and it > start.iter and not config["eval_only"]:
             save(start, params, opt_state, frozen, it, best_val_loss, False)
-            progress.write(f"interrupted at iteration {it}: saved {out_dir / outdir.CKPT_NAME}; continue with "
-                           f"--init_from=resume --out_dir={out_dir}")
+            progress.write(f"stopped by {signal_name(stopped)} at iteration {it}: saved {out_dir / outdir.CKPT_NAME}; "
+                           f"continue with --init_from=resume --out_dir={out_dir}")
         elif stopped:
-            progress.write(f"interrupted at iteration {it}, before any step: nothing to save")
+            progress.write(f"stopped by {signal_name(stopped)} at iteration {it}, before any step: nothing to save")
         elif writes and history:
             best = min(history, key=lambda record: record["val_loss"])
             progress.write(f"done: best val loss {best['val_loss']:.4f} at iteration {best['iter']}; the model is in "
                            f"{out_dir}: python main.py --model_dir {out_dir} --prompt TEXT")
-    return {"losses": losses, "evals": history, "iter": it, "interrupted": stopped}
+    return {"losses": losses, "evals": history, "iter": it, "interrupted": stopped is not None, "signal": stopped}
+
+
+@dataclass
+class CompiledRun:
+    """What the loop runs on: the devices and the compiled functions."""
+    mesh: Mesh            # all devices, one axis "data"
+    step: object          # train_step, compiled (params and optimizer state donated)
+    evaluate: object      # eval_loss, jitted
+    plan: dict            # XLA's memory plan for the step (memory_plan)
+    flops_per_iter: float  # the model's flops per iteration, for MFU
+    show: bool            # whether this process shows progress (process 0)
+
+
+def compiled_run(start):
+    """-> (CompiledRun, params, optimizer state, LoRA's frozen base) on the devices. The step is compiled and its
+    memory plan checked before the optimizer state exists, and before a new model is made (an XL-sized one takes
+    minutes and GBs): until then only its shapes are used."""
+    config, hparams, frozen = start.config, start.hparams, start.frozen
+    B, T, n_micro = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    if B % jax.device_count():
+        raise ValueError(f"batch_size {B} must be a multiple of the {jax.device_count()} devices")
+    abstract = start.params
+    if abstract is None:
+        abstract = jax.eval_shape(partial(new_params, config, hparams), jax.random.PRNGKey(0))
+    shardings = tree_shardings(mesh, abstract, config["fsdp"])
+    optimizer = make_optimizer(config, abstract)
+    if frozen is not None:
+        frozen = jax.device_put(frozen, tree_shardings(mesh, frozen, config["fsdp"]))
+    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    step, plan, opt_shardings = compiled_step(config, optimizer, hparams["n_head"], mesh, placed, frozen)
+    check_memory(plan, config)
+    params = jax.device_put(start.params if start.params is not None else init_params(config, hparams), shardings)
+    show = jax.process_index() == 0
+    if show and not config["eval_only"]:
+        print(f"memory: {describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
+    scale = lora_scale(config) if frozen is not None else None
+    evaluate = jax.jit(partial(eval_loss, n_head=hparams["n_head"], dtype=compute_dtype(config), scale=scale))
+    opt_state = start.opt_state if start.opt_state is not None else jax.jit(optimizer.init)(params)
+    opt_state = jax.device_put(opt_state, opt_shardings)
+    flops_per_iter = flops_per_token(params if frozen is None else frozen, hparams, T) * B * T * n_micro
+    return CompiledRun(mesh, step, evaluate, plan, flops_per_iter, show), params, opt_state, frozen
+
+
+def checkpoint_due(config, last_save):  # checkpoint_interval_minutes have passed since the last checkpoint
+    minutes = config["checkpoint_interval_minutes"]
+    return bool(minutes) and time.monotonic() - last_save >= 60 * minutes
+
+
+def agreed(*flags):
+    """Each flag ORed over all processes, so that every process stops (or checkpoints) at the same step: a signal or
+    a clock reaches processes at different times. One small all-gather per step, in a run of several processes."""
+    if jax.process_count() == 1:
+        return flags
+    gathered = multihost_utils.process_allgather(np.array(flags, np.int32))
+    return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(flags)).max(axis=0))
+
+
+def tracked_values(record):  # a metrics.jsonl record -> what the trackers chart, under nanoGPT's W&B names
+    return {"train/loss": record["train_loss"], "val/loss": record["val_loss"], "lr": record["lr"],
+            "tokens_per_s": record["tokens_per_s"], "mfu": record["mfu"], "peak_memory_gb": record["peak_memory_gb"]}
 
 
 def evaluation_due(it, start):
@@ -614,7 +664,7 @@ def save(start, params, opt_state, frozen, it, best_val_loss, as_model):
     out_dir = Path(start.config["out_dir"])
     if not bool(ready(all_finite(params))):
         raise FloatingPointError(f"the params are not finite at iteration {it}; nothing was saved")
-    outdir.save_checkpoint(out_dir, params, opt_state, it, best_val_loss, start.config, start.hparams, start.depends)
+    outdir.save_checkpoint(out_dir, params, opt_state, it, best_val_loss, start.config, start.hparams, start.record)
     if as_model or not (out_dir / "params.safetensors").is_file():
         model = params if frozen is None else merged(frozen, params, scale=lora_scale(start.config))
         outdir.save_model(out_dir, start.hparams, model)
@@ -684,26 +734,45 @@ class Progress:
         return loss
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # Ctrl-C, and what schedulers send
+
+
+def signal_name(signum):
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class StopRequest:
+    """Set by the first of STOP_SIGNALS: the loop stops after the current step and saves a checkpoint."""
+
+    def __init__(self):
+        self.signum = None
+
+    def is_set(self):
+        return self.signum is not None
+
+
 @contextlib.contextmanager
 def stop_requests(say, out_dir):
-    """-> an Event that Ctrl-C sets: the loop then stops after the current step and saves a checkpoint. A second
-    Ctrl-C stops at once, saving nothing (KeyboardInterrupt). say(text) acknowledges the first."""
-    requested = threading.Event()
+    """-> a StopRequest that SIGINT (Ctrl-C), SIGTERM, SIGUSR1 or SIGHUP (a scheduler's warning before it kills a
+    job: SLURM, Kubernetes, spot machines) sets. A second signal stops at once, saving nothing (cli.Interrupted, exit
+    128 + the signal). say(text) acknowledges the first."""
+    stop = StopRequest()
 
-    def on_sigint(signum, frame):
-        if requested.is_set():
-            raise KeyboardInterrupt(f"stopped at once by a second Ctrl-C; nothing was saved (the last checkpoint in "
-                                    f"{out_dir} is intact)")
-        requested.set()
-        say("Ctrl-C: stopping after this step and saving what it trained (Ctrl-C again: stop now, save nothing)")
+    def on_signal(signum, frame):
+        name = signal_name(signum)
+        if stop.is_set():
+            raise cli.Interrupted(f"stopped at once by a second {name}; nothing was saved (the last checkpoint in "
+                                  f"{out_dir} is intact)", 128 + signum)
+        stop.signum = signum
+        say(f"{name}: stopping after this step and saving what it trained ({name} again: stop now, save nothing)")
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS} if main_thread else {}
     try:
-        yield requested
+        yield stop
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def ready(x):

@@ -65,6 +65,14 @@ CONFIG = {
                                    "GPUs: a float32 step on a CPU widens them all again)"),
     "remat": (False, "gradient checkpointing: recompute each block's activations in the backward pass (less memory, "
                      "about a third more compute)"),
+    "checkpoint_interval_minutes": (10.0, "also save ckpt.safetensors this often between evaluations, so that a "
+                                          "preempted run loses minutes (0: at evaluations only)"),
+    "auto_resume": (False, "resume when out_dir holds a checkpoint of this same run, else start: one command line "
+                           "for a scheduler to re-run after a preemption"),
+    "wandb_log": (False, "log to Weights & Biases (the track extra); WANDB_MODE=offline keeps it on disk"),
+    "wandb_project": ("gptjax", "W&B project"),
+    "wandb_run_name": ("", "W&B run name (empty: W&B's own)"),
+    "tensorboard_log": (False, "write TensorBoard event files to out_dir/tensorboard (the track extra)"),
     "peak_flops": (0.0, "peak FLOP/s of one device for MFU; 0 looks the device kind up"),
     "seed": (1337, "seed of the initial weights, the batches and the dropout masks"),
 }
@@ -179,7 +187,7 @@ def check_config(config):
     for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
         if config[name] < 0:
             raise UsageError(f"{name} must not be negative, got {config[name]}")
-    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops", "checkpoint_interval_minutes"):
         if config[name] < 0:
             raise UsageError(f"{name} must not be negative, got {config[name]}")
     if not 0 <= config["dropout"] < 1:
@@ -224,6 +232,12 @@ def resolve_config(overrides):
         if name not in CONFIG:
             raise unknown_key(name, "in the config")
     config = {**DEFAULTS, **overrides}
+    if config["auto_resume"] and config["init_from"] != "resume":
+        checkpoint = Path(config["out_dir"]) / outdir.CKPT_NAME
+        if checkpoint.is_file():  # a requeued job: this run again, or refused if out_dir holds another
+            check_same_run(config, outdir.read_checkpoint_meta(checkpoint)["config"], checkpoint)
+            overrides = {**overrides, "init_from": "resume"}
+            config = {**config, "init_from": "resume"}
     if config["init_from"] == "resume":
         try:
             saved = outdir.read_checkpoint_meta(Path(config["out_dir"]) / outdir.CKPT_NAME)["config"]
@@ -235,3 +249,27 @@ def resolve_config(overrides):
                                  f"keeps its model; drop the flag or start a new run")
         config = {**DEFAULTS, **{k: v for k, v in saved.items() if k in CONFIG}, **overrides}
     return check_config(config)
+
+
+# what may differ between the command line that started a run and the one that continues it (auto_resume)
+RUN_CONTROL_KEYS = {"out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "overwrite",
+                    "always_save_checkpoint", "init_from", "models_dir", "data_dir", "max_iters", "peak_flops",
+                    "auto_resume", "checkpoint_interval_minutes", "wandb_log", "wandb_project", "wandb_run_name",
+                    "tensorboard_log", "lora_base", "tokens"}
+
+
+def check_same_run(config, saved, checkpoint):
+    """auto_resume continues only the run that this config describes: another in out_dir is refused, not mixed."""
+    def same(name):
+        ours, theirs = config[name], saved.get(name, DEFAULTS[name])
+        if name == "dataset" and Path(ours).exists() and Path(theirs).exists():  # the same text, however written
+            return Path(ours).resolve() == Path(theirs).resolve()
+        return ours == theirs
+    shape_keys = ("n_layer", "n_head", "n_embd", "bias")  # a pretrained model's shape is its own, not the config's
+    keys = [name for name in CONFIG if name not in RUN_CONTROL_KEYS
+            and (name not in shape_keys or config["init_from"] == "scratch")]
+    differing = [name for name in keys if not same(name)]
+    if differing:
+        name = differing[0]
+        raise UsageError(f"{checkpoint} is of another run ({name}={saved.get(name)!r} there, {config[name]!r} here): "
+                         f"auto_resume continues only the same run; give another --out_dir")

@@ -1,0 +1,80 @@
+"""Experiment tracking for train.py: Weights & Biases (nanoGPT's wandb_log, wandb_project, wandb_run_name) and
+TensorBoard event files (tensorboard_log, through tensorboardX: no TensorFlow). Both are optional extras
+(`pip install -e ".[track]"`) and run in process 0 only.
+
+    trackers = trackers(config, out_dir, run_id, first_iter)   # [] when neither is asked for
+    with closing(trackers):
+        log(trackers, it, {"train/loss": 1.9, "val/loss": 2.0, "lr": 1e-3, ...})
+
+A resumed run continues the same W&B run (run_id, kept in the checkpoint) and the same TensorBoard folder (events
+after its checkpoint's iteration, which it repeats, are dropped: purge_step). A tracker that fails mid-run (a full
+disk, the service down) is reported once and dropped: training goes on.
+"""
+import contextlib
+import importlib.util
+import sys
+import uuid
+from pathlib import Path
+
+from cli import UsageError
+
+EXTRAS = {"wandb_log": ("wandb", "wandb"), "tensorboard_log": ("tensorboardX", "tensorboardX")}  # key: (module, pip)
+
+
+def check_installed(config):
+    """Asking for a tracker that is not installed fails at start, in one line naming the extra."""
+    for key, (module, package) in EXTRAS.items():
+        if config[key] and importlib.util.find_spec(module) is None:
+            raise UsageError(f"{key} needs {package}: pip install -e \".[track]\" (or pip install {package})")
+
+
+def new_run_id():  # a W&B run id: 8 lowercase letters and digits
+    return uuid.uuid4().hex[:8]
+
+
+def trackers(config, out_dir, run_id, first_iter):
+    """-> the trackers config asks for, open. run_id: the W&B run this run continues (or starts)."""
+    opened = []
+    if config["wandb_log"]:
+        import wandb  # optional extra: imported only when asked for
+        run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"] or None, id=run_id,
+                         resume="allow", config=config, dir=str(out_dir))
+        opened.append({"name": "wandb", "log": run.log, "close": run.finish})
+    if config["tensorboard_log"]:
+        import tensorboardX  # optional extra: imported only when asked for
+        # a resumed run repeats what came after its checkpoint's iteration: TensorBoard drops those events
+        writer = tensorboardX.SummaryWriter(str(Path(out_dir) / "tensorboard"),
+                                            purge_step=first_iter + 1 if first_iter else None)
+
+        def add_scalars(values, step):
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.flush()
+        opened.append({"name": "tensorboard", "log": add_scalars, "close": writer.close})
+    return opened
+
+
+def log(opened, it, values):
+    """Log values (None ones left out) at iteration it to each tracker; one that fails is reported and dropped."""
+    values = {name: value for name, value in values.items() if value is not None}
+    for tracker in list(opened):
+        try:
+            if tracker["name"] == "wandb":
+                tracker["log"](values, step=it)
+            else:
+                tracker["log"](values, it)
+        except Exception as e:  # any failure of an optional logger: training matters more than its charts
+            print(f"warning: {tracker['name']} failed ({e}); training goes on without it", file=sys.stderr)
+            opened.remove(tracker)
+
+
+@contextlib.contextmanager
+def closing(opened):  # the trackers, closed however the block ends
+    try:
+        yield opened
+    finally:
+        for tracker in opened:
+            try:
+                tracker["close"]()
+            except Exception as e:  # as in log: a tracker never stops a run
+                print(f"warning: {tracker['name']} did not close cleanly ({e})", file=sys.stderr)
