@@ -9,6 +9,7 @@
     python bench.py full_run --vs_nanogpt ../nanoGPT --nanogpt_python ../venv/bin/python   # the default run, whole
     python bench.py finetune                  # finetuning GPT-2 124M / 1558M shapes: planned memory, s/step, peak RSS
     python bench.py data --sizes_mb 100,1000  # data.py on one text of each size: peak memory, MB/s vs the tokenizer
+    python bench.py eval --vs_hf              # lm_eval requests/s: gptjax's backend beside the harness's own HF one
 
 With no --model_dir the weights are random with GPT-2 124M's shapes (no download). Timings are medians of repeated runs
 after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm. Peers are
@@ -424,6 +425,45 @@ def data_table(args):
     print("\n".join(rows))
 
 
+def eval_table(args):
+    """The requests of testdata/eval's multiple-choice task (120 loglikelihoods), scored by gptjax's lm_eval backend
+    and, with --vs_hf, by the harness's own HF backend on the same random 124M-shaped weights (exported with
+    weights.to_hf), in turns, after a warm-up round; then each backend's accuracy on the task through simple_evaluate,
+    which must agree."""
+    import lm_eval  # the eval extra, and (--vs_hf) the bench extra: imported only for this mode
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    import harness
+    with tempfile.TemporaryDirectory() as tmp:
+        weights.save_params(os.path.join(tmp, "own"), GPT2_124M, random_params(GPT2_124M))
+        weights.to_hf(os.path.join(tmp, "own"), os.path.join(tmp, "hf"))
+        backends = {"gptjax": harness.GptjaxLM(os.path.join(tmp, "own"), batch_size=args.batch_size)}
+        if args.vs_hf:
+            backends["HF (lm_eval --model hf)"] = get_model("hf")(pretrained=os.path.join(tmp, "hf"), device="cpu",
+                                                                  batch_size=args.batch_size, dtype="float32")
+        manager = TaskManager(include_path=os.path.join(HERE, "testdata", "eval"))
+        cwd = os.getcwd()
+        os.chdir(HERE)  # the task names its data relative to the checkout
+        try:
+            task = lm_eval.tasks.get_task_dict(["tiny_choice"], manager)["tiny_choice"]
+            task.build_all_requests(limit=None, rank=0, world_size=1)
+            requests = [instance for instance in task.instances]
+            accuracy = {name: lm_eval.simple_evaluate(model=lm, tasks=["tiny_choice"], task_manager=manager,
+                                                      log_samples=False)["results"]["tiny_choice"]["acc,none"]
+                        for name, lm in backends.items()}
+        finally:
+            os.chdir(cwd)
+        fns = [lambda lm=lm: lm.loglikelihood(requests, disable_tqdm=True) for lm in backends.values()]
+        seconds = interleaved_medians(fns, args.rounds)
+    print(f"\ndevice: {jax.devices()[0].device_kind}, jax {jax.__version__}, {os.cpu_count()} CPUs; "
+          f"{len(requests)} loglikelihood requests of testdata/eval/tiny_choice, batch {args.batch_size}, float32, "
+          f"medians of {args.rounds} rounds in turns")
+    print("| backend | requests/s | acc on the task | speed-up of gptjax |\n|---|---|---|---|")
+    for (name, _), s in zip(backends.items(), seconds):
+        print(f"| {name} | {len(requests) / s:.1f} | {accuracy[name]:.4f} | {s / seconds[0]:.2f}x |")
+
+
 def compile_probe(spec):
     # "SHAPE,DTYPE", in a fresh process: time the first generation (compile + run) and a second one (run only)
     hparams_name, dtype = spec.split(",")
@@ -522,13 +562,21 @@ def parse_args(argv):
                                             "the tokenizer's own speed")
     dat.add_argument("--sizes_mb", default="100,1000", type=batch_sizes, help="text sizes in MB, comma separated")
     dat.add_argument("--tokens", default="gpt2", choices=["char", "gpt2"])
+    ev = commands.add_parser("eval", help="lm-evaluation-harness requests/s on 124M-shaped weights and a local "
+                                          "multiple-choice task, beside the harness's HF backend")
+    ev.add_argument("--vs_hf", action="store_true", help="also run the harness's own HF backend (torch)")
+    ev.add_argument("--batch_size", type=positive, default=8)
+    ev.add_argument("--rounds", type=positive, default=3)
     commands.add_parser("finetune", help="memory and step time of finetuning GPT-2 124M and 1558M shapes at block "
                                          "1024, with and without remat and LoRA (each in a fresh process)")
     probe = commands.add_parser("probe")  # internal: see "Probes" above
     probe.add_argument("kind", choices=["compile", "load", "finetune", "data"])
     probe.add_argument("arg")
     args = ap.parse_args(argv)
-    if getattr(args, "vs_hf", False) and not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+    if args.command == "eval" and importlib.util.find_spec("lm_eval") is None:
+        ap.error('eval needs lm-evaluation-harness: pip install -e ".[eval]"')
+    if getattr(args, "vs_hf", False) and not all(importlib.util.find_spec(m) for m in ("torch", "transformers",
+                                                                                       "accelerate")):
         ap.error('--vs_hf needs torch and transformers: pip install -e ".[bench]" --extra-index-url '
                  'https://download.pytorch.org/whl/cpu (the CPU build of torch; without the index, pip fetches the '
                  'CUDA build and its GBs of nvidia wheels)')
@@ -549,6 +597,8 @@ def run(args):
         return finetune_table()
     if args.command == "data":
         return data_table(args)
+    if args.command == "eval":
+        return eval_table(args)
     if args.command == "full_run":
         return full_run_table(args)
     if args.command == "train":

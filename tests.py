@@ -28,6 +28,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import lm_eval
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -39,8 +40,10 @@ import cli
 import data
 import download
 import encoder
+import eval as eval_cli
 import files
 import gpt
+import harness
 import main
 import outdir
 import sampling
@@ -2812,6 +2815,127 @@ def test_main_many_samples_print_as_each_batch_is_done(monkeypatch, capsys):
     assert [n for n, _ in batches] == [2, 2, 2, 1] and [shown for _, shown in batches] == [0, 2, 2, 2]
     enc = encoder.get_encoder(TINY["tf"])
     assert capsys.readouterr().out.split("--- sample 7 ---\n")[1] == enc.decode(want[6]) + "\n"
+
+
+# ==================== harness, eval ===================================================================================
+# gptjax as a model of lm-evaluation-harness, against the float64 numpy GPT-2 with the harness's definitions written out
+
+EVAL_TASKS = HERE / "testdata" / "eval"
+
+
+def harness_results(batch_size, tasks=("tiny_choice", "tiny_rolling")):
+    from lm_eval.tasks import TaskManager
+    lm = harness.GptjaxLM(str(TINY["tf"]), batch_size=batch_size)
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(include_path=str(EVAL_TASKS)),
+                                   log_samples=False)["results"]
+
+
+def reference_logprobs(flat, ids, n_head):  # [n] ids -> [n - 1] float64 log P(ids[i + 1] | ids[:i + 1])
+    logits = numpy_gpt2(flat, ids[:-1], n_head)
+    logits = logits - logits.max(-1, keepdims=True)
+    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return logprobs[np.arange(len(ids) - 1), ids[1:]]
+
+
+def test_harness_scores_are_the_float64_references(monkeypatch):
+    monkeypatch.chdir(HERE)  # the task files name their data relative to the checkout
+    flat, n_head, enc = reference_params(), EXPECTED["hparams"]["n_head"], tiktoken_gpt2()
+    results = harness_results(batch_size=8)
+    # multiple choice: the continuation is " " + choice; acc takes the most likely choice, acc_norm the most likely
+    # per character of the choice (the harness's definitions)
+    docs = [json.loads(line) for line in (EVAL_TASKS / "tiny_choice.jsonl").read_text().splitlines()]
+    acc, acc_norm = [], []
+    for doc in docs:
+        context = enc.encode(doc["ctx"], allowed_special="all")
+        scores = []
+        for ending in doc["endings"]:
+            whole = enc.encode(doc["ctx"] + " " + ending, allowed_special="all")
+            scores.append(reference_logprobs(flat, whole, n_head)[len(context) - 1:].sum())
+        acc.append(np.argmax(scores) == doc["label"])
+        acc_norm.append(np.argmax(np.array(scores) / [len(e) for e in doc["endings"]]) == doc["label"])
+    choice = results["tiny_choice"]
+    assert choice["acc,none"] == pytest.approx(np.mean(acc), abs=1e-12)
+    assert choice["acc_norm,none"] == pytest.approx(np.mean(acc_norm), abs=1e-12)
+    # rolling perplexity over texts longer than the context: lm_eval's windows (each token predicted once, from the
+    # 64 tokens before it, the first ones after <|endoftext|>), summed per document
+    texts = [json.loads(line)["text"] for line in (EVAL_TASKS / "tiny_rolling.jsonl").read_text().splitlines()]
+    total, words, n_bytes = 0.0, 0, 0
+    for text in texts:
+        tokens = [50256] + enc.encode(text, allowed_special="all")
+        assert len(tokens) > 65  # windows are exercised
+        for end in range(1, len(tokens), 64):  # predict tokens[end:end + 64] from the 64 tokens before the last
+            stop = min(end + 64, len(tokens))
+            window = tokens[max(0, stop - 65):stop]
+            total += reference_logprobs(flat, window, n_head)[-(stop - end):].sum()
+        words += len(re.split(r"\s+", text))
+        n_bytes += len(text.encode("utf-8"))
+    rolling = results["tiny_rolling"]
+    assert rolling["word_perplexity,none"] == pytest.approx(math.exp(-total / words), rel=1e-4)
+    assert rolling["byte_perplexity,none"] == pytest.approx(math.exp(-total / n_bytes), rel=1e-4)
+    assert rolling["bits_per_byte,none"] == pytest.approx(-total / n_bytes / math.log(2), rel=1e-4)
+    # batching, padding, bucketing and shared contexts do not change a score: the same requests at batch 1 and 8
+    from lm_eval.api.instance import Instance
+    requests = [Instance("loglikelihood", {}, (doc["ctx"], " " + ending), 0) for doc in docs[:6]
+                for ending in doc["endings"]]
+    rolling_requests = [Instance("loglikelihood_rolling", {}, (text,), 0) for text in texts]
+    scores = {}
+    for batch_size in (1, 8):
+        lm = harness.GptjaxLM(str(TINY["tf"]), batch_size=batch_size)
+        scores[batch_size] = (lm.loglikelihood(requests, disable_tqdm=True),
+                              lm.loglikelihood_rolling(rolling_requests, disable_tqdm=True))
+    for (a, greedy_a), (b, greedy_b) in zip(scores[1][0], scores[8][0]):
+        assert a == pytest.approx(b, rel=1e-6) and greedy_a == greedy_b
+    assert scores[1][1] == pytest.approx(scores[8][1], rel=1e-6)
+
+
+def test_harness_requests_directly(monkeypatch):
+    # loglikelihood: a context longer than n_ctx is cut from the left; is_greedy against the float64 argmax;
+    # generate_until: the greedy continuation (the fixture's reference tokens), cut before its stop string
+    from lm_eval.api.instance import Instance
+    lm = harness.GptjaxLM(str(TINY["tf"]), batch_size=4)
+    flat, n_head = reference_params(), EXPECTED["hparams"]["n_head"]
+    long_context = " ".join(["the old town"] * 40)
+    greedy_text = lm.tok_decode(PROMPTS[0]["greedy_new_ids"][:4])  # the fixture's greedy tokens, as text
+    requests = [Instance("loglikelihood", {}, (ctx, cont), 0) for ctx, cont in
+                ((PROMPTS[0]["text"], greedy_text), (PROMPTS[0]["text"], " the old town"),
+                 (long_context, " and the river"))]
+    assert lm._encode_pair(PROMPTS[0]["text"], greedy_text) == (PROMPTS[0]["ids"], PROMPTS[0]["greedy_new_ids"][:4])
+    got = lm.loglikelihood(requests, disable_tqdm=True)
+    for request, (logprob, greedy) in zip(requests, got):
+        context, continuation = lm._encode_pair(*request.args)
+        whole = (context + continuation)[-65:]
+        ref = reference_logprobs(flat, whole, n_head)[-len(continuation):]
+        assert logprob == pytest.approx(ref.sum(), rel=1e-5)
+        argmax = numpy_gpt2(flat, whole[:-1], n_head).argmax(-1)[-len(continuation):]
+        assert greedy == bool(np.all(argmax == whole[-len(continuation):]))
+    assert got[0][1] and not got[1][1]  # the fixture's greedy tokens are greedy, others are not
+    prompt = PROMPTS[0]
+    stop = prompt["greedy_text"][10:14]
+    out = lm.generate_until([Instance("generate_until", {}, (prompt["text"], {"until": [stop], "max_gen_toks": 20}),
+                                      0)], disable_tqdm=True)
+    assert out == [prompt["greedy_text"][:prompt["greedy_text"].index(stop)]]
+
+
+def test_eval_cli_runs_a_local_task_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(HERE)
+    output = tmp_path / "results.json"
+    assert eval_cli.main(["--model_dir", str(TINY["tf"]), "--tasks", "tiny_choice", "--include_path", str(EVAL_TASKS),
+                          "--limit", "8", "--output_path", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_choice" in out and "acc_norm" in out
+    assert json.loads(output.read_text())["results"]["tiny_choice"]["acc,none"] >= 0
+    for args, code, words in ((["--tasks", "no_such_task"], 2, "unknown task 'no_such_task'"),
+                              (["--tasks", "tiny_choice", "--limit", "0"], 2, "--limit must be positive"),
+                              (["--tasks", "tiny_choice", "--model_dir", str(tmp_path / "nowhere")], 2,
+                               "not a folder")):
+        assert eval_cli.main(["--model_dir", str(TINY["tf"]), "--include_path", str(EVAL_TASKS), *args]) == code
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    assert eval_cli.main(["--tasks", "hellaswag"]) == 2
+    assert 'pip install -e ".[eval]"' in capsys.readouterr().err
 
 
 # ==================== bench, cli ======================================================================================
