@@ -3,7 +3,7 @@ transformers and tiktoken, see testdata/README.md; float64 numpy math and the ot
 hand-worked cases), offline. One section per module, in the order a reader meets them; the fixtures shared by several
 sections come first.
 
-    pytest tests.py                  # everything (about 6 minutes on 2 cores)
+    pytest tests.py                  # everything (about 11 minutes on 2 cores)
     pytest tests.py -m "not slow"    # the quick loop: leaves out the few tests that start many processes
 """
 import hashlib
