@@ -11,8 +11,10 @@ It implements the harness's three requests as its own HF backend defines them:
     get_rolling_token_windows (each token predicted once, with as much context as fits), for perplexity tasks;
   - generate_until: greedy continuations through sampling.py, cut at the first stop string, max_gen_toks tokens.
 Requests are sorted by length and scored in batches of batch_size rows padded to a few bucketed lengths (powers of
-two up to n_ctx), by one jitted function: a task of thousands of requests compiles a handful of programs. Padding never
-changes a score: each row's positions past its length are masked out, and rows are independent.
+two and the halfway points between them, up to n_ctx) by one jitted function each way: a task of thousands of requests
+compiles a handful of programs. Requests with the same context (a multiple-choice question's choices) run it once into
+a KV cache and their continuations from it; only scored positions are unembedded. Padding never changes a score: each
+row's positions past its length are masked out, and rows are independent.
 """
 from functools import partial
 
@@ -62,7 +64,7 @@ class GptjaxLM(TemplateLM):
         # requests that share a context (a multiple-choice question's choices) compute it once, when it fits whole
         shared = [i for i, (context, continuation) in enumerate(pairs) if len(context) + len(continuation) - 1 <=
                   self.max_length]
-        rest = [i for i in range(len(pairs)) if i not in set(shared)]
+        rest = sorted(set(range(len(pairs))) - set(shared))
         results = [None] * len(pairs)
         for i, result in zip(shared, self.score_shared([pairs[i] for i in shared], disable_tqdm)):
             results[i] = result
