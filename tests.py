@@ -1181,10 +1181,10 @@ def softmax64(logits):
     return p / p.sum()
 
 
-def draws(logits, n, seed, top_k=None, top_p=1.0):  # n draws from next_tokens on one logit vector
+def draws(logits, n, seed, top_k=None, top_p=1.0, temperature=1.0):  # n draws from next_tokens on one logit vector
     rows = jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1))
-    controls = {"key": jax.random.key(seed), "temperature": 1.0, "top_k": top_k or len(logits), "top_p": top_p,
-                "first_row": 0}
+    controls = {"key": jax.random.key(seed), "temperature": temperature, "top_k": top_k or len(logits),
+                "top_p": top_p, "first_row": 0}
     return np.asarray(jax.jit(partial(sampling.next_tokens, greedy=False))(rows, controls, 0))
 
 
@@ -1258,6 +1258,29 @@ def test_top_k_then_top_p():
                                atol=1e-6)
     # top_k alone
     np.testing.assert_allclose(filtered_probs(logits, top_k=2), [0.3 / 0.55, 0, 0.25 / 0.55, 0, 0, 0], atol=1e-6)
+
+
+def test_temperature_comes_before_top_k_and_top_p():
+    # the documented order: logits / temperature, then top-k, then top-p on the tempered distribution. At temperature
+    # 0.5, softmax(log([.5, .3, .2]) / 0.5) = [.658, .237, .105]: top_p .6 keeps token 0 alone; filtering first (on
+    # [.5, .3, .2]) would keep tokens 0 and 1 and draw token 1 about a quarter of the time
+    logits = np.log([0.5, 0.3, 0.2])
+    assert set(draws(logits, 2000, seed=4, top_p=0.6, temperature=0.5)) == {0}
+    # at temperature 2 the kept top-2 are drawn in proportion to exp(logit / 2): [.5, .3] ** 0.5, renormalised
+    drawn = draws(logits, 4000, seed=5, top_k=2, temperature=2.0)
+    want = np.sqrt([0.5, 0.3]) / np.sqrt([0.5, 0.3]).sum()  # .563, .437; 4000 draws: standard error .008
+    assert set(drawn) == {0, 1}
+    np.testing.assert_allclose([np.mean(drawn == 0), np.mean(drawn == 1)], want, atol=0.04)
+
+
+def test_generate_batches_leave_room_for_both_halves_of_the_kv_cache():
+    # a shape where the KV cache is nearly all of a row's memory: rows_that_fit's rows must fit BATCH_BYTES with K and
+    # V both counted (2 x n_layer x cache_len x n_embd x itemsize a row, from the cache's definition)
+    hparams = {"n_vocab": 8, "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 12}
+    rows = sampling.rows_that_fit(hparams, 16, 1024, 4)
+    kv_per_row = 2 * hparams["n_layer"] * 1024 * hparams["n_embd"] * 4  # ~100 MB: about 20 rows in 2 GiB
+    assert rows * kv_per_row <= sampling.BATCH_BYTES
+    assert (rows + 1) * kv_per_row > sampling.BATCH_BYTES * 0.9  # and not far below it: the estimate is not padded
 
 
 def test_top_k_1_and_low_temperature_are_greedy(tiny_tf):
