@@ -90,8 +90,7 @@ def release_file_check(folder, name):
         elif name.endswith(".index"):
             read_table(path.read_bytes())
         elif ".data-" in name and (folder / "model.ckpt.index").exists():
-            entries, _ = read_bundle_index(folder / "model.ckpt.index")
-            end = max((e["offset"] + e["size"] for e in entries.values()), default=0)
+            end = release_file_limit(folder, name)  # the index's end of the data
             if path.stat().st_size != end:
                 raise ValueError(f"{path.stat().st_size:,} bytes where the index gives {end:,}")
         elif name.endswith(".meta"):
