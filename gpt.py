@@ -9,6 +9,9 @@ cache holds one sequence; batch decoding with `jax.vmap`, which also gives each 
     logits = gpt(params, ids, n_head)                       # [..., n_seq] -> [..., n_seq, n_vocab]
     x, cache = transformer(params, ids, n_head, cache, pos) # [n_seq], with a KV cache for decoding
 
+Shapes and dtypes are declared with jaxtyping annotations (Float[Array, "*batch n_seq n_embd"]: any leading axes,
+then the named ones, which must agree across a call's arguments and result); the tests check them at run time.
+
 The compute dtype is the params' dtype (float32, or bfloat16 via `cast`); LayerNorm statistics, attention softmax and
 the loss are always computed in float32. For finetuning big models: `remat=True` recomputes each block's activations
 in the backward pass (gradient checkpointing), and LoRA adapters are a second dict that `with_adapters` puts beside
@@ -20,22 +23,28 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, UInt32
+
+Position = int | Int[Array, ""]  # a position in the sequence: a Python int, or a traced scalar (one per row under vmap)
 
 
 def wide(dtype):  # the dtype for sums and statistics: float32, or float64 when the params are float64
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def gelu(x):  # GPT-2 uses the tanh approximation  # [...] -> [...]
+def gelu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:  # GPT-2 uses the tanh approximation
     return 0.5 * x * (1 + jnp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def layer_norm(x, g, b=None, eps=1e-5):  # [..., n_embd] -> [..., n_embd]
+def layer_norm(x: Float[Array, "*rows n_embd"], g: Float[Array, " n_embd"], b: Float[Array, " n_embd"] | None = None,
+               eps: float = 1e-5) -> Float[Array, "*rows n_embd"]:
     y = normalized(x.astype(wide(x.dtype)), eps) * g
     return (y if b is None else y + b).astype(x.dtype)
 
 
-def linear(x, w, b=None, lora_a=None, lora_b=None):  # [..., n_in] -> [..., n_out]
+def linear(x: Float[Array, "*rows n_in"], w: Float[Array, "n_in n_out"], b: Float[Array, " n_out"] | None = None,
+           lora_a: Float[Array, "n_in rank"] | None = None,
+           lora_b: Float[Array, "rank n_out"] | None = None) -> Float[Array, "*rows n_out"]:
     # one 2-D matmul over the rows of all sequences: for a [batch, n_seq, n_in] operand XLA:CPU computes the weight
     # gradient by first copying the activations transposed, which made training ~1.3x slower
     rows = x.reshape(-1, x.shape[-1])
@@ -46,23 +55,27 @@ def linear(x, w, b=None, lora_a=None, lora_b=None):  # [..., n_in] -> [..., n_ou
     return y if b is None else y + b
 
 
-def dropout(x, rate, key):  # [...] -> [...]; identity when rate is 0 or there is no key (inference)
+def dropout(x: Float[Array, "*shape"], rate: float, key: PRNGKeyArray | None) -> Float[Array, "*shape"]:
+    # identity when rate is 0 or there is no key (inference)
     if rate == 0.0 or key is None:
         return x
     keep = random_bits(key, x.shape) >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))  # P(keep) = 1 - rate
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def attention(q, k, v, mask, dropout_rate=0.0, key=None):
-    # [..., n_head, n_q, d], [..., n_head, n_k, d], [..., n_head, n_k, d], [n_q, n_k] -> [..., n_head, n_q, d]
+def attention(q: Float[Array, "*batch n_head n_q head_dim"], k: Float[Array, "*batch n_head n_k head_dim"],
+              v: Float[Array, "*batch n_head n_k head_dim"], mask: Bool[Array, "n_q n_k"], dropout_rate: float = 0.0,
+              key: PRNGKeyArray | None = None) -> Float[Array, "*batch n_head n_q head_dim"]:
     scores = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=wide(q.dtype)) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, key)
     return jnp.einsum("...qk,...kd->...qd", weights, v)
 
 
-def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos, dropout_rate=0.0, key=None):
-    # [..., n_seq, n_embd] -> [..., n_seq, n_embd]; with a cache, [n_seq, n_embd] (one sequence)
+def causal_self_attention(x: Float[Array, "*batch n_seq n_embd"], c_attn: dict, c_proj: dict, n_head: int,
+                          cache: dict | None, layer: Position, pos: Position, dropout_rate: float = 0.0,
+                          key: PRNGKeyArray | None = None) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
+    # with a cache, x is one sequence [n_seq, n_embd]
     *lead, n_seq, n_embd = x.shape
     q, k, v = jnp.split(linear(x, **c_attn), 3, axis=-1)
     q, k, v = (t.reshape(*lead, n_seq, n_head, n_embd // n_head) for t in (q, k, v))  # [..., n_seq, n_head, head_dim]
@@ -86,11 +99,13 @@ def causal_self_attention(x, c_attn, c_proj, n_head, cache, layer, pos, dropout_
     return linear(out, **c_proj), cache
 
 
-def mlp(x, c_fc, c_proj):  # [..., n_embd] -> [..., n_embd]
+def mlp(x: Float[Array, "*rows n_embd"], c_fc: dict, c_proj: dict) -> Float[Array, "*rows n_embd"]:
     return linear(gelu(linear(x, **c_fc)), **c_proj)
 
 
-def block(x, p, n_head, cache, layer, pos, dropout_rate=0.0, key=None):  # [..., n_seq, n_embd] -> the same
+def block(x: Float[Array, "*batch n_seq n_embd"], p: dict, n_head: int, cache: dict | None, layer: Position,
+          pos: Position, dropout_rate: float = 0.0,
+          key: PRNGKeyArray | None = None) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
     # dropout where GPT-2 and nanoGPT put it: on the attention weights and on each residual branch
     k_weights, k_attn, k_mlp = (None, None, None) if key is None else jax.random.split(key, 3)
     a, cache = causal_self_attention(layer_norm(x, **p["ln_1"]), **p["attn"], n_head=n_head, cache=cache,
@@ -100,8 +115,10 @@ def block(x, p, n_head, cache, layer, pos, dropout_rate=0.0, key=None):  # [...,
     return x, cache
 
 
-def transformer(params, ids, n_head, cache=None, pos=0, dropout_rate=0.0, key=None, unroll=False, remat=False):
-    # [..., n_seq] -> [..., n_seq, n_embd] final hidden states (after ln_f), and the updated cache
+def transformer(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int, cache: dict | None = None,
+                pos: Position = 0, dropout_rate: float = 0.0, key: PRNGKeyArray | None = None, unroll: bool = False,
+                remat: bool = False) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
+    # the final hidden states (after ln_f), and the updated cache
     n_seq = ids.shape[-1]
     x = params["wte"][ids] + lax.dynamic_slice_in_dim(params["wpe"], pos, n_seq).astype(params["wte"].dtype)
     if key is not None:
@@ -115,9 +132,9 @@ def transformer(params, ids, n_head, cache=None, pos=0, dropout_rate=0.0, key=No
         return run_block(x, p, n_head, cache, layer, pos, dropout_rate, layer_key), None
 
     run_block = block
-    if remat:  # gradient checkpointing: keep each block's input and its matmuls' outputs (costly to recompute, about
-        # 10 floats per token and layer), recompute the rest in the backward pass: LayerNorms, GELU, dropout masks and
-        # the attention weights ([n_head, n_seq, n_seq] a sequence, the largest at long blocks)
+    if remat:  # gradient checkpointing: keep each block's input and the matmul outputs its backward pass needs (costly
+        # to recompute; 9 n_embd floats a token and layer in all), recompute the rest in the backward pass: LayerNorms,
+        # GELU, dropout masks and the attention weights ([n_head, n_seq, n_seq] a sequence, the largest at long blocks)
         run_block = jax.checkpoint(block, static_argnums=(2, 5, 6),  # n_head, pos, dropout_rate
                                    policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
@@ -131,7 +148,8 @@ def transformer(params, ids, n_head, cache=None, pos=0, dropout_rate=0.0, key=No
     return layer_norm(x, **params["ln_f"]), cache
 
 
-def unembed(params, x):  # the LM head is tied to the token embedding  # [..., n_embd] -> [..., n_vocab]
+def unembed(params: dict, x: Float[Array, "*rows n_embd"]) -> Float[Array, "*rows n_vocab"]:
+    # the LM head is tied to the token embedding
     # multiply in the params' dtype and upcast after: with bf16 weights the backward pass then stays on bf16 tensor
     # cores (a float32 result would make the two gradient matmuls float32, 2x slower for a 124M training step on GPU).
     # The rows are flattened for the reason given in `linear`.
@@ -139,19 +157,22 @@ def unembed(params, x):  # the LM head is tied to the token embedding  # [..., n
     return logits.reshape(*x.shape[:-1], logits.shape[-1])
 
 
-def gpt(params, ids, n_head):  # [..., n_seq] -> [..., n_seq, n_vocab]
+def gpt(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int) -> Float[Array, "*batch n_seq n_vocab"]:
     x, _ = transformer(params, ids, n_head)
     return unembed(params, x)
 
 
-def init_cache(hparams, max_len, dtype=jnp.float32):  # -> {"k", "v": [n_layer, n_head, max_len, head_dim]}
+def init_cache(hparams: dict, max_len: int, dtype=jnp.float32) -> dict:
+    # {"k", "v": [n_layer, n_head, max_len, head_dim]}
     n_head = hparams["n_head"]
     shape = (hparams["n_layer"], n_head, max_len, hparams["n_embd"] // n_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def lm_loss(params, ids, targets, n_head, dropout_rate=0.0, key=None, unroll=False, remat=False):
-    # [..., n_seq], [..., n_seq] -> mean cross-entropy in nats over all the targets; targets < 0 are ignored (padding)
+def lm_loss(params: dict, ids: Int[Array, "*batch n_seq"], targets: Int[Array, "*batch n_seq"], n_head: int,
+            dropout_rate: float = 0.0, key: PRNGKeyArray | None = None, unroll: bool = False,
+            remat: bool = False) -> Float[Array, ""]:
+    # mean cross-entropy in nats over all the targets; targets < 0 are ignored (padding)
     x, _ = transformer(params, ids, n_head, dropout_rate=dropout_rate, key=key, unroll=unroll, remat=remat)
     logits = unembed(params, x)
     valid = targets >= 0
@@ -163,7 +184,7 @@ def lm_loss(params, ids, targets, n_head, dropout_rate=0.0, key=None, unroll=Fal
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
-def init_params(key, hparams, dtype=jnp.float32):
+def init_params(key: PRNGKeyArray, hparams: dict, dtype=jnp.float32) -> dict:
     # GPT-2's initialisation: N(0, 0.02) matrices, N(0, 0.01) positions, zero biases, unit LayerNorm gains, and the
     # projections into the residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth.
     n_vocab, n_ctx, E, L = hparams["n_vocab"], hparams["n_ctx"], hparams["n_embd"], hparams["n_layer"]
@@ -191,7 +212,8 @@ def init_params(key, hparams, dtype=jnp.float32):
 # bits from a hash rather than threefry, and the gate for cuDNN's fused attention. Each comment gives the measurement.
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
-def normalized(x, eps):  # [..., n] -> [..., n]: mean 0 and variance 1 along the last axis
+def normalized(x: Float[Array, "*rows n"], eps: float) -> Float[Array, "*rows n"]:
+    # mean 0 and variance 1 along the last axis
     return normalized_and_saved(x, eps)[0]
 
 
@@ -212,7 +234,8 @@ def normalized_backward(eps, saved, dy):
 normalized.defvjp(normalized_and_saved, normalized_backward)
 
 
-def random_bits(key, shape):  # a PRNG key -> uint32 [*shape]: a keyed hash of each element's index
+def random_bits(key: PRNGKeyArray, shape: tuple[int, ...]) -> UInt32[Array, "..."]:
+    # a keyed hash of each element's index, shaped shape
     # Not jax.random.bits: threefry runs on a CPU as a loop of unfused passes over the whole array (~1/6 of a baby
     # GPT's training step, for its dropout masks). This hash is a few integer ops that fuse into the multiply, and it
     # depends only on the key and the element's global index, so the bits do not depend on how x is sharded.
@@ -224,8 +247,8 @@ def random_bits(key, shape):  # a PRNG key -> uint32 [*shape]: a keyed hash of e
     return mix32(mix32(mix32(row ^ k0) ^ col) ^ k1)
 
 
-def mix32(h):  # uint32 -> uint32, a bijection in which every input bit flips each output bit with probability ~1/2
-    # (MurmurHash3's finaliser)
+def mix32(h: UInt32[Array, "*shape"]) -> UInt32[Array, "*shape"]:
+    # a bijection in which every input bit flips each output bit with probability ~1/2 (MurmurHash3's finaliser)
     h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
     h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
     return h ^ (h >> 16)
@@ -246,7 +269,7 @@ def use_flash_attention(dtype):
 LORA_TARGETS = ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
 
 
-def init_adapters(key, params, rank, targets=LORA_TARGETS):
+def init_adapters(key: PRNGKeyArray, params: dict, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> dict:
     # A ~ N(0, 1 / n_in), B = 0: the adapted model starts as the base model exactly
     adapters = {}
     for i, target in enumerate(targets):
@@ -258,11 +281,12 @@ def init_adapters(key, params, rank, targets=LORA_TARGETS):
     return {"h": adapters}
 
 
-def with_adapters(params, adapters, scale):  # params whose adapted layers also hold lora_a and lora_b * scale
+def with_adapters(params: dict, adapters: dict, scale: float) -> dict:
+    # params whose adapted layers also hold lora_a and lora_b * scale
     return map_adapted(params, adapters, lambda p, ab: {**p, "lora_a": ab["lora_a"], "lora_b": ab["lora_b"] * scale})
 
 
-def merge_adapters(params, adapters, scale):  # -> plain params computing the same: W + scale * A B
+def merge_adapters(params: dict, adapters: dict, scale: float) -> dict:  # plain params computing the same: W + s A B
     return map_adapted(params, adapters,
                         lambda p, ab: {**p, "w": p["w"] + scale * (ab["lora_a"] @ ab["lora_b"]).astype(p["w"].dtype)})
 
@@ -275,9 +299,9 @@ def map_adapted(params, adapters, update):  # params with update(layer, its adap
     return {**params, "h": h}
 
 
-def cast(params, dtype):  # e.g. cast(params, jnp.bfloat16) for bf16 inference or mixed-precision compute
+def cast(params: dict, dtype) -> dict:  # e.g. cast(params, jnp.bfloat16): bf16 inference or mixed-precision compute
     return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
-def count_params(params):
+def count_params(params: dict) -> int:
     return sum(p.size for p in jax.tree.leaves(params))

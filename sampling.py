@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jaxtyping import Array, Float, Int, UInt32
 
 import gpt
+from gpt import Position
 
 CHUNK = 16  # tokens per jitted decode call: the granularity of streaming (a host round trip costs ~0.1 ms)
 MIN_BUCKET = 16
@@ -37,14 +39,16 @@ MIN_TEMPERATURE = 1e-6  # below it, logits / temperature can overflow float32 (t
 BATCH_BYTES = 2 << 30  # the memory one batch of generate() may take (rows_that_fit)
 
 
-def bucket(n, n_ctx):  # the padded length for n tokens: the next power of two, at least MIN_BUCKET, at most n_ctx
+def bucket(n: int, n_ctx: int) -> int:
+    # the padded length for n tokens: the next power of two, at least MIN_BUCKET, at most n_ctx
     return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), n_ctx)
 
 
 # ------------------------------------------------------------------------------------------------ choosing a token
 
 
-def filter_logits(logits, top_k, top_p):  # [n_vocab] -> [n_vocab], -inf outside the kept tokens
+def filter_logits(logits: Float[Array, " n_vocab"], top_k: Int[Array, ""],
+                  top_p: Float[Array, ""]) -> Float[Array, " n_vocab"]:  # -inf outside the kept tokens
     # top_k: keep the k most likely tokens (and any tied with the k-th); top_p: of those, keep the smallest set of
     # most likely tokens whose probability adds up to >= top_p. Both are traced: k = n_vocab, p = 1 keep everything.
     # Each cut is a threshold found by bisection over the 2**32 float32 bit patterns (32 masked sums over the
@@ -57,7 +61,8 @@ def filter_logits(logits, top_k, top_p):  # [n_vocab] -> [n_vocab], -inf outside
     return jnp.where(keys >= cut, logits, -jnp.inf)  # the top token always stays: cut <= its key
 
 
-def largest_key_where(keys, holds):  # [n] uint32, a test that holds for keys.min() and turns false at most once
+def largest_key_where(keys: UInt32[Array, " n"], holds) -> UInt32[Array, ""]:
+    # the largest t at which holds(t), a test that holds for keys.min() and turns false at most once
     def halve(_, bounds):  # invariant: holds(lo); the answer is <= hi
         lo, hi = bounds
         mid = lo + (hi - lo + 1) // 2
@@ -67,12 +72,14 @@ def largest_key_where(keys, holds):  # [n] uint32, a test that holds for keys.mi
     return lax.fori_loop(0, 32, halve, (keys.min(), keys.max()))[0]
 
 
-def sortable_bits(x):  # float32 -> uint32 in the same order (negative floats' bits count down)
+def sortable_bits(x: Float[Array, "*shape"]) -> UInt32[Array, "*shape"]:
+    # float32 -> uint32 in the same order (negative floats' bits count down)
     bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def next_tokens(logits, controls, step, *, greedy):  # [batch, n_vocab] -> [batch]
+def next_tokens(logits: Float[Array, "batch n_vocab"], controls: dict, step: Int[Array, ""], *,
+                greedy: bool) -> Int[Array, " batch"]:
     if greedy:
         return jnp.argmax(logits, axis=-1)
     logits = logits / controls["temperature"]
@@ -88,7 +95,7 @@ def next_tokens(logits, controls, step, *, greedy):  # [batch, n_vocab] -> [batc
 # ------------------------------------------------------------------------------------------------ the model
 
 
-def unstack_layers(params):
+def unstack_layers(params: dict) -> dict:
     """params with "h" as a list of per-layer dicts instead of arrays stacked over the layers: the layout generation
     runs on (see transformer). On a CPU the layers are views of the stacked arrays (no copy, ~20 ms for 124M)."""
     if isinstance(params["h"], list):
@@ -103,7 +110,8 @@ def layer_of(w, i):  # [n_layer, ...] -> [...], its own array
     return w[i]
 
 
-def transformer(params, ids, n_head, caches, pos):  # [n_seq] -> [n_seq, n_embd], and the updated caches
+def transformer(params: dict, ids: Int[Array, " n_seq"], n_head: int, caches: list,
+                pos: Position) -> tuple[Float[Array, "n_seq n_embd"], list]:  # and the updated caches
     # gpt.transformer, over per-layer weights and per-layer KV caches (each gpt.init_cache with n_layer 1). Why not
     # gpt.transformer's lax.scan over the stacked layers: on a CPU, XLA copies each layer's slice of a stacked array
     # before a matmul reads it, which doubles the memory traffic of decoding (124M: ~2x slower), and decoding is
@@ -116,14 +124,14 @@ def transformer(params, ids, n_head, caches, pos):  # [n_seq] -> [n_seq, n_embd]
     return gpt.layer_norm(x, **params["ln_f"]), out
 
 
-def forward_rows(params, ids, n_head, caches, pos):
-    # [batch, n_seq] ids, per-row caches and start positions (pos: [batch], or one int for all rows)
-    # -> [batch, n_seq, n_embd] hidden states, updated caches
+def forward_rows(params: dict, ids: Int[Array, "batch n_seq"], n_head: int, caches: list,
+                 pos: int | Int[Array, " batch"]) -> tuple[Float[Array, "batch n_seq n_embd"], list]:
+    # per-row caches and start positions (one int: the same for all rows) -> hidden states, updated caches
     pos_axis = None if isinstance(pos, int) else 0
     return jax.vmap(transformer, in_axes=(None, 0, None, 0, pos_axis))(params, ids, n_head, caches, pos)
 
 
-def unembed_rows(params, x):  # [batch, n_embd] -> [batch, n_vocab]
+def unembed_rows(params: dict, x: Float[Array, "batch n_embd"]) -> Float[Array, "batch n_vocab"]:
     # gpt.unembed for a few rows. On a CPU, XLA computes the product faster as wte @ x.T than as x @ wte.T for 1 to 16
     # rows (124M, 8 rows: 11 vs 18 ms, the largest part of a decoding step; 64 rows: no gain); the barrier keeps XLA
     # from rewriting it back.
@@ -136,8 +144,8 @@ def unembed_rows(params, x):  # [batch, n_embd] -> [batch, n_vocab]
 # ------------------------------------------------------------------------------------------------ the jitted loop
 
 
-def sample(state, logits, controls, greedy):
-    # each row's next token from logits [batch, n_vocab]; a row that has emitted the eot token keeps emitting it
+def sample(state: dict, logits: Float[Array, "batch n_vocab"], controls: dict, greedy: bool) -> dict:
+    # each row's next token; a row that has emitted the eot token keeps emitting it
     # (eot_token -1: no stop)
     token = next_tokens(logits, controls, state["step"], greedy=greedy).astype(jnp.int32)
     token = jnp.where(state["done"], controls["eot_token"], token)
@@ -146,9 +154,10 @@ def sample(state, logits, controls, greedy):
 
 
 @partial(jax.jit, static_argnames=("n_head", "cache_len", "greedy"))
-def prefill(params, ids, lengths, controls, *, n_head, cache_len, greedy):
-    # [batch, prompt_bucket] right-padded prompts, [batch] their lengths -> the decoding state, holding the KV cache
-    # and each row's first new token
+def prefill(params: dict, ids: Int[Array, "batch prompt_bucket"], lengths: Int[Array, " batch"], controls: dict, *,
+            n_head: int, cache_len: int, greedy: bool) -> dict:
+    # right-padded prompts and their lengths -> the decoding state, holding the KV cache and each row's first new
+    # token
     batch, n_layer, n_embd = ids.shape[0], len(params["h"]), params["wte"].shape[1]
     cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": n_embd}, cache_len, params["wte"].dtype)
     caches = [jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache) for _ in range(n_layer)]
@@ -159,9 +168,10 @@ def prefill(params, ids, lengths, controls, *, n_head, cache_len, greedy):
 
 
 @partial(jax.jit, static_argnames=("n_head", "chunk", "greedy"), donate_argnames=("state",))
-def decode(params, state, n_steps, controls, *, n_head, chunk, greedy):
-    # feed each row's last token to the model and sample the next, n_steps (<= chunk, traced) times
-    # -> [batch, chunk] new tokens (columns from n_steps on are padding), and the state to continue from
+def decode(params: dict, state: dict, n_steps: Int[Array, ""], controls: dict, *, n_head: int, chunk: int,
+           greedy: bool) -> tuple[Int[Array, "batch chunk"], dict]:
+    # feed each row's last token to the model and sample the next, n_steps (<= chunk, traced) times -> the new
+    # tokens (columns from n_steps on are padding), and the state to continue from
     def not_finished(carry):
         i, state, _ = carry
         return (i < n_steps) & ~jnp.all(state["done"])  # stop early once every row has emitted the eot token

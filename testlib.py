@@ -92,8 +92,11 @@ def assert_params_equal(params, expected):
         np.testing.assert_array_equal(flat[name], expected[name], err_msg=name)
 
 
-def numpy_gpt2(flat, ids, n_head):  # float64 GPT-2 forward pass: [n_seq] -> [n_seq, n_vocab]
+def numpy_gpt2(flat, ids, n_head, drop=None):  # float64 GPT-2 forward pass: [..., n_seq] -> [..., n_seq, n_vocab]
+    """drop(site, layer, x) -> x after dropout at each of GPT-2's dropout sites: "embd" (the embedding sum, layer
+    None), "attn_weights" (after the softmax), "attn" and "mlp" (each residual branch); None: no dropout."""
     p = {k: np.asarray(v, np.float64) for k, v in flat.items()}
+    drop = drop or (lambda site, layer, x: x)
 
     def layer_norm(x, g, b):
         mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
@@ -102,20 +105,22 @@ def numpy_gpt2(flat, ids, n_head):  # float64 GPT-2 forward pass: [n_seq] -> [n_
     def gelu(x):
         return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
-    n_seq = len(ids)
-    x = p["wte"][ids] + p["wpe"][:n_seq]
+    ids = np.asarray(ids)
+    n_seq = ids.shape[-1]
+    x = drop("embd", None, p["wte"][ids] + p["wpe"][:n_seq])
     causal = np.tril(np.ones((n_seq, n_seq), bool))
     for i in range(p["h/ln_1/g"].shape[0]):
         h = layer_norm(x, p["h/ln_1/g"][i], p["h/ln_1/b"][i])
         q, k, v = np.split(h @ p["h/attn/c_attn/w"][i] + p["h/attn/c_attn/b"][i], 3, axis=-1)
-        q, k, v = (t.reshape(n_seq, n_head, -1).transpose(1, 0, 2) for t in (q, k, v))
-        scores = np.where(causal, q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1]), -np.inf)
+        q, k, v = (t.reshape(*t.shape[:-1], n_head, -1).swapaxes(-3, -2) for t in (q, k, v))  # [.., head, seq, d]
+        scores = np.where(causal, q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1]), -np.inf)
         att = np.exp(scores - scores.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        heads = (att @ v).transpose(1, 0, 2).reshape(n_seq, -1)
-        x = x + heads @ p["h/attn/c_proj/w"][i] + p["h/attn/c_proj/b"][i]
+        att = drop("attn_weights", i, att / att.sum(-1, keepdims=True))
+        heads = (att @ v).swapaxes(-3, -2).reshape(x.shape)
+        x = x + drop("attn", i, heads @ p["h/attn/c_proj/w"][i] + p["h/attn/c_proj/b"][i])
         h = layer_norm(x, p["h/ln_2/g"][i], p["h/ln_2/b"][i])
-        x = x + gelu(h @ p["h/mlp/c_fc/w"][i] + p["h/mlp/c_fc/b"][i]) @ p["h/mlp/c_proj/w"][i] + p["h/mlp/c_proj/b"][i]
+        x = x + drop("mlp", i, gelu(h @ p["h/mlp/c_fc/w"][i] + p["h/mlp/c_fc/b"][i]) @ p["h/mlp/c_proj/w"][i]
+                     + p["h/mlp/c_proj/b"][i])
     return layer_norm(x, p["ln_f/g"], p["ln_f/b"]) @ p["wte"].T
 
 

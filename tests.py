@@ -27,7 +27,9 @@ import time
 from functools import partial
 
 import jax
+import jax.ad_checkpoint as jax_ad_checkpoint
 import jax.numpy as jnp
+import jaxtyping
 import lm_eval
 import numpy as np
 import pytest
@@ -311,6 +313,97 @@ def test_dropout_masks_do_not_depend_on_sharding():
     proc = run_program("dropout_sharding.py", timeout=300, env=FOUR_CPU_DEVICES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "same"
+
+
+def documented_dropout(key, rate):
+    """numpy_gpt2's drop for gpt.py's documented dropout: the embedding's mask from jax.random.split(key)[1]; layer
+    i's from jax.random.fold_in(split(key)[0], i), split in three for the attention weights, the attention branch and
+    the MLP branch; each element kept where its gpt.random_bits are >= rate * 2**32, and scaled by 1 / (1 - rate)."""
+    rest, k_embd = jax.random.split(key)
+
+    def drop(site, layer, x):
+        k = k_embd if site == "embd" else jax.random.split(jax.random.fold_in(rest, layer), 3)[
+            ("attn_weights", "attn", "mlp").index(site)]
+        keep = np.asarray(gpt.random_bits(k, x.shape)).astype(np.int64) >= round(rate * 2**32)
+        return np.where(keep, x / (1 - rate), 0.0)
+    return drop
+
+
+def test_shapes_are_checked_at_run_time():
+    # the test run checks gpt.py's and sampling.py's jaxtyping annotations (pyproject.toml's --jaxtyping-packages):
+    # a mistake in a shape fails with the name of the dimension that disagrees
+    x = jnp.ones((3, 8))
+    with pytest.raises(jaxtyping.TypeCheckError, match="n_embd"):
+        gpt.layer_norm(x, jnp.ones(7), jnp.zeros(8))
+    with pytest.raises(jaxtyping.TypeCheckError):  # ids must be integers
+        gpt.gpt(gpt.init_params(jax.random.PRNGKey(0), {"n_vocab": 5, "n_ctx": 4, "n_embd": 8, "n_head": 2,
+                                                         "n_layer": 1}), x, 2)
+    with pytest.raises(jaxtyping.TypeCheckError, match="n_vocab"):
+        sampling.filter_logits(jnp.ones((2, 5)), jnp.int32(1), jnp.float32(1))
+
+
+def test_dropout_drops_what_gpt2_drops_with_the_documented_masks():
+    # the forward pass with dropout, in float64, against numpy's GPT-2 with documented_dropout: which activations are
+    # dropped (the embedding, the attention weights, each residual branch), with which mask (a distinct one per site,
+    # layer and row), kept at which rate and scaled by how much
+    with jax.enable_x64(True):
+        hparams = {"n_vocab": 23, "n_ctx": 12, "n_embd": 16, "n_head": 2, "n_layer": 3}
+        params = gpt.init_params(jax.random.PRNGKey(0), hparams, jnp.float64)
+        params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+        ids = jax.random.randint(jax.random.PRNGKey(2), (3, 10), 0, 23)
+        key = jax.random.PRNGKey(3)
+        for rate in (0.1, 0.5):
+            x, _ = gpt.transformer(params, ids, 2, dropout_rate=rate, key=key)
+            expected = numpy_gpt2(flat_params(params), np.asarray(ids), 2, drop=documented_dropout(key, rate))
+            np.testing.assert_allclose(np.asarray(gpt.unembed(params, x)), expected, rtol=1e-9, atol=1e-12)
+        no_dropout = numpy_gpt2(flat_params(params), np.asarray(ids), 2)
+        assert not np.allclose(expected, no_dropout, atol=1e-3)  # the masks did change the result
+        np.testing.assert_allclose(np.asarray(gpt.gpt(params, ids, 2)), no_dropout, rtol=1e-9, atol=1e-12)
+
+
+def test_bfloat16_layer_norm_keeps_float32_statistics():
+    # LayerNorm over bfloat16 activations with a large common offset (as the residual stream has): computed in float32
+    # and rounded once to bfloat16, it is the float64 LayerNorm of the same numbers to bfloat16's rounding (2**-8
+    # relative); statistics in bfloat16 cancel catastrophically (x - mean loses the offset's rounding: errors ~0.3)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 64)) * 0.5 + 30 + rng.normal(size=(16, 1)) * 4, jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=64) * 0.2 + 1, jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=64) * 0.1, jnp.bfloat16)
+    x64, g64, b64 = (np.asarray(t.astype(jnp.float32), np.float64) for t in (x, g, b))
+    expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * g64 + b64
+    y = gpt.layer_norm(x, g, b)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32), np.float64), expected, rtol=2**-8, atol=1e-4)
+
+
+def saved_residuals(f, *args, capsys):  # [(dtype, shape, where it comes from)] that f's backward pass keeps
+    capsys.readouterr()
+    jax_ad_checkpoint.print_saved_residuals(f, *args)
+    lines = capsys.readouterr().out.splitlines()
+    found = [re.match(r"(\w+)\[([\d,]*)\] (.*)", line) for line in lines]
+    return [(m[1], tuple(int(d) for d in m[2].split(",") if d), m[3]) for m in found if m]
+
+
+def test_remat_saves_each_blocks_input_and_matmul_outputs_only(capsys):
+    # what gpt.transformer's remat policy promises to keep of each block for the backward pass: its input and the
+    # outputs of the matmuls the backward pass needs (c_attn: 3 n_embd floats a token; attn/c_proj: 1; mlp/c_fc: 4;
+    # mlp/c_proj's output feeds only the residual sum, whose gradient does not need it), 9 n_embd floats a token and
+    # layer in all; never the attention weights ([n_head, n_seq, n_seq] a row), which it recomputes
+    hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 24, "n_head": 2, "n_layer": 3}
+    params = gpt.init_params(jax.random.PRNGKey(0), hparams)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 50)
+    n_tokens, n_seq, L, E = 32, 16, 3, 24
+    per_layer = {}
+    for remat in (True, False):
+        residuals = saved_residuals(lambda p, remat=remat: gpt.lm_loss(p, ids, ids, 2, 0.1, jax.random.PRNGKey(2),
+                                                                       remat=remat), params, capsys=capsys)
+        per_layer[remat] = [(shape, where) for dtype, shape, where in residuals
+                            if dtype == "f32" and shape[:1] == (L,) and "argument" not in where]
+        assert residuals, "print_saved_residuals printed nothing that could be read"
+    floats = sum(math.prod(shape) for shape, _ in per_layer[True])
+    assert floats == 9 * E * n_tokens * L, per_layer[True]
+    assert not [s for s, _ in per_layer[True] if s[-2:] == (n_seq, n_seq)], per_layer[True]
+    assert [s for s, _ in per_layer[False] if s[-2:] == (n_seq, n_seq)]  # without remat the weights are kept
 
 
 def test_lora_adapters_start_at_the_base_model_and_merge_exactly():
