@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import jaxtyping
 import lm_eval
 import numpy as np
+import optax
 import pytest
 import safetensors.numpy
 import tiktoken
@@ -213,9 +214,17 @@ def test_init_params_shapes_and_statistics():
     assert jax.tree.structure(params) == jax.tree.structure(ref_params)
     assert params["h"]["attn"]["c_attn"]["w"].shape == (3, 64, 192)
     assert params["h"]["mlp"]["c_proj"]["w"].shape == (3, 256, 64)
-    assert abs(float(params["wte"].std()) - 0.02) < 0.002
-    assert abs(float(params["h"]["mlp"]["c_proj"]["w"].std()) - 0.02 / math.sqrt(6)) < 0.001
-    assert float(jnp.abs(params["h"]["attn"]["c_attn"]["b"]).max()) == 0.0
+    # every leaf as GPT-2 (and nanoGPT) initialise it: N(0, 0.02) matrices and token embeddings, N(0, 0.01) positions,
+    # the two projections into the residual stream N(0, 0.02 / sqrt(2 n_layer)), zero biases, unit LayerNorm gains
+    stds = {"wte": 0.02, "wpe": 0.01, "h/attn/c_attn/w": 0.02, "h/mlp/c_fc/w": 0.02,
+            "h/attn/c_proj/w": 0.02 / math.sqrt(6), "h/mlp/c_proj/w": 0.02 / math.sqrt(6)}
+    for name, leaf in flat_params(params).items():
+        leaf = np.asarray(leaf, np.float64)
+        if name in stds:  # the sample std of n normal draws is within 5 / sqrt(2 n) of sigma, relatively
+            assert abs(leaf.mean()) < 5 * stds[name] / math.sqrt(leaf.size), name
+            assert abs(leaf.std() / stds[name] - 1) < 5 / math.sqrt(2 * leaf.size), (name, leaf.std())
+        else:
+            np.testing.assert_array_equal(leaf, 1.0 if name.endswith("/g") else 0.0, err_msg=name)
     # an untrained model predicts close to uniform: loss near ln(n_vocab)
     ids = jnp.arange(20) % 300
     loss = gpt.lm_loss(params, ids[:-1], ids[1:], hparams["n_head"])
@@ -1109,6 +1118,28 @@ def test_save_params_round_trips_through_a_model_folder(tmp_path):
     assert not list((tmp_path / "out").glob("*.part"))
 
 
+def test_weights_25_heads_and_non_square_shapes_in_every_layout(tmp_path):
+    # GPT-2 1558M has 25 heads (of 64): a small model with 25 heads of 2 (n_embd 50: every matrix but attn/c_proj is
+    # non-square) through each layout, OpenAI's TF checkpoint, gptjax's own folder and its HF export read back, against
+    # numpy's GPT-2 in float64 with 25 heads
+    hparams = {"n_vocab": 40, "n_ctx": 12, "n_embd": 50, "n_head": 25, "n_layer": 3}
+    params = gpt.init_params(jax.random.PRNGKey(0), hparams)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    flat = {name: np.asarray(x) for name, x in flat_params(params).items()}
+    ids = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+    expected = numpy_gpt2(flat, ids, 25)
+    (tmp_path / "tf").mkdir()
+    (tmp_path / "tf" / "hparams.json").write_text(json.dumps(hparams))
+    write_bundle(tmp_path / "tf" / "model.ckpt", tf_tensors(flat))
+    weights.save_params(tmp_path / "own", hparams, params)
+    weights.to_hf(str(tmp_path / "own"), tmp_path / "hf")
+    for folder in ("tf", "own", "hf"):
+        loaded_hparams, loaded = weights.load_hparams_and_params(tmp_path / folder)
+        assert loaded_hparams == hparams, folder
+        np.testing.assert_allclose(gpt.gpt(loaded, jnp.asarray(ids), loaded_hparams["n_head"]), expected, atol=1e-4,
+                                   err_msg=folder)
+
+
 def test_weights_to_hf_writes_what_transformers_writes(tmp_path, capsys):
     # gpt2-tiny-hf was written by transformers' save_pretrained from gpt2-tiny's weights: exporting gpt2-tiny must
     # give the same tensors under the same names, a config that describes the same model, GPT-2's vocabulary under
@@ -1330,6 +1361,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     handmade = np.log(np.array([0.04, 0.4, 0.1, 0.25, 0.06, 0.15]))  # sorted: .4 .25 .15 .1 .06 .04
     cases = [(handmade, 0.5, {1, 3}), (handmade, 0.7, {1, 3, 5}), (handmade, 0.01, {1}),
              (handmade, 0.93, {1, 3, 5, 2, 4}), (handmade, 1.0, set(range(6)))]
+    halves = np.log(np.array([0.5, 0.25, 0.125, 0.0625, 0.0625]))  # float32 sums them exactly: a mass that reaches p
+    cases += [(halves, 0.5, {0}), (halves, 0.75, {0, 1}), (halves, 0.875, {0, 1, 2})]  # exactly stops there
     random_logits = rng.normal(0, 3, 500)
     for p in (0.3, 0.8, 0.95):  # numpy reference: the most likely tokens until their float64 mass reaches p
         probs = softmax64(random_logits)
@@ -1736,6 +1769,21 @@ def test_train_batches_come_from_the_memmap_shifted_by_one(train_data_dir):
     assert not np.array_equal(starts, data.batch_starts(len(ids), 16, 8, seed=5, it=3, split="val"))
     with pytest.raises(ValueError, match="too few for block_size"):
         data.batch_starts(10, 16, 8, seed=5, it=0, split="val")
+    # every window of block_size + 1 tokens is drawn, the split's last one included, and none past it: a split of 12
+    # tokens and block_size 8 has the starts 0..3
+    drawn = np.concatenate([data.batch_starts(12, 8, 16, seed=0, it=it, split="train") for it in range(20)])
+    assert set(drawn.tolist()) == {0, 1, 2, 3}
+    tokens = np.arange(12, dtype=np.uint16)
+    x, y = data.get_batch(tokens, np.array([3]), 8)
+    assert x[0].tolist() == list(range(3, 11)) and y[0].tolist() == list(range(4, 12))
+
+
+def test_data_token_files_hold_every_uint16_id_and_refuse_larger_ones():
+    buf = io.BytesIO()
+    assert data.write_ids(buf, np.array([0, 1, 65534, 65535])) == 4
+    assert np.frombuffer(buf.getvalue(), np.uint16).tolist() == [0, 1, 65534, 65535]
+    with pytest.raises(ValueError, match="65,536"):
+        data.write_ids(io.BytesIO(), np.array([5, 65536]))
 
 
 def test_data_one_text_is_read_in_pieces_that_keep_tiktokens_tokens(tmp_path, monkeypatch):
@@ -1994,6 +2042,70 @@ def test_train_weight_decay_only_on_matrices_and_embeddings():
         expected = -0.1 * 0.5 * p if name in decayed else np.zeros_like(p)
         np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=name)
     assert {n for n in flat if n.endswith(("/b", "/g"))} == set(flat) - decayed  # biases and LayerNorm: no decay
+
+
+def test_train_optimizer_is_nanogpts_clip_then_adamw():
+    # make_optimizer's updates over steps through warmup and decay, against the rule written out in float64: clip the
+    # gradient to global norm grad_clip, Adam's moments with bias correction, then lr(it) * (m / (sqrt(v) + eps) +
+    # weight_decay * p) on the decayed params (matrices, embeddings) and without the decay on the rest
+    config = train_config.resolve_config({"learning_rate": 1e-2, "min_lr": 1e-3, "warmup_iters": 2,
+                                          "lr_decay_iters": 5, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1,
+                                          "grad_clip": 1.0})
+    rng = np.random.default_rng(0)
+    params = {"wte": rng.normal(size=(5, 3)), "h": {"ln_1": {"g": 1 + rng.normal(size=3)},
+                                                    "attn": {"c_attn": {"w": rng.normal(size=(3, 6)),
+                                                                        "b": rng.normal(size=6)}}}}
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    decayed = {"wte", "h/attn/c_attn/w"}
+    optimizer = train.make_optimizer(config, params)
+    state = optimizer.init(params)
+    ref = {name: np.asarray(p, np.float64) for name, p in outdir.flat_names(params, "").items()}
+    m = {name: np.zeros_like(p) for name, p in ref.items()}
+    v = {name: np.zeros_like(p) for name, p in ref.items()}
+    for it, scale in enumerate([10.0, 0.1, 3.0, 0.5, 2.0, 0.01, 5.0]):  # global norms above and below the clip
+        grads = jax.tree.map(lambda p, s=scale: jnp.asarray(s * rng.normal(size=p.shape), jnp.float32), params)
+        updates, state = jax.jit(optimizer.update)(grads, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        g = {name: np.asarray(x, np.float64) for name, x in outdir.flat_names(grads, "").items()}
+        norm = math.sqrt(sum((x ** 2).sum() for x in g.values()))
+        lr = (1e-2 * (it + 1) / 3 if it < 2 else
+              1e-3 + 0.5 * (1 + math.cos(math.pi * min(it - 2, 3) / 3)) * (1e-2 - 1e-3))
+        for name in ref:
+            clipped = g[name] * min(1.0, 1.0 / norm)
+            m[name] = 0.9 * m[name] + 0.1 * clipped
+            v[name] = 0.95 * v[name] + 0.05 * clipped ** 2
+            step = (m[name] / (1 - 0.9 ** (it + 1))) / (np.sqrt(v[name] / (1 - 0.95 ** (it + 1))) + 1e-8)
+            ref[name] = ref[name] - lr * (step + (0.1 * ref[name] if name in decayed else 0))
+        for name, p in outdir.flat_names(params, "").items():
+            np.testing.assert_allclose(p, ref[name], rtol=1e-5, atol=1e-6, err_msg=f"{name} at step {it}")
+
+
+def test_train_step_draws_each_micro_batch_and_step_its_own_dropout_masks():
+    # train_step with dropout, in float64, against numpy's GPT-2 with documented_dropout and the keys train.py
+    # documents: fold_in(fold_in(PRNGKey(seed), it), m) for micro-batch m of iteration it. Its loss is the mean of the
+    # micro-batches' losses; its update (SGD at learning rate 1) is minus the mean of their gradients.
+    with jax.enable_x64(True):
+        hparams = {"n_vocab": 13, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 2}
+        params = gpt.init_params(jax.random.PRNGKey(0), hparams, jnp.float64)
+        x = jax.random.randint(jax.random.PRNGKey(1), (3, 2, 8), 0, 13)  # 3 micro-batches of 2 rows
+        y = jax.random.randint(jax.random.PRNGKey(2), (3, 2, 8), 0, 13)
+        optimizer = optax.sgd(1.0)
+        step = jax.jit(partial(train.train_step, optimizer=optimizer, seed=7, n_head=2, dropout=0.2,
+                               dtype=jnp.float64))
+        for it in (0, 5):
+            new_params, _, loss = step(params, optimizer.init(params), x, y, it)
+            keys = [jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), it), m) for m in range(3)]
+            losses = []
+            for m, key in enumerate(keys):
+                logits = numpy_gpt2(flat_params(params), np.asarray(x[m]), 2, drop=documented_dropout(key, 0.2))
+                logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+                losses.append(-np.take_along_axis(logprobs, np.asarray(y[m])[..., None], -1).mean())
+            assert float(loss) == pytest.approx(np.mean(losses), rel=1e-9), it
+            grads = [jax.grad(gpt.lm_loss)(params, x[m], y[m], 2, 0.2, key) for m, key in enumerate(keys)]
+            mean_grad = jax.tree.map(lambda *g: sum(g) / 3, *grads)
+            for name, p in outdir.flat_names(new_params, "").items():
+                expected = outdir.flat_names(params, "")[name] - outdir.flat_names(mean_grad, "")[name]
+                np.testing.assert_allclose(p, expected, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 def test_train_remat_gives_the_same_losses(train_data_dir, tmp_path):
