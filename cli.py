@@ -39,7 +39,7 @@ class Interrupted(KeyboardInterrupt):
         self.code = code
 
 
-def run(body, argv=None):
+def run(body, argv: list[str] | None = None) -> int:
     """body(argv) -> exit code (None: 0), with every expected error turned into one line and its exit code."""
     try:
         return body(sys.argv[1:] if argv is None else argv) or OK
@@ -54,7 +54,7 @@ def run(body, argv=None):
         return getattr(e, "code", INTERRUPTED)
 
 
-def setup(training=False):
+def setup(training: bool = False) -> None:
     """Set up this process for gptjax's work; call before jax runs anything."""
     if training:
         prefer_eigen_dots_on_cpu()

@@ -73,7 +73,7 @@ def is_prepared(folder):  # gptjax's own layout, or a folder of llm.c token shar
         is_shard_folder(folder)
 
 
-def dataset_folder(dataset, data_dir, tokens=None):
+def dataset_folder(dataset: str, data_dir: str | Path, tokens: str | None = None) -> Path:
     """Where `dataset` is (or will be) prepared: a name under data_dir, or for a path to text, a folder named after
     it and its tokens: data/notes.txt with char tokens -> data_dir/notes_char."""
     if dataset in NAMED or not (os.sep in dataset or "/" in dataset or Path(dataset).exists()):
@@ -81,7 +81,7 @@ def dataset_folder(dataset, data_dir, tokens=None):
     return Path(data_dir) / f"{Path(dataset).resolve().stem}_{tokens}"
 
 
-def load_split(folder, split, n_vocab=None):
+def load_split(folder: Path, split: str, n_vocab: int | None = None):
     """-> the split's tokens: a [n_tokens] uint16 memmap, or the ShardedTokens of an llm.c shard folder; every id
     checked to be < n_vocab (when given)."""
     path = Path(folder) / f"{split}.bin"
@@ -146,7 +146,8 @@ def read_meta(folder):
     return meta
 
 
-def batch_starts(n_tokens, block_size, batch_size, seed, it, split):  # -> [batch_size] int64 offsets
+def batch_starts(n_tokens: int, block_size: int, batch_size: int, seed: int, it: int,
+                 split: str) -> np.ndarray:  # [batch_size] int64 offsets
     """Random offsets of batch `it` of split, a pure function of its arguments: resuming at iteration it draws the
     same batches as a run that never stopped, with no sampler state to save."""
     if n_tokens <= block_size:
@@ -156,7 +157,8 @@ def batch_starts(n_tokens, block_size, batch_size, seed, it, split):  # -> [batc
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
-def get_batch(data, starts, block_size):  # [n_tokens] tokens, [B] -> x [B, block_size] int32, y: x shifted by one
+def get_batch(data, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    # [n_tokens] tokens, [B] starts -> x [B, block_size] int32, y: x shifted by one
     if isinstance(data, ShardedTokens):
         window = data.windows(starts, block_size + 1)
     else:
@@ -181,7 +183,7 @@ def is_shard_folder(folder):
     return Path(folder).is_dir() and all(shard_paths(folder, split) for split in SPLITS)
 
 
-def read_shard(path):  # -> [n_tokens] uint16 memmap of one shard's tokens, its header checked
+def read_shard(path: Path) -> np.memmap:  # -> [n_tokens] uint16 memmap of one shard's tokens, its header checked
     header = np.fromfile(path, "<i4", 256)
     if len(header) < 256 or header[0] != SHARD_MAGIC:
         raise ValueError(f"{path} is not an llm.c token shard (magic {header[0] if len(header) else None}, not "
@@ -246,7 +248,7 @@ def write_atomic(path, data):  # bytes -> path: path is whole or as it was, neve
         f.write(data)
 
 
-def write_ids(f, ids):  # one array of ids -> an open token file, as uint16
+def write_ids(f, ids) -> int:  # one array of ids -> an open token file, as uint16
     ids = np.asarray(ids)
     if ids.size and ids.max() > np.iinfo(np.uint16).max:
         raise ValueError(f"token id {int(ids.max())} does not fit in uint16; vocabularies of at most 65,536 tokens "
@@ -558,7 +560,8 @@ def source_stamp(path):  # identifies the version of a user's text file or folde
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
-def prepare(dataset, data_dir="data", tokens=None, vocab_dir=None, source=None, num_proc=1, skip_bad=False):
+def prepare(dataset: str, data_dir: str | Path = "data", tokens: str | None = None, vocab_dir: Path | None = None,
+            source: Path | None = None, num_proc: int = 1, skip_bad: bool = False) -> Path:
     """Prepare dataset unless it already is; returns its folder. dataset: a name (shakespeare_char, shakespeare,
     openwebtext, or a folder already under data_dir) or a path to a text file or a folder of documents. tokens:
     "char" or "gpt2" (a named dataset has its own). A text's dataset is prepared again when the text changes."""

@@ -28,7 +28,7 @@ class TooLarge(ValueError):
     """What the server sends is larger than the file can be."""
 
 
-def download(url, path, check=None, max_bytes=None):
+def download(url: str, path: Path, check=None, max_bytes: int | None = None) -> Path:
     """Fetch url into path, streamed with a progress bar. Connection errors, stalls, cut transfers and 5xx answers are
     retried with exponential backoff; a cut transfer resumes where it stopped (HTTP Range, the answer's Content-Range
     checked). The data grows in `path.part` and is renamed to path only when its size matches Content-Length and

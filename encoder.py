@@ -49,7 +49,7 @@ GPT2_VOCAB = Path(__file__).resolve().parent / "vocab"
 GPT2_FILES = ("encoder.json", "vocab.bpe")  # GPT-2's vocabulary, as OpenAI released it
 
 
-def bytes_to_unicode():
+def bytes_to_unicode() -> dict[int, str]:
     """{byte: character}: printable bytes stand for themselves, the other 68 (control characters, space, ...) for
     the characters from U+0100 on, so every token is a string of visible characters with no whitespace in it."""
     printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
@@ -229,12 +229,12 @@ def read_merges(path):
     return merges
 
 
-def bpe_encoder(vocab_path, merges_path, fast=True):
+def bpe_encoder(vocab_path: Path, merges_path: Path, fast: bool = True):
     """BPEEncoder from encoder.json + vocab.bpe (or vocab.json + merges.txt); fast=False forces the pure path."""
     return BPEEncoder(read_vocab(vocab_path), read_merges(merges_path), fast=fast, source=str(vocab_path))
 
 
-def char_encoder(meta_path):
+def char_encoder(meta_path: Path):
     """CharEncoder from meta.json: {"kind": "char", "chars": [single-character strings in id order]}."""
     try:
         meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
@@ -248,7 +248,7 @@ def char_encoder(meta_path):
     return CharEncoder(chars)
 
 
-def get_encoder(model_dir, fast=True):
+def get_encoder(model_dir: str | Path, fast: bool = True):
     """The tokenizer stored in model_dir: BPEEncoder (encoder.json + vocab.bpe, or vocab.json + merges.txt) or
     CharEncoder (meta.json). Each has encode(text) -> ids, decode(ids) -> text, n_vocab and eot_token."""
     folder = Path(model_dir)

@@ -101,7 +101,8 @@ def clear_previous_run(out_dir):
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams, record):
+def save_checkpoint(out_dir: Path, params: dict, opt_state, it: int, best_val_loss: float, config: dict, hparams: dict,
+                    record: dict) -> None:
     """The whole training state -> out_dir/ckpt.safetensors, atomically (a crash or a full disk leaves the previous
     checkpoint as it was). record: what the state is valid with, checked on resume, and the run's identity:
     {"vocabulary": the dataset's meta.json, "run_id": the trackers' run, and with LoRA "base" (a release name or an
@@ -215,7 +216,7 @@ def host_array(x):  # a (possibly sharded, possibly multi-host) jax array -> num
 # ----------------------------------------------------------------------------------------- the model folder
 
 
-def save_model(out_dir, hparams, params):
+def save_model(out_dir: Path, hparams: dict, params: dict) -> None:
     """The params -> out_dir/params.safetensors in weights.py's model-folder format (float32, atomic)."""
     host = jax.tree.map(host_array, params)
     if jax.process_index() == 0:
@@ -243,7 +244,7 @@ def write_vocabulary(out_dir, dataset_dir):
 # ------------------------------------------------------------------------------------------------- metrics
 
 
-def append_metrics(out_dir, record):
+def append_metrics(out_dir: Path, record: dict) -> None:
     with files.appending(Path(out_dir) / "metrics.jsonl") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -258,7 +259,8 @@ def drop_metrics_after(out_dir, it):
             f.write("".join(json.dumps(record) + "\n" for record in kept).encode())
 
 
-def read_metrics(out_dir):  # the records of metrics.jsonl, oldest first (a line cut by a crash is skipped)
+def read_metrics(out_dir: Path) -> list[dict]:
+    # the records of metrics.jsonl, oldest first (a line cut by a crash is skipped)
     records = []
     with contextlib.suppress(FileNotFoundError), open(Path(out_dir) / "metrics.jsonl") as f:
         for line in f:

@@ -2108,6 +2108,25 @@ def test_train_step_draws_each_micro_batch_and_step_its_own_dropout_masks():
                 np.testing.assert_allclose(p, expected, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+def test_train_keeps_the_model_of_the_best_val_loss(train_data_dir, tmp_path, monkeypatch):
+    # params.safetensors is the model at the evaluation with the lowest val loss, the checkpoint the latest state
+    # (val losses scripted: 4.0 at iteration 2, then 4.5 and 4.2); always_save_checkpoint makes it the latest too
+    real = train.estimate_losses
+    scripted = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2}
+    monkeypatch.setattr(train, "estimate_losses", lambda *args: {**real(*args), "val": scripted[args[5]]})
+    for name, max_iters, always in (("best", 2, False), ("run", 6, False), ("latest", 6, True)):
+        train.train(run_config(train_data_dir, tmp_path / name, max_iters=max_iters, eval_interval=2,
+                               always_save_checkpoint=always))
+    model = {name: read_safetensors(tmp_path / name / "params.safetensors") for name in ("best", "run", "latest")}
+    for key, value in model["best"].items():  # training is deterministic: the params of iteration 2
+        np.testing.assert_array_equal(model["run"][key], value, err_msg=key)
+    assert any(not np.array_equal(model["latest"][key], value) for key, value in model["best"].items())
+    latest = ckpt_tensors(tmp_path / "run")
+    for key, value in model["latest"].items():  # the latest is iteration 6's, as the run's checkpoint holds
+        np.testing.assert_array_equal(latest["params/" + key], value, err_msg=key)
+    assert outdir.read_checkpoint_meta(tmp_path / "run" / outdir.CKPT_NAME)["best_val_loss"] == 4.0
+
+
 def test_train_remat_gives_the_same_losses(train_data_dir, tmp_path):
     plain = train.train(run_config(train_data_dir, tmp_path / "plain", max_iters=4, eval_interval=4))
     remat = train.train(run_config(train_data_dir, tmp_path / "remat", max_iters=4, eval_interval=4, remat=True))

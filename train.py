@@ -93,7 +93,7 @@ def command(argv):  # the command line -> exit code (cli.py's convention)
     return 128 + result["signal"] if result["signal"] else cli.OK  # stopped by a signal: not finished
 
 
-def train(overrides):
+def train(overrides: dict) -> dict:
     """Run training with config keys overrides (over the defaults); the API behind the command line.
     Returns {"losses": {iteration: train loss}, "evals": [metrics records], "iter": the last iteration reached,
     "interrupted": whether Ctrl-C stopped it}."""
@@ -121,7 +121,7 @@ def decay_mask(params):  # weight decay on matrices and embeddings ("w", wte, wp
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("w", "wte", "wpe"), params)
 
 
-def learning_rate(it, config, xp=jnp):
+def learning_rate(it, config: dict, xp=jnp):
     """The learning rate at iteration it: nanoGPT's get_lr. Linear warmup to learning_rate over warmup_iters, cosine
     decay to min_lr at lr_decay_iters, then min_lr; constant when decay_lr is false. xp=jnp inside the optimizer (it
     is a traced count there), numpy for the logs."""
@@ -135,7 +135,7 @@ def learning_rate(it, config, xp=jnp):
     return xp.where(it < warmup, lr * (it + 1) / (warmup + 1), cosine)
 
 
-def make_optimizer(config, params):
+def make_optimizer(config: dict, params: dict) -> optax.GradientTransformation:
     # the clip is always in the chain (at an infinite norm when disabled) so the state's layout does not depend on it
     max_norm = config["grad_clip"] or float("inf")
     return optax.chain(

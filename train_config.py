@@ -158,7 +158,7 @@ def read_config_file(path):
     return {name: checked_file_value(name, value, path) for name, value in values.items()}
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> dict:
     """Command-line arguments -> the config keys they set (not yet merged with the defaults)."""
     overrides = {}
     for n, arg in enumerate(argv):
@@ -225,7 +225,7 @@ def lora_targets(config):  # "attn.c_attn,mlp.c_fc" -> ("attn/c_attn", "mlp/c_fc
     return tuple(t.strip().replace(".", "/") for t in config["lora_targets"].split(",") if t.strip())
 
 
-def resolve_config(overrides):
+def resolve_config(overrides: dict) -> dict:
     """The full config of a run: the defaults, then (init_from=resume) the config saved in out_dir's checkpoint, then
     overrides. A resumed run cannot change the model's shape."""
     for name in overrides:

@@ -98,7 +98,7 @@ def release_file_check(folder, name):
     return check
 
 
-def download_release(model_type, folder, names=RELEASE_FILES):
+def download_release(model_type: str, folder: Path, names: tuple[str, ...] = RELEASE_FILES) -> None:
     """Fetch the files of OpenAI's GPT-2 release `model_type` that folder lacks. A file exists only once it has
     arrived whole and looks right (see download), so a folder holding all of them is complete and is never fetched
     again. One process downloads into a folder at a time; another waits for it, then fetches only what is still
@@ -126,7 +126,8 @@ def download_release(model_type, folder, names=RELEASE_FILES):
 
 # ------------------------------------------------------------------------------------ params layout and conversion
 
-def param_shapes(hparams):  # "/"-joined names of gpt.py's params -> shapes; "h/..." are stacked over the layers
+def param_shapes(hparams: dict) -> dict[str, tuple[int, ...]]:
+    # "/"-joined names of gpt.py's params -> shapes; "h/..." are stacked over the layers
     V, C, E, L = hparams["n_vocab"], hparams["n_ctx"], hparams["n_embd"], hparams["n_layer"]
     return {"wte": (V, E), "wpe": (C, E),
             "h/ln_1/g": (L, E), "h/ln_1/b": (L, E),
@@ -400,7 +401,7 @@ def cache_is_current(cache, stamp):
     return metadata.get("format") == CACHE_FORMAT and metadata.get("sources") == stamp
 
 
-def fingerprint(params):
+def fingerprint(params: dict) -> str:
     """A hash of the params' values (float32, in name order): tells one model from another of the same shape, as a
     LoRA checkpoint must of its base. ~1 GB/s: 0.5 s for 124M, 6 s for 1558M."""
     digest = hashlib.blake2b(digest_size=16)
@@ -416,12 +417,12 @@ def to_device(array, dtype):  # np.float32 -> jax array of dtype (float32 when N
     return jax.device_put(array if dtype is None else array.astype(dtype, copy=False)).block_until_ready()
 
 
-def flatten(params):  # {"h": {"ln_1": {"g": x}}, ...} -> {"h/ln_1/g": x as np.float32, ...}
+def flatten(params: dict) -> dict[str, np.ndarray]:  # {"h": {"ln_1": {"g": x}}} -> {"h/ln_1/g": x as np.float32}
     return {"/".join(k.key for k in path): np.asarray(x, np.float32)
             for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def unflatten(flat):  # {"h/ln_1/g": x, ...} -> {"h": {"ln_1": {"g": x}}, ...}
+def unflatten(flat: dict) -> dict:  # {"h/ln_1/g": x, ...} -> {"h": {"ln_1": {"g": x}}, ...}
     tree = {}
     for name, value in flat.items():
         *path, leaf = name.split("/")
@@ -451,7 +452,7 @@ def read_params(path, hparams, dtype=None):
                           for name, info in tensors.items()})
 
 
-def cache_path(folder):
+def cache_path(folder: Path) -> Path:
     """Where the converted weights of an OpenAI or HF folder are kept: in gptjax's own cache ($GPTJAX_CACHE, else
     ~/.cache/gptjax), keyed by the folder's absolute path, never in the folder (a user's, maybe shared or read-only:
     the cache is the model's size, 6 GB for 1558M). The cache records its sources' sizes and times (sources_stamp)."""
@@ -460,7 +461,7 @@ def cache_path(folder):
     return root / f"{folder.resolve().name}-{key}" / CACHE_NAME
 
 
-def load_hparams_and_params(model_dir, dtype=None):
+def load_hparams_and_params(model_dir: str | Path, dtype=None) -> tuple[dict, dict]:
     """hparams and params (jax arrays of dtype, float32 by default) of the model in folder model_dir: OpenAI's or
     Hugging Face's layout, converted on the first load and then read from gptjax's cache (cache_path), or gptjax's
     own (params.safetensors), read as it is."""
@@ -487,7 +488,7 @@ def load_hparams_and_params(model_dir, dtype=None):
         return load_hparams_and_params(model_dir, dtype)
 
 
-def save_params(model_dir, hparams, params):
+def save_params(model_dir: str | Path, hparams: dict, params: dict) -> None:
     """Write params (any float dtype; stored as float32) to model_dir/params.safetensors, atomically: a folder that
     load_hparams_and_params and main.py --model_dir read like any other."""
     folder = Path(model_dir)
@@ -495,7 +496,7 @@ def save_params(model_dir, hparams, params):
     write_safetensors(folder / CACHE_NAME, flatten(params), {"format": CACHE_FORMAT, "hparams": json.dumps(hparams)})
 
 
-def model_folder(model, models_dir, download=True):
+def model_folder(model: str, models_dir: str | Path, download: bool = True) -> Path:
     """A release size (fetched when it lacks a file that loading needs, unless download is false) or a path -> the
     model's folder."""
     model = str(model)
@@ -519,7 +520,7 @@ def tokenizer_folder(folder):
     return encoder.GPT2_VOCAB
 
 
-def load_model(model, models_dir="models", dtype=None, download=True):
+def load_model(model: str, models_dir: str | Path = "models", dtype=None, download: bool = True):
     """(folder, hparams, params) of model: a GPT-2 release size, downloaded into models_dir/<size> when incomplete
     (unless download is false), or a model folder (see the module docstring). params are jax arrays of dtype (float32
     by default)."""
@@ -533,7 +534,7 @@ def load_model(model, models_dir="models", dtype=None, download=True):
     return folder, hparams, params
 
 
-def load_encoder_hparams_and_params(model, models_dir="models", dtype=None):
+def load_encoder_hparams_and_params(model: str, models_dir: str | Path = "models", dtype=None):
     """(encoder, hparams, params) of model: see load_model."""
     folder, hparams, params = load_model(model, models_dir, dtype)
     return encoder.get_encoder(tokenizer_folder(folder)), hparams, params
@@ -570,7 +571,7 @@ def hf_tensors(hparams, params):  # params (biases optional) -> {HF name: np.flo
     return tensors
 
 
-def to_hf(model, dest, models_dir="models"):
+def to_hf(model: str, dest: str | Path, models_dir: str | Path = "models") -> str | None:
     """Write model (a release size or any model folder that load_model reads) to the folder dest in Hugging Face's
     GPT-2 layout: config.json, model.safetensors and, for GPT-2-token models, vocab.json, merges.txt and
     tokenizer_config.json, so that transformers' GPT2LMHeadModel and GPT2TokenizerFast load it.
