@@ -287,12 +287,14 @@ def padded_lengths(hparams, prompts, n_tokens):  # -> (padded prompt length, KV 
     return bucket(longest, hparams["n_ctx"]), bucket(longest + n_tokens, hparams["n_ctx"])
 
 
-def rows_that_fit(hparams, prompt_len, cache_len, itemsize):
-    """How many rows one batch may hold: each holds a KV cache, its prefill's activations (attention scores for one
-    layer at a time) and a few copies of its logits; BATCH_BYTES of these per batch."""
+def rows_that_fit(hparams: dict, prompt_len: int, cache_len: int, itemsize: int) -> int:
+    """How many rows one batch may hold: each holds a KV cache (K and V), its prefill's activations for one layer at
+    a time (the attention scores of its prompt against the whole cache, their softmax and the weights, and a few
+    [prompt_len, n_embd] arrays) and a few copies of its logits; BATCH_BYTES of these per batch. Checked against
+    XLA's plan for the compiled prefill, which it bounds from above (by up to ~1.8x at long prompts)."""
     n_embd, n_layer, n_head = hparams["n_embd"], hparams["n_layer"], hparams["n_head"]
     per_row = (2 * n_layer * cache_len * n_embd * itemsize
-               + prompt_len * (16 * n_embd + 2 * n_head * prompt_len) * 4
+               + prompt_len * (16 * n_embd + 3 * n_head * cache_len) * 4
                + 8 * hparams["n_vocab"] * 4)
     return max(1, BATCH_BYTES // per_row)
 

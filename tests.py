@@ -1409,6 +1409,29 @@ def test_generate_batches_leave_room_for_both_halves_of_the_kv_cache():
     assert (rows + 1) * kv_per_row > sampling.BATCH_BYTES * 0.9  # and not far below it: the estimate is not padded
 
 
+def test_generate_batches_fit_the_memory_the_compiled_programs_use():
+    # XLA's plan for the compiled prefill and decode of rows_that_fit's rows (their temporaries and results: the KV
+    # caches, the prompt's attention against the whole cache) stays within BATCH_BYTES; a short prompt before a long
+    # cache is where scores of [n_head, prompt_len, cache_len] a row are easy to under-count
+    hparams = {"n_vocab": 512, "n_ctx": 1024, "n_embd": 256, "n_head": 4, "n_layer": 2}
+    params = sampling.unstack_layers(gpt.init_params(jax.random.PRNGKey(0), hparams))
+    controls = {"key": jax.random.key(0), "temperature": np.float32(1), "top_k": np.int32(512),
+                "top_p": np.float32(1), "eot_token": np.int32(-1), "first_row": np.int32(0)}
+    for prompt_len, cache_len in ((64, 1024),):
+        rows = sampling.rows_that_fit(hparams, prompt_len, cache_len, 4)
+        args = (params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32),
+                controls)
+        static = {"n_head": 4, "greedy": False}
+        prefill = sampling.prefill.lower(*args, cache_len=cache_len, **static).compile().memory_analysis()
+        state = jax.eval_shape(partial(sampling.prefill, cache_len=cache_len, **static), *args)
+        decode = sampling.decode.lower(params, state, np.int32(16), controls, chunk=16,
+                                       **static).compile().memory_analysis()
+        for plan in (prefill, decode):
+            assert plan.temp_size_in_bytes + plan.output_size_in_bytes <= sampling.BATCH_BYTES, (rows, plan)
+        used = prefill.temp_size_in_bytes + prefill.output_size_in_bytes
+        assert used > 0.6 * sampling.BATCH_BYTES, used  # and the estimate is not so padded that most is left unused
+
+
 def test_top_k_1_and_low_temperature_are_greedy(tiny_tf):
     hparams, params = tiny_tf
     prompt = PROMPTS[0]
@@ -2110,21 +2133,25 @@ def test_train_step_draws_each_micro_batch_and_step_its_own_dropout_masks():
 
 def test_train_keeps_the_model_of_the_best_val_loss(train_data_dir, tmp_path, monkeypatch):
     # params.safetensors is the model at the evaluation with the lowest val loss, the checkpoint the latest state
-    # (val losses scripted: 4.0 at iteration 2, then 4.5 and 4.2); always_save_checkpoint makes it the latest too
+    # (val losses scripted: 4.0 at iteration 2, then higher); always_save_checkpoint makes the model the latest too.
+    # max_iters 7 is no multiple of eval_interval: the run still evaluates and checkpoints its last iteration.
     real = train.estimate_losses
-    scripted = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2}
+    scripted = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2, 7: 4.3}
     monkeypatch.setattr(train, "estimate_losses", lambda *args: {**real(*args), "val": scripted[args[5]]})
-    for name, max_iters, always in (("best", 2, False), ("run", 6, False), ("latest", 6, True)):
-        train.train(run_config(train_data_dir, tmp_path / name, max_iters=max_iters, eval_interval=2,
-                               always_save_checkpoint=always))
-    model = {name: read_safetensors(tmp_path / name / "params.safetensors") for name in ("best", "run", "latest")}
+    runs = {name: train.train(run_config(train_data_dir, tmp_path / name, max_iters=max_iters, eval_interval=2,
+                                         always_save_checkpoint=always))
+            for name, max_iters, always in (("best", 2, False), ("run", 7, False), ("latest", 7, True))}
+    assert [record["iter"] for record in runs["run"]["evals"]] == [0, 2, 4, 6, 7]
+    assert [record["iter"] for record in outdir.read_metrics(tmp_path / "run")] == [0, 2, 4, 6, 7]
+    meta = outdir.read_checkpoint_meta(tmp_path / "run" / outdir.CKPT_NAME)
+    assert (meta["iter"], meta["best_val_loss"]) == (7, 4.0)
+    model = {name: read_safetensors(tmp_path / name / "params.safetensors") for name in runs}
     for key, value in model["best"].items():  # training is deterministic: the params of iteration 2
         np.testing.assert_array_equal(model["run"][key], value, err_msg=key)
     assert any(not np.array_equal(model["latest"][key], value) for key, value in model["best"].items())
     latest = ckpt_tensors(tmp_path / "run")
-    for key, value in model["latest"].items():  # the latest is iteration 6's, as the run's checkpoint holds
+    for key, value in model["latest"].items():  # the latest is iteration 7's, as the run's checkpoint holds
         np.testing.assert_array_equal(latest["params/" + key], value, err_msg=key)
-    assert outdir.read_checkpoint_meta(tmp_path / "run" / outdir.CKPT_NAME)["best_val_loss"] == 4.0
 
 
 def test_train_remat_gives_the_same_losses(train_data_dir, tmp_path):
