@@ -3183,6 +3183,10 @@ def test_harness_requests_directly(monkeypatch):
         argmax = numpy_gpt2(flat, whole[:-1], n_head).argmax(-1)[-len(continuation):]
         assert greedy == bool(np.all(argmax == whole[-len(continuation):]))
     assert got[0][1] and not got[1][1]  # the fixture's greedy tokens are greedy, others are not
+    low = harness.GptjaxLM(str(TINY["tf"]), batch_size=4, dtype="bfloat16")  # bfloat16 weights and compute
+    assert low.params["wte"].dtype == jnp.bfloat16
+    for (logprob, _), (low_logprob, _) in zip(got, low.loglikelihood(requests, disable_tqdm=True)):
+        assert low_logprob == pytest.approx(logprob, rel=5e-3)  # measured: 1e-4 to 4e-4
     prompt = PROMPTS[0]
     stop = prompt["greedy_text"][10:14]
     out = lm.generate_until([Instance("generate_until", {}, (prompt["text"], {"until": [stop], "max_gen_toks": 20}),
