@@ -2470,6 +2470,17 @@ def test_train_eval_only_and_bias(train_data_dir, tmp_path):
     assert [e["iter"] for e in result["evals"]] == [2] and result["losses"] == {}
     assert result["evals"][0]["val_loss"] == trained["evals"][-1]["val_loss"]  # the same batches, the same model
     assert folder_state(out) == before  # metrics.jsonl, loss.png, the checkpoints: untouched
+    # each split's loss: the mean over eval_iters batches drawn from that split (data.batch_starts at the evaluation's
+    # iteration) of the checkpoint's model, recomputed with numpy's float64 GPT-2
+    flat = {name[len("params/"):]: x for name, x in ckpt_tensors(out).items() if name.startswith("params/")}
+    seed = outdir.read_checkpoint_meta(out / outdir.CKPT_NAME)["config"]["seed"]
+    for split in ("train", "val"):
+        tokens = data.load_split(train_data_dir / "shakespeare_char", split)
+        x, y = data.get_batch(tokens, data.batch_starts(len(tokens), 32, 2 * 4, seed, 2, split), 32)
+        logits = numpy_gpt2(flat, x, 2)
+        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logprobs, y[..., None], -1)[..., 0]  # [2 batches * 4 rows, 32]
+        assert result["evals"][0][f"{split}_loss"] == pytest.approx(nll.mean(), rel=1e-5), split
     hparams = {"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}
     without = train.drop_biases(jax.eval_shape(lambda: train.gpt.init_params(jax.random.PRNGKey(0), hparams)))
     assert sorted(outdir.flat_names(without, "")) == ["h/attn/c_attn/w", "h/attn/c_proj/w", "h/ln_1/g", "h/ln_2/g",
