@@ -110,25 +110,33 @@ def layer_of(w, i):  # [n_layer, ...] -> [...], its own array
     return w[i]
 
 
-def transformer(params: dict, ids: Int[Array, " n_seq"], n_head: int, caches: list,
-                pos: Position) -> tuple[Float[Array, "n_seq n_embd"], list]:  # and the updated caches
-    # gpt.transformer, over per-layer weights and per-layer KV caches (each gpt.init_cache with n_layer 1). Why not
+def transformer(params: dict, ids: Int[Array, " n_seq"], n_head: int, caches: list | None,
+                pos: Position) -> tuple[Float[Array, "n_seq n_embd"], list | None]:  # and the updated caches
+    # gpt.transformer, over per-layer weights and per-layer KV caches (each gpt.init_cache with n_layer 1; None: no
+    # cache, as when scoring whole sequences, harness.py). Why not
     # gpt.transformer's lax.scan over the stacked layers: on a CPU, XLA copies each layer's slice of a stacked array
     # before a matmul reads it, which doubles the memory traffic of decoding (124M: ~2x slower), and decoding is
     # bound by that traffic. Separate arrays are read in place. The price: the compiled code grows with n_layer.
     x = params["wte"][ids] + lax.dynamic_slice_in_dim(params["wpe"], pos, ids.shape[0]).astype(params["wte"].dtype)
     out = []
-    for p, cache in zip(params["h"], caches):
+    for p, cache in zip(params["h"], caches or [None] * len(params["h"])):
         x, cache = gpt.block(x, p, n_head, cache, 0, pos)
         out.append(cache)
-    return gpt.layer_norm(x, **params["ln_f"]), out
+    return gpt.layer_norm(x, **params["ln_f"]), None if caches is None else out
 
 
-def forward_rows(params: dict, ids: Int[Array, "batch n_seq"], n_head: int, caches: list,
-                 pos: int | Int[Array, " batch"]) -> tuple[Float[Array, "batch n_seq n_embd"], list]:
+def forward_rows(params: dict, ids: Int[Array, "batch n_seq"], n_head: int, caches: list | None,
+                 pos: int | Int[Array, " batch"]) -> tuple[Float[Array, "batch n_seq n_embd"], list | None]:
     # per-row caches and start positions (one int: the same for all rows) -> hidden states, updated caches
     pos_axis = None if isinstance(pos, int) else 0
     return jax.vmap(transformer, in_axes=(None, 0, None, 0, pos_axis))(params, ids, n_head, caches, pos)
+
+
+def empty_caches(params: dict, batch: int, n_head: int, cache_len: int) -> list:
+    # forward_rows's caches: per layer, gpt.init_cache with n_layer 1 for each of batch rows
+    cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": params["wte"].shape[1]}, cache_len,
+                           params["wte"].dtype)
+    return [jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache) for _ in params["h"]]
 
 
 def unembed_rows(params: dict, x: Float[Array, "batch n_embd"]) -> Float[Array, "batch n_vocab"]:
@@ -158,10 +166,8 @@ def prefill(params: dict, ids: Int[Array, "batch prompt_bucket"], lengths: Int[A
             n_head: int, cache_len: int, greedy: bool) -> dict:
     # right-padded prompts and their lengths -> the decoding state, holding the KV cache and each row's first new
     # token
-    batch, n_layer, n_embd = ids.shape[0], len(params["h"]), params["wte"].shape[1]
-    cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": n_embd}, cache_len, params["wte"].dtype)
-    caches = [jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache) for _ in range(n_layer)]
-    x, caches = forward_rows(params, ids, n_head, caches, 0)  # [batch, prompt_bucket, n_embd]
+    batch = ids.shape[0]
+    x, caches = forward_rows(params, ids, n_head, empty_caches(params, batch, n_head, cache_len), 0)
     logits = unembed_rows(params, x[jnp.arange(batch), lengths - 1])  # [batch, n_vocab]: last real positions only
     state = {"caches": caches, "pos": lengths, "done": jnp.zeros(batch, bool), "step": jnp.int32(0)}
     return sample(state, logits, controls, greedy)
