@@ -2967,6 +2967,9 @@ def test_train_logs_to_wandb_and_tensorboard_across_a_resume(train_data_dir, tmp
     out = tmp_path / "out"
     config = run_config(train_data_dir, out, max_iters=4, eval_interval=2, wandb_log=True, tensorboard_log=True,
                         wandb_run_name="tiny")
+    # the resume starts within the same second, as fast runs do (tensorboardX's file names count whole seconds)
+    import tensorboardX.event_file_writer
+    monkeypatch.setattr(tensorboardX.event_file_writer, "time", type("Clock", (), {"time": lambda: 1.7e9}))
     train.train(config)
     train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
     metrics = outdir.read_metrics(out)

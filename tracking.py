@@ -13,6 +13,7 @@ disk, the service down) is reported once and dropped: training goes on.
 import contextlib
 import importlib.util
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -43,8 +44,11 @@ def trackers(config, out_dir, run_id, first_iter):
     if config["tensorboard_log"]:
         import tensorboardX  # optional extra: imported only when asked for
         # a resumed run repeats what came after its checkpoint's iteration: TensorBoard drops those events
+        # tensorboardX names an event file by the second and the host alone: a run resumed within the same second
+        # would write over the first one's file. The suffix (nanoseconds, fixed width) keeps them apart, in order.
         writer = tensorboardX.SummaryWriter(str(Path(out_dir) / "tensorboard"),
-                                            purge_step=first_iter + 1 if first_iter else None)
+                                            purge_step=first_iter + 1 if first_iter else None,
+                                            filename_suffix=f".{time.time_ns()}")
 
         def add_scalars(values, step):
             for name, value in values.items():
