@@ -239,7 +239,7 @@ def shared_prefix_scores(params, prefixes, group, pos, tails, targets, mask, cac
 
 
 def scored(logits, targets, mask):  # [B, K, V], [B, K], [B, K] -> [B] masked sums of log P(target), [B] all greedy
-    logits = logits.astype(jnp.float32)
+    # logits: gpt.unembed's, float32 already whatever the params' dtype
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     target_logprobs = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logits, axis=-1) == targets

@@ -1417,19 +1417,19 @@ def test_generate_batches_fit_the_memory_the_compiled_programs_use():
     params = sampling.unstack_layers(gpt.init_params(jax.random.PRNGKey(0), hparams))
     controls = {"key": jax.random.key(0), "temperature": np.float32(1), "top_k": np.int32(512),
                 "top_p": np.float32(1), "eot_token": np.int32(-1), "first_row": np.int32(0)}
-    for prompt_len, cache_len in ((64, 1024),):
-        rows = sampling.rows_that_fit(hparams, prompt_len, cache_len, 4)
-        args = (params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32),
-                controls)
-        static = {"n_head": 4, "greedy": False}
-        prefill = sampling.prefill.lower(*args, cache_len=cache_len, **static).compile().memory_analysis()
-        state = jax.eval_shape(partial(sampling.prefill, cache_len=cache_len, **static), *args)
-        decode = sampling.decode.lower(params, state, np.int32(16), controls, chunk=16,
-                                       **static).compile().memory_analysis()
-        for plan in (prefill, decode):
-            assert plan.temp_size_in_bytes + plan.output_size_in_bytes <= sampling.BATCH_BYTES, (rows, plan)
-        used = prefill.temp_size_in_bytes + prefill.output_size_in_bytes
-        assert used > 0.6 * sampling.BATCH_BYTES, used  # and the estimate is not so padded that most is left unused
+    prompt_len, cache_len = 64, 1024
+    rows = sampling.rows_that_fit(hparams, prompt_len, cache_len, 4)
+    args = (params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32),
+            controls)
+    static = {"n_head": 4, "greedy": False}
+    prefill = sampling.prefill.lower(*args, cache_len=cache_len, **static).compile().memory_analysis()
+    state = jax.eval_shape(partial(sampling.prefill, cache_len=cache_len, **static), *args)
+    decode = sampling.decode.lower(params, state, np.int32(16), controls, chunk=16,
+                                   **static).compile().memory_analysis()
+    for plan in (prefill, decode):
+        assert plan.temp_size_in_bytes + plan.output_size_in_bytes <= sampling.BATCH_BYTES, (rows, plan)
+    used = prefill.temp_size_in_bytes + prefill.output_size_in_bytes
+    assert used > 0.6 * sampling.BATCH_BYTES, used  # and the estimate is not so padded that most is left unused
 
 
 def test_top_k_1_and_low_temperature_are_greedy(tiny_tf):
@@ -2081,13 +2081,13 @@ def test_train_optimizer_is_nanogpts_clip_then_adamw():
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     decayed = {"wte", "h/attn/c_attn/w"}
     optimizer = train.make_optimizer(config, params)
-    state = optimizer.init(params)
+    state, update = optimizer.init(params), jax.jit(optimizer.update)
     ref = {name: np.asarray(p, np.float64) for name, p in outdir.flat_names(params, "").items()}
     m = {name: np.zeros_like(p) for name, p in ref.items()}
     v = {name: np.zeros_like(p) for name, p in ref.items()}
     for it, scale in enumerate([10.0, 0.1, 3.0, 0.5, 2.0, 0.01, 5.0]):  # global norms above and below the clip
         grads = jax.tree.map(lambda p, s=scale: jnp.asarray(s * rng.normal(size=p.shape), jnp.float32), params)
-        updates, state = jax.jit(optimizer.update)(grads, state, params)
+        updates, state = update(grads, state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
         g = {name: np.asarray(x, np.float64) for name, x in outdir.flat_names(grads, "").items()}
         norm = math.sqrt(sum((x ** 2).sum() for x in g.values()))
@@ -2126,9 +2126,9 @@ def test_train_step_draws_each_micro_batch_and_step_its_own_dropout_masks():
             assert float(loss) == pytest.approx(np.mean(losses), rel=1e-9), it
             grads = [jax.grad(gpt.lm_loss)(params, x[m], y[m], 2, 0.2, key) for m, key in enumerate(keys)]
             mean_grad = jax.tree.map(lambda *g: sum(g) / 3, *grads)
+            before, mean_grad = outdir.flat_names(params, ""), outdir.flat_names(mean_grad, "")
             for name, p in outdir.flat_names(new_params, "").items():
-                expected = outdir.flat_names(params, "")[name] - outdir.flat_names(mean_grad, "")[name]
-                np.testing.assert_allclose(p, expected, rtol=1e-9, atol=1e-12, err_msg=name)
+                np.testing.assert_allclose(p, before[name] - mean_grad[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 def test_train_keeps_the_model_of_the_best_val_loss(train_data_dir, tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ def trackers(config, out_dir, run_id, first_iter):
         import wandb  # optional extra: imported only when asked for
         run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"] or None, id=run_id,
                          resume="allow", config=config, dir=str(out_dir))
-        opened.append({"name": "wandb", "log": run.log, "close": run.finish})
+        opened.append({"name": "wandb", "log": lambda values, step: run.log(values, step=step), "close": run.finish})
     if config["tensorboard_log"]:
         import tensorboardX  # optional extra: imported only when asked for
         # a resumed run repeats what came after its checkpoint's iteration: TensorBoard drops those events
@@ -63,10 +63,7 @@ def log(opened, it, values):
     values = {name: value for name, value in values.items() if value is not None}
     for tracker in list(opened):
         try:
-            if tracker["name"] == "wandb":
-                tracker["log"](values, step=it)
-            else:
-                tracker["log"](values, it)
+            tracker["log"](values, it)
         except Exception as e:  # any failure of an optional logger: training matters more than its charts
             print(f"warning: {tracker['name']} failed ({e}); training goes on without it", file=sys.stderr)
             opened.remove(tracker)

@@ -96,7 +96,7 @@ def command(argv):  # the command line -> exit code (cli.py's convention)
 def train(overrides: dict) -> dict:
     """Run training with config keys overrides (over the defaults); the API behind the command line.
     Returns {"losses": {iteration: train loss}, "evals": [metrics records], "iter": the last iteration reached,
-    "interrupted": whether Ctrl-C stopped it}."""
+    "interrupted": whether a signal (Ctrl-C, a scheduler's SIGTERM, ...) stopped it, "signal": which one, or None}."""
     return run(train_config.resolve_config(overrides))
 
 

@@ -232,17 +232,16 @@ def resolve_config(overrides: dict) -> dict:
         if name not in CONFIG:
             raise unknown_key(name, "in the config")
     config = {**DEFAULTS, **overrides}
-    if config["auto_resume"] and config["init_from"] != "resume":
-        checkpoint = Path(config["out_dir"]) / outdir.CKPT_NAME
-        if checkpoint.is_file():  # a requeued job: this run again, or refused if out_dir holds another
-            check_same_run(config, outdir.read_checkpoint_meta(checkpoint)["config"], checkpoint)
-            overrides = {**overrides, "init_from": "resume"}
-            config = {**config, "init_from": "resume"}
-    if config["init_from"] == "resume":
+    checkpoint = Path(config["out_dir"]) / outdir.CKPT_NAME
+    requeued = config["auto_resume"] and config["init_from"] != "resume" and checkpoint.is_file()
+    if config["init_from"] == "resume" or requeued:
         try:
-            saved = outdir.read_checkpoint_meta(Path(config["out_dir"]) / outdir.CKPT_NAME)["config"]
+            saved = outdir.read_checkpoint_meta(checkpoint)["config"]
         except FileNotFoundError as e:
             raise UsageError(e) from None
+        if requeued:  # a requeued job (auto_resume): this run again, or refused if out_dir holds another
+            check_same_run(config, saved, checkpoint)
+            overrides = {**overrides, "init_from": "resume"}
         for name in MODEL_KEYS:
             if name in overrides and overrides[name] != saved[name]:
                 raise UsageError(f"{name}={overrides[name]} differs from the checkpoint's {saved[name]}: a resumed run "
