@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, UInt32
 
+import quant
+
 Position = int | Int[Array, ""]  # a position in the sequence: a Python int, or a traced scalar (one per row under vmap)
 
 
@@ -42,16 +44,17 @@ def layer_norm(x: Float[Array, "*rows n_embd"], g: Float[Array, " n_embd"], b: F
     return (y if b is None else y + b).astype(x.dtype)
 
 
-def linear(x: Float[Array, "*rows n_in"], w: Float[Array, "n_in n_out"], b: Float[Array, " n_out"] | None = None,
+def linear(x: Float[Array, "*rows n_in"], w: Float[Array, "n_in n_out"] | dict, b: Float[Array, " n_out"] | None = None,
            lora_a: Float[Array, "n_in rank"] | None = None,
            lora_b: Float[Array, "rank n_out"] | None = None) -> Float[Array, "*rows n_out"]:
-    # one 2-D matmul over the rows of all sequences: for a [batch, n_seq, n_in] operand XLA:CPU computes the weight
-    # gradient by first copying the activations transposed, which made training ~1.3x slower
+    # w: a matrix, or an int8 one (quant.py: stored [n_out, n_in]). One 2-D matmul over the rows of all sequences:
+    # for a [batch, n_seq, n_in] operand XLA:CPU computes the weight gradient by first copying the activations
+    # transposed, which made training ~1.3x slower
     rows = x.reshape(-1, x.shape[-1])
-    y = rows @ w
+    y = quant.matmul(rows, w) if quant.is_quantized(w) else rows @ w
     if lora_a is not None:  # a low-rank adapter (LoRA, see with_adapters): x W + (x A) B, never forming A B
         y = y + (rows @ lora_a) @ lora_b
-    y = y.reshape(*x.shape[:-1], w.shape[-1])
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if b is None else y + b
 
 
@@ -72,10 +75,49 @@ def attention(q: Float[Array, "*batch n_head n_q head_dim"], k: Float[Array, "*b
     return jnp.einsum("...qk,...kd->...qd", weights, v)
 
 
+def cached_attention(q: Float[Array, "*batch n_head n_q head_dim"], k: Float[Array, "*batch n_head n_q head_dim"],
+                     v: Float[Array, "*batch n_head n_q head_dim"],
+                     cache_k: Float[Array, "*batch n_head n_cache head_dim"],
+                     cache_v: Float[Array, "*batch n_head n_cache head_dim"],
+                     past: Bool[Array, "*batch n_cache"] | None) -> Float[Array, "*batch n_head n_q head_dim"]:
+    # a chunk's attention over the cached slots that past marks and, causally, over itself: one softmax over both,
+    # joined by hand so that neither the cache nor the scores are concatenated (copied). past None: nothing cached
+    def scores(keys, mask):
+        s = jnp.einsum("...hqd,...hkd->...hqk", q, keys.astype(q.dtype), preferred_element_type=wide(q.dtype))
+        return jnp.where(mask, s / math.sqrt(q.shape[-1]), -jnp.inf)
+
+    n_q = q.shape[-2]
+    new = scores(k, jnp.arange(n_q)[None, :] <= jnp.arange(n_q)[:, None])  # the diagonal: never all masked
+    if past is None:
+        return jnp.einsum("...hqk,...hkd->...hqd", jax.nn.softmax(new, axis=-1).astype(v.dtype), v)
+    old = scores(cache_k, past[..., None, None, :])
+    top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+    old, new = jnp.exp(old - top), jnp.exp(new - top)
+    total = old.sum(-1, keepdims=True) + new.sum(-1, keepdims=True)
+    out = (jnp.einsum("...hqk,...hkd->...hqd", old.astype(v.dtype), cache_v.astype(v.dtype),
+                      preferred_element_type=old.dtype)
+           + jnp.einsum("...hqk,...hkd->...hqd", new.astype(v.dtype), v, preferred_element_type=new.dtype))
+    return (out / total).astype(q.dtype)
+
+
+def after(x: Float[Array, "*shape"], dep: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    # x, as a value computed from dep: an in-place update of a buffer that dep read is then ordered after the read.
+    # XLA:CPU keeps no such order through lax.optimization_barrier and copies the whole buffer instead (a KV cache, at
+    # every decoding step); a data dependency it cannot simplify away (0 * dep is NaN for NaN dep) keeps it.
+    return x + 0 * dep
+
+
 def causal_self_attention(x: Float[Array, "*batch n_seq n_embd"], c_attn: dict, c_proj: dict, n_head: int,
-                          cache: dict | None, layer: Position, pos: Position, dropout_rate: float = 0.0,
-                          key: PRNGKeyArray | None = None) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
-    # with a cache, x is one sequence [n_seq, n_embd]
+                          cache: dict | None, layer: Position, pos: Position | Int[Array, "*batch"],
+                          dropout_rate: float = 0.0, key: PRNGKeyArray | None = None,
+                          past: Bool[Array, "*batch n_cache"] | None = None,
+                          slot: Position | None = None) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
+    # With a cache ({"k", "v": [*batch, n_layer, n_head, n_cache, head_dim]}), x attends over the cached slots that
+    # past marks (default: those before pos) and over itself, and its keys and values are written at slots slot..
+    # (default: the largest pos) of every row: one slot for all rows, so that the write is one in-place
+    # dynamic-update-slice (per-row slots make it a scatter, which XLA:CPU ran as several copies of the whole cache).
+    # sampling.py decodes rows of different lengths this way: each row's past skips the slots between its prompt
+    # and the others'.
     *lead, n_seq, n_embd = x.shape
     q, k, v = jnp.split(linear(x, **c_attn), 3, axis=-1)
     q, k, v = (t.reshape(*lead, n_seq, n_head, n_embd // n_head) for t in (q, k, v))  # [..., n_seq, n_head, head_dim]
@@ -83,18 +125,24 @@ def causal_self_attention(x: Float[Array, "*batch n_seq n_embd"], c_attn: dict, 
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     else:
         q, k, v = (t.swapaxes(-3, -2) for t in (q, k, v))  # [..., n_head, n_seq, head_dim]: heads lead, as matmuls want
-        if cache is not None:
-            # Decoding: write this chunk's keys/values at [layer, :, pos] in place, then attend over the whole
-            # (static-size) cache; slots after the current position hold stale data and are masked out below. The
-            # cache is head-major for the same reason as q, k, v: a sequence-major one was transposed (copied
-            # whole) for the matmuls at every step.
-            cache = {
-                "k": lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), (layer, 0, pos, 0)),
-                "v": lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, 0, pos, 0)),
-            }
-            k, v = cache["k"][layer].astype(q.dtype), cache["v"][layer].astype(q.dtype)
-        mask = jnp.arange(k.shape[-2])[None, :] <= (pos + jnp.arange(n_seq))[:, None]
-        out = attention(q, k, v, mask, dropout_rate, key).swapaxes(-3, -2)
+        if cache is None:
+            mask = jnp.arange(n_seq)[None, :] <= (pos + jnp.arange(n_seq))[:, None]
+            out = attention(q, k, v, mask, dropout_rate, key)
+        else:
+            # Reading the cache before the write lets XLA update it in place: read after, the write was fused into
+            # each reader and the whole cache copied several times a step (124M: ~10 ms of a 20 ms step). The cache
+            # is head-major for the same reason as q, k, v: a sequence-major one was transposed (copied whole) for the
+            # matmuls at every step.
+            n_cache = cache["k"].shape[-2]
+            if past is None and not (isinstance(pos, int) and pos == 0):  # at position 0 nothing is cached yet
+                past = jnp.broadcast_to(jnp.arange(n_cache) < jnp.asarray(pos)[..., None], (*lead, n_cache))
+            slot = jnp.max(pos) if slot is None else slot
+            layer_of = lambda c: lax.dynamic_index_in_dim(c, layer, axis=len(lead), keepdims=False)
+            out = cached_attention(q, k, v, layer_of(cache["k"]), layer_of(cache["v"]), past)
+            at = (0,) * len(lead) + (layer, 0, slot, 0)
+            cache = {name: lax.dynamic_update_slice(c, jnp.expand_dims(after(new, out), len(lead)).astype(c.dtype), at)
+                     for name, c, new in (("k", cache["k"], k), ("v", cache["v"], v))}
+        out = out.swapaxes(-3, -2)
     out = out.reshape(*lead, n_seq, n_embd)
     return linear(out, **c_proj), cache
 
@@ -104,12 +152,14 @@ def mlp(x: Float[Array, "*rows n_embd"], c_fc: dict, c_proj: dict) -> Float[Arra
 
 
 def block(x: Float[Array, "*batch n_seq n_embd"], p: dict, n_head: int, cache: dict | None, layer: Position,
-          pos: Position, dropout_rate: float = 0.0,
-          key: PRNGKeyArray | None = None) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
+          pos: Position | Int[Array, "*batch"], dropout_rate: float = 0.0, key: PRNGKeyArray | None = None,
+          past: Bool[Array, "*batch n_cache"] | None = None,
+          slot: Position | None = None) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
     # dropout where GPT-2 and nanoGPT put it: on the attention weights and on each residual branch
     k_weights, k_attn, k_mlp = (None, None, None) if key is None else jax.random.split(key, 3)
     a, cache = causal_self_attention(layer_norm(x, **p["ln_1"]), **p["attn"], n_head=n_head, cache=cache,
-                                     layer=layer, pos=pos, dropout_rate=dropout_rate, key=k_weights)
+                                     layer=layer, pos=pos, dropout_rate=dropout_rate, key=k_weights, past=past,
+                                     slot=slot)
     x = x + dropout(a, dropout_rate, k_attn)
     x = x + dropout(mlp(layer_norm(x, **p["ln_2"]), **p["mlp"]), dropout_rate, k_mlp)
     return x, cache
@@ -119,8 +169,7 @@ def transformer(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int, cach
                 pos: Position = 0, dropout_rate: float = 0.0, key: PRNGKeyArray | None = None, unroll: bool = False,
                 remat: bool = False) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
     # the final hidden states (after ln_f), and the updated cache
-    n_seq = ids.shape[-1]
-    x = params["wte"][ids] + lax.dynamic_slice_in_dim(params["wpe"], pos, n_seq).astype(params["wte"].dtype)
+    x = embed(params, ids, pos)
     if key is not None:
         key, k_embd = jax.random.split(key)
         x = dropout(x, dropout_rate, k_embd)
@@ -148,8 +197,24 @@ def transformer(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int, cach
     return layer_norm(x, **params["ln_f"]), cache
 
 
+def embed(params: dict, ids: Int[Array, "*batch n_seq"],
+          pos: Position | Int[Array, "*batch"] = 0) -> Float[Array, "*batch n_seq n_embd"]:
+    # token embeddings (rows of wte, or of its int8 form) plus the positions' from pos on (one pos, or one a row)
+    wte = params["wte"]
+    tokens = quant.embed(wte, ids, dtype(params)) if quant.is_quantized(wte) else wte[ids]
+    if jnp.ndim(pos) == 0:
+        return tokens + lax.dynamic_slice_in_dim(params["wpe"], pos, ids.shape[-1]).astype(tokens.dtype)
+    return tokens + params["wpe"][pos[..., None] + jnp.arange(ids.shape[-1])].astype(tokens.dtype)
+
+
+def dtype(params: dict):  # the compute dtype: the params' (wpe is never quantized)
+    return params["wpe"].dtype
+
+
 def unembed(params: dict, x: Float[Array, "*rows n_embd"]) -> Float[Array, "*rows n_vocab"]:
     # the LM head is tied to the token embedding
+    if quant.is_quantized(params["wte"]):
+        return quant.matmul(x, params["wte"]).astype(wide(x.dtype))
     # multiply in the params' dtype and upcast after: with bf16 weights the backward pass then stays on bf16 tensor
     # cores (a float32 result would make the two gradient matmuls float32, 2x slower for a 124M training step on GPU).
     # The rows are flattened for the reason given in `linear`.

@@ -5,9 +5,11 @@
         ...
 
 How it runs:
-  - Prompts of different lengths form one batch: right-padded to a bucket length (a power of two, >= 16), run through
-    the model together (`jax.vmap` over rows), each row then decoding at its own position. Padding never reaches a
-    row's result: the cache slots it fills lie after the row's position and are masked, then overwritten.
+  - Prompts of different lengths form one batch: right-padded to a bucket length (a power of two, >= 16) and run
+    through the model together, each row then decoding at its own position. The rows write each new token's keys and
+    values into one shared cache slot (the longest prompt's length, then on): one in-place write for the batch. Padding
+    never reaches a row's result: each row's mask (past) leaves out the slots between its prompt and that slot, and
+    the padded slots after it are overwritten before they are attended to.
   - Prefill computes hidden states for the whole padded prompt but unembeds only each row's last real position.
   - Decoding runs in chunks of up to CHUNK tokens, each one jitted `lax.while_loop` with the KV cache in its carry
     (updated in place) and donated from chunk to chunk; the host only collects each chunk's tokens. generate() is
@@ -20,7 +22,7 @@ How it runs:
     (seed, row, token index): the same seed gives the same tokens whatever the chunking, and row 0 of a batch uses
     the random numbers that the same prompt uses alone. generate() runs a request of many rows (num_samples 10,000)
     as batches that fit in memory, each row keeping its index and padded shapes: the tokens are those of one batch.
-  - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `transformer`.
+  - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `forward_rows`.
 """
 from functools import partial
 
@@ -28,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Float, Int, UInt32
+from jaxtyping import Array, Bool, Float, Int, UInt32
 
 import gpt
+import quant
 from gpt import Position
 
 CHUNK = 16  # tokens per jitted decode call: the granularity of streaming (a host round trip costs ~0.1 ms)
@@ -110,32 +113,29 @@ def layer_of(w, i):  # [n_layer, ...] -> [...], its own array
     return w[i]
 
 
-def transformer(params: dict, ids: Int[Array, " n_seq"], n_head: int, caches: list | None,
-                pos: Position) -> tuple[Float[Array, "n_seq n_embd"], list | None]:  # and the updated caches
-    # gpt.transformer, over per-layer weights and per-layer KV caches (each gpt.init_cache with n_layer 1; None: no
-    # cache, as when scoring whole sequences, harness.py). Why not
-    # gpt.transformer's lax.scan over the stacked layers: on a CPU, XLA copies each layer's slice of a stacked array
-    # before a matmul reads it, which doubles the memory traffic of decoding (124M: ~2x slower), and decoding is
+def forward_rows(params: dict, ids: Int[Array, "batch n_seq"], n_head: int, caches: list | None,
+                 pos: Position | Int[Array, " batch"], past: Bool[Array, "batch n_cache"] | None = None,
+                 slot: int | Int[Array, ""] | None = None) -> tuple[Float[Array, "batch n_seq n_embd"], list | None]:
+    # gpt.transformer over per-layer weights and per-layer KV caches (empty_caches; None: no cache, as when scoring
+    # whole sequences, harness.py): rows at their own positions pos (one int: the same for all), attending over the
+    # cached slots that past marks (default: those before each row's pos), their keys and values written at slot..
+    # (default: the largest pos; see gpt.causal_self_attention) -> hidden states, updated caches.
+    # Why not gpt.transformer's lax.scan over the stacked layers: on a CPU, XLA copies each layer's slice of a stacked
+    # array before a matmul reads it, which doubles the memory traffic of decoding (124M: ~2x slower), and decoding is
     # bound by that traffic. Separate arrays are read in place. The price: the compiled code grows with n_layer.
-    x = params["wte"][ids] + lax.dynamic_slice_in_dim(params["wpe"], pos, ids.shape[0]).astype(params["wte"].dtype)
+    x = gpt.embed(params, ids, pos)
     out = []
     for p, cache in zip(params["h"], caches or [None] * len(params["h"])):
-        x, cache = gpt.block(x, p, n_head, cache, 0, pos)
+        x, cache = gpt.block(x, p, n_head, cache, 0, pos, past=past, slot=slot)
         out.append(cache)
     return gpt.layer_norm(x, **params["ln_f"]), None if caches is None else out
 
 
-def forward_rows(params: dict, ids: Int[Array, "batch n_seq"], n_head: int, caches: list | None,
-                 pos: int | Int[Array, " batch"]) -> tuple[Float[Array, "batch n_seq n_embd"], list | None]:
-    # per-row caches and start positions (one int: the same for all rows) -> hidden states, updated caches
-    pos_axis = None if isinstance(pos, int) else 0
-    return jax.vmap(transformer, in_axes=(None, 0, None, 0, pos_axis))(params, ids, n_head, caches, pos)
-
-
 def empty_caches(params: dict, batch: int, n_head: int, cache_len: int) -> list:
-    # forward_rows's caches: per layer, gpt.init_cache with n_layer 1 for each of batch rows
-    cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": params["wte"].shape[1]}, cache_len,
-                           params["wte"].dtype)
+    # forward_rows's caches: per layer, gpt.init_cache with n_layer 1 for each of batch rows:
+    # {"k", "v": [batch, 1, n_head, cache_len, head_dim]}
+    cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": params["wpe"].shape[1]}, cache_len,
+                           gpt.dtype(params))
     return [jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache) for _ in params["h"]]
 
 
@@ -143,7 +143,7 @@ def unembed_rows(params: dict, x: Float[Array, "batch n_embd"]) -> Float[Array, 
     # gpt.unembed for a few rows. On a CPU, XLA computes the product faster as wte @ x.T than as x @ wte.T for 1 to 16
     # rows (124M, 8 rows: 11 vs 18 ms, the largest part of a decoding step; 64 rows: no gain); the barrier keeps XLA
     # from rewriting it back.
-    if jax.default_backend() == "cpu" and x.shape[0] <= 16:
+    if jax.default_backend() == "cpu" and x.shape[0] <= 16 and not quant.is_quantized(params["wte"]):
         logits = lax.optimization_barrier(jnp.einsum("ve,ne->vn", params["wte"], x)).T
         return logits.astype(gpt.wide(x.dtype))
     return gpt.unembed(params, x)
@@ -169,7 +169,11 @@ def prefill(params: dict, ids: Int[Array, "batch prompt_bucket"], lengths: Int[A
     batch = ids.shape[0]
     x, caches = forward_rows(params, ids, n_head, empty_caches(params, batch, n_head, cache_len), 0)
     logits = unembed_rows(params, x[jnp.arange(batch), lengths - 1])  # [batch, n_vocab]: last real positions only
-    state = {"caches": caches, "pos": lengths, "done": jnp.zeros(batch, bool), "step": jnp.int32(0)}
+    # each row's next token goes at its own position (pos) but, for all rows, into slot max(lengths), then the next
+    # slots: a row's past skips the slots between its prompt and the longest one (padding)
+    past = jnp.arange(cache_len) < lengths[:, None]
+    state = {"caches": caches, "pos": lengths, "past": past, "slot": jnp.max(lengths), "done": jnp.zeros(batch, bool),
+             "step": jnp.int32(0)}
     return sample(state, logits, controls, greedy)
 
 
@@ -184,8 +188,10 @@ def decode(params: dict, state: dict, n_steps: Int[Array, ""], controls: dict, *
 
     def step(carry):
         i, state, out = carry
-        x, caches = forward_rows(params, state["token"][:, None], n_head, state["caches"], state["pos"])
-        state = {**state, "caches": caches, "pos": state["pos"] + 1}
+        x, caches = forward_rows(params, state["token"][:, None], n_head, state["caches"], state["pos"], state["past"],
+                                 state["slot"])
+        past = state["past"] | (jnp.arange(state["past"].shape[-1]) == state["slot"])
+        state = {**state, "caches": caches, "pos": state["pos"] + 1, "past": past, "slot": state["slot"] + 1}
         state = sample(state, unembed_rows(params, x[:, 0]), controls, greedy)
         return i + 1, state, out.at[:, i].set(state["token"])
 
@@ -278,7 +284,7 @@ def generate_batches(params, hparams, prompts, n_tokens, *, max_rows=None, **opt
     check_request(hparams, prompts, n_tokens, options.get("greedy", False), options.get("temperature", 1.0),
                   options.get("top_k"), options.get("top_p"))
     shapes = padded_lengths(hparams, prompts, n_tokens)
-    max_rows = max_rows or rows_that_fit(hparams, *shapes, params["wte"].dtype.itemsize)
+    max_rows = max_rows or rows_that_fit(hparams, *shapes, gpt.dtype(params).itemsize)
     for first in range(0, len(prompts), max_rows):
         batch = [[] for _ in prompts[first:first + max_rows]]
         for chunk in generate_stream(params, hparams, prompts[first:first + max_rows], n_tokens, first_row=first,

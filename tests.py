@@ -1535,8 +1535,11 @@ def test_decoding_logits_match_the_model_row_by_row(tiny_tf):
     cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": hparams["n_embd"]}, 32)
     caches = [jax.tree.map(lambda c: jnp.broadcast_to(c, (3, *c.shape)), cache) for _ in layers]
     forward = jax.jit(sampling.forward_rows, static_argnums=2)
-    x, caches = forward(layers, jnp.asarray(ids), n_head, caches, jnp.zeros(3, jnp.int32))
+    x, caches = forward(layers, jnp.asarray(ids), n_head, caches, 0)
     logits = sampling.unembed_rows(layers, x[jnp.arange(3), lengths - 1])
+    # as sampling.decode: each row at its own position, all rows writing into one slot (the longest prompt's length,
+    # then on), each row's past its prompt and the slots written since
+    past, slot = np.arange(32) < lengths[:, None], int(lengths.max())
     rows = [list(p) for p in prompts]
     for step in range(n_steps + 1):
         for row in range(3):
@@ -1547,7 +1550,9 @@ def test_decoding_logits_match_the_model_row_by_row(tiny_tf):
         tokens = np.asarray(jnp.argmax(logits, -1), np.int32)
         for row in range(3):
             rows[row].append(int(tokens[row]))
-        x, caches = forward(layers, jnp.asarray(tokens[:, None]), n_head, caches, jnp.asarray(lengths + step))
+        x, caches = forward(layers, jnp.asarray(tokens[:, None]), n_head, caches, jnp.asarray(lengths + step),
+                            jnp.asarray(past), slot)
+        past[:, slot], slot = True, slot + 1
         logits = sampling.unembed_rows(layers, x[:, 0])
 
 

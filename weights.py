@@ -38,6 +38,7 @@ import numpy as np
 import cli
 import encoder
 import files
+import quant
 from download import download
 from files import Damaged
 from tf_checkpoint import bundle_tensor, checkpoint_prefix, crc32c, parse_proto, read_bundle_index, read_table
@@ -245,7 +246,7 @@ def check_all_used(names, used, weights_path, config_path):  # every weight in t
 # the weights and takes ~0.1 s for 124M (the package's safe_open: ~0.7 s and a transient second copy).
 
 SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
-                      "BF16": np.dtype(ml_dtypes.bfloat16)}
+                      "BF16": np.dtype(ml_dtypes.bfloat16), "I8": np.dtype("i1")}  # I8: quant.py's int8 matrices
 
 
 def safetensors_header(f, path):  # -> ({name: {dtype, shape, data_offsets}}, metadata, offset of the data)
@@ -261,7 +262,7 @@ def safetensors_header(f, path):  # -> ({name: {dtype, shape, data_offsets}}, me
     return header, metadata, 8 + length
 
 
-def safetensor(f, path, start, info, crc=None):  # one tensor -> float32 array (no copy when stored as float32)
+def safetensor(f, path, start, info, crc=None):  # one tensor -> float32 array (no copy when stored so), or int8 as such
     if info["dtype"] not in SAFETENSORS_DTYPES:
         raise ValueError(f"{path}: tensors of dtype {info['dtype']} are not supported (use F32, F16, BF16 or F64)")
     begin, end = info["data_offsets"]
@@ -271,7 +272,8 @@ def safetensor(f, path, start, info, crc=None):  # one tensor -> float32 array (
         raise Damaged(path, "truncated")
     if crc is not None and crc32c(buf) != crc:  # gptjax's own files carry a checksum per tensor
         raise Damaged(path, "a tensor fails its checksum")
-    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).astype(np.float32, copy=False)
+    array = buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return array if array.dtype == np.int8 else array.astype(np.float32, copy=False)
 
 
 def empty_aligned(nbytes):  # [nbytes] uint8 at a 64-byte boundary, which lets jax on CPU adopt it instead of copying
@@ -411,15 +413,30 @@ def fingerprint(params: dict) -> str:
     return digest.hexdigest()
 
 
-def to_device(array, dtype):  # np.float32 -> jax array of dtype (float32 when None)
+def to_device(array, dtype):  # np.float32 -> jax array of dtype (float32 when None); int8 stays int8
     # Waiting for the copy lets the host buffer go before the next tensor is read: without it the copies queue up and
     # the host holds up to a second copy of the weights.
-    return jax.device_put(array if dtype is None else array.astype(dtype, copy=False)).block_until_ready()
+    keep = dtype is None or array.dtype == np.int8
+    return jax.device_put(array if keep else array.astype(dtype, copy=False)).block_until_ready()
 
 
 def flatten(params: dict) -> dict[str, np.ndarray]:  # {"h": {"ln_1": {"g": x}}} -> {"h/ln_1/g": x as np.float32}
-    return {"/".join(k.key for k in path): np.asarray(x, np.float32)
+    # (quant.py's int8 matrices stay int8: {"h/attn/c_attn/w/int8": ..., ".../scale": ...})
+    return {"/".join(k.key for k in path): np.asarray(x, None if x.dtype == np.int8 else np.float32)
             for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def params_metadata(hparams: dict, flat: dict, **more) -> dict:  # the metadata of a params.safetensors
+    quantized = {"quantized": "int8"} if any(name.endswith("/int8") for name in flat) else {}
+    return {"format": CACHE_FORMAT, "hparams": json.dumps(hparams), **quantized, **more}
+
+
+def stored_quantized(folder: Path) -> bool:  # whether folder holds gptjax's params.safetensors of an int8 model
+    try:
+        with open(folder / CACHE_NAME, "rb") as f:
+            return safetensors_header(f, folder / CACHE_NAME)[1].get("quantized") == "int8"
+    except (OSError, ValueError):
+        return False
 
 
 def unflatten(flat: dict) -> dict:  # {"h/ln_1/g": x, ...} -> {"h": {"ln_1": {"g": x}}, ...}
@@ -439,6 +456,8 @@ def read_params(path, hparams, dtype=None):
     shapes = param_shapes(hparams)
     with open(path, "rb") as f:
         tensors, metadata, start = safetensors_header(f, path)
+        if metadata.get("quantized") == "int8":
+            shapes = quant.stored_shapes(shapes)
         crcs = checksums(path, metadata)
         for name, info in tensors.items():
             if name not in shapes:
@@ -452,29 +471,33 @@ def read_params(path, hparams, dtype=None):
                           for name, info in tensors.items()})
 
 
-def cache_path(folder: Path) -> Path:
+def cache_path(folder: Path, name: str = CACHE_NAME) -> Path:
     """Where the converted weights of an OpenAI or HF folder are kept: in gptjax's own cache ($GPTJAX_CACHE, else
     ~/.cache/gptjax), keyed by the folder's absolute path, never in the folder (a user's, maybe shared or read-only:
     the cache is the model's size, 6 GB for 1558M). The cache records its sources' sizes and times (sources_stamp)."""
     root = Path(os.environ.get("GPTJAX_CACHE") or Path.home() / ".cache" / "gptjax") / "converted"
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    return root / f"{folder.resolve().name}-{key}" / CACHE_NAME
+    return root / f"{folder.resolve().name}-{key}" / name
 
 
-def load_hparams_and_params(model_dir: str | Path, dtype=None) -> tuple[dict, dict]:
+def load_hparams_and_params(model_dir: str | Path, dtype=None, quantize: str | None = None) -> tuple[dict, dict]:
     """hparams and params (jax arrays of dtype, float32 by default) of the model in folder model_dir: OpenAI's or
     Hugging Face's layout, converted on the first load and then read from gptjax's cache (cache_path), or gptjax's
-    own (params.safetensors), read as it is."""
+    own (params.safetensors), read as it is. quantize="int8": its matrices as int8 (quant.py), quantized on the
+    first load and then read from gptjax's cache too (a folder of an int8 model is read as it is)."""
     folder = Path(model_dir)
     read_source, hparams, sources = model_sources(folder)
-    cache = folder / CACHE_NAME if read_source is None else cache_path(folder)
+    if quantize is not None and not stored_quantized(folder):
+        read_source, cache = read_quantized, cache_path(folder, f"params-{quantize}.safetensors")
+    else:
+        cache = folder / CACHE_NAME if read_source is None else cache_path(folder)
     stamp = sources_stamp(sources)
     if read_source is not None and not cache_is_current(cache, stamp):
         cache.parent.mkdir(parents=True, exist_ok=True)
         files.remove_stale_temporaries(cache.parent)  # what a load killed while writing its cache left behind
         flat = read_source(folder, hparams)
         try:
-            write_safetensors(cache, flat, {"format": CACHE_FORMAT, "hparams": json.dumps(hparams), "sources": stamp})
+            write_safetensors(cache, flat, params_metadata(hparams, flat, sources=stamp))
         except OSError as e:  # a read-only cache, a full disk: the model still loads, converted anew each time
             warnings.warn(f"{e.strerror or e}; the weights will be converted on every load", stacklevel=2)
             return hparams, unflatten({name: to_device(x, dtype) for name, x in flat.items()})
@@ -485,15 +508,20 @@ def load_hparams_and_params(model_dir: str | Path, dtype=None) -> tuple[dict, di
         if read_source is None:  # the folder's only copy (train.py's output)
             raise
         cache.unlink()  # the cache is ours to remake
-        return load_hparams_and_params(model_dir, dtype)
+        return load_hparams_and_params(model_dir, dtype, quantize)
+
+
+def read_quantized(folder, hparams):  # any model folder -> its flat params with int8 matrices (numpy)
+    return flatten(quant.quantize_params(load_hparams_and_params(folder)[1]))
 
 
 def save_params(model_dir: str | Path, hparams: dict, params: dict) -> None:
-    """Write params (any float dtype; stored as float32) to model_dir/params.safetensors, atomically: a folder that
-    load_hparams_and_params and main.py --model_dir read like any other."""
+    """Write params (any float dtype, stored as float32; or quant.py's int8) to model_dir/params.safetensors,
+    atomically: a folder that load_hparams_and_params and main.py --model_dir read like any other."""
     folder = Path(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(folder / CACHE_NAME, flatten(params), {"format": CACHE_FORMAT, "hparams": json.dumps(hparams)})
+    flat = flatten(params)
+    write_safetensors(folder / CACHE_NAME, flat, params_metadata(hparams, flat))
 
 
 def model_folder(model: str, models_dir: str | Path, download: bool = True) -> Path:
@@ -520,13 +548,14 @@ def tokenizer_folder(folder):
     return encoder.GPT2_VOCAB
 
 
-def load_model(model: str, models_dir: str | Path = "models", dtype=None, download: bool = True):
+def load_model(model: str, models_dir: str | Path = "models", dtype=None, download: bool = True,
+               quantize: str | None = None):
     """(folder, hparams, params) of model: a GPT-2 release size, downloaded into models_dir/<size> when incomplete
     (unless download is false), or a model folder (see the module docstring). params are jax arrays of dtype (float32
-    by default)."""
+    by default); quantize="int8": with int8 matrices (load_hparams_and_params)."""
     folder = model_folder(model, models_dir, download)
     try:
-        hparams, params = load_hparams_and_params(folder, dtype)
+        hparams, params = load_hparams_and_params(folder, dtype, quantize)
     except Damaged as e:
         if str(model) in MODEL_SIZES:  # a downloaded release can be fetched again; a user's own files cannot
             raise Damaged(e.path, e.problem, "delete it and run again to download it anew") from None
@@ -534,9 +563,10 @@ def load_model(model: str, models_dir: str | Path = "models", dtype=None, downlo
     return folder, hparams, params
 
 
-def load_encoder_hparams_and_params(model: str, models_dir: str | Path = "models", dtype=None):
+def load_encoder_hparams_and_params(model: str, models_dir: str | Path = "models", dtype=None,
+                                    quantize: str | None = None):
     """(encoder, hparams, params) of model: see load_model."""
-    folder, hparams, params = load_model(model, models_dir, dtype)
+    folder, hparams, params = load_model(model, models_dir, dtype, quantize=quantize)
     return encoder.get_encoder(tokenizer_folder(folder)), hparams, params
 
 
@@ -585,6 +615,9 @@ def to_hf(model: str, dest: str | Path, models_dir: str | Path = "models") -> st
                              f"are never written over someone's)")
     files.remove_stale_temporaries(dest)  # a model-sized temporary left by an export that was killed
     folder, hparams, params = load_model(model, models_dir)
+    if quant.is_quantized(params["wte"]):
+        raise cli.UsageError(f"{model} is an int8 model: export the float model it was quantized from (Hugging Face's "
+                             f"GPT-2 has no int8 layout, and dequantized weights would pass for the original)")
     vocab = tokenizer_folder(folder)
     pair = next((pair for pair in encoder.BPE_FILE_PAIRS if all((vocab / name).is_file() for name in pair)), None)
     eot_token = read_json(vocab / pair[0]).get(encoder.EOT) if pair else None
@@ -608,21 +641,52 @@ def to_hf(model: str, dest: str | Path, models_dir: str | Path = "models") -> st
     return None
 
 
+def quantize_model(model: str, dest: str | Path, models_dir: str | Path = "models") -> None:
+    """Write model (a release size or any model folder) to the new folder dest with int8 matrices (quant.py), in
+    gptjax's layout (params.safetensors) with the model's vocabulary files: ~1/4 of the float32 bytes."""
+    dest = Path(dest)
+    if not str(dest).strip():
+        raise cli.UsageError("the destination is empty: give the folder to write the model into")
+    taken = [name for name in (CACHE_NAME, *TOKENIZER_FILES, *HF_FILES, "hparams.json") if (dest / name).exists()]
+    if taken:
+        raise cli.UsageError(f"{dest} already holds {taken[0]}: give a new folder as the destination (a model's files "
+                             f"are never written over someone's)")
+    files.remove_stale_temporaries(dest)
+    folder, hparams, params = load_model(model, models_dir)
+    if quant.is_quantized(params["wte"]):
+        raise cli.UsageError(f"{model} is an int8 model already")
+    vocab = tokenizer_folder(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES if vocab == folder else ():  # else GPT-2's own, which gptjax ships
+        if (folder / name).is_file():
+            with files.atomic_write(dest / name, "wb") as f:
+                f.write((folder / name).read_bytes())
+    save_params(dest, hparams, quant.quantize_params(params))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Convert GPT-2 weights between layouts.\n\n"
                                  "    python weights.py to_hf out hf-model   # train.py's out_dir -> Hugging Face's "
-                                 "layout\n    python weights.py to_hf 124M gpt2-124m-hf",
+                                 "layout\n    python weights.py to_hf 124M gpt2-124m-hf\n"
+                                 "    python weights.py quantize 124M gpt2-124m-int8   # int8 matrices: main.py "
+                                 "--model_dir gpt2-124m-int8",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = ap.add_subparsers(dest="command", required=True)
-    to = commands.add_parser("to_hf", help="write a model in Hugging Face's GPT-2 layout (transformers loads it)")
-    to.add_argument("src", help="a GPT-2 release size (124M ... 1558M) or a model folder: OpenAI's, HF's or a "
-                                "train.py out_dir")
-    to.add_argument("dest", help="the folder to write (new, or without a model in it)")
-    to.add_argument("--models_dir", default="models", help="where releases are downloaded")
+    for name, what in (("to_hf", "write a model in Hugging Face's GPT-2 layout (transformers loads it)"),
+                       ("quantize", "write a model with int8 weights (a scale per 32 values), ~1/4 of the bytes")):
+        command = commands.add_parser(name, help=what)
+        command.add_argument("src", help="a GPT-2 release size (124M ... 1558M) or a model folder: OpenAI's, HF's or "
+                                         "a train.py out_dir")
+        command.add_argument("dest", help="the folder to write (new, or without a model in it)")
+        command.add_argument("--models_dir", default="models", help="where releases are downloaded")
     return cli.run(lambda argv: export(ap.parse_args(argv)), argv)
 
 
-def export(args):  # python weights.py to_hf SRC DEST
+def export(args):  # python weights.py to_hf|quantize SRC DEST
+    if args.command == "quantize":
+        quantize_model(args.src, args.dest, args.models_dir)
+        print(f"wrote {args.dest} with int8 weights: python main.py --model_dir {args.dest} --prompt TEXT")
+        return
     note = to_hf(args.src, args.dest, args.models_dir)
     if note:
         print(note, file=sys.stderr)

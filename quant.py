@@ -1,0 +1,154 @@
+"""int8 weights: GPT-2's matrices as int8 with a float32 scale per block of 32 values, and the product that reads them.
+
+    qparams = quantize_params(params)        # every matrix int8, the tied wte too; biases, LayerNorms, wpe unchanged
+    logits = gpt.gpt(qparams, ids, n_head)   # gpt.py's functions take either
+    y = matmul(x, qparams["wte"])            # x @ W.T: the C++ kernel (csrc/int8_matmul.cc) or the pure-JAX reference
+
+A quantized matrix is a dict {"int8": [..., n_out, n_in] int8, "scale": [..., n_out, n_in // block] float32} standing
+where the float matrix stood in params: W[o, i] ~ int8[o, i] * scale[o, i // block], each scale the block's largest
+magnitude / 127 (symmetric, round to nearest). It is stored output-major, as llama.cpp's Q8_0 and HF's nn.Linear store
+a matrix, so a row of W is contiguous in memory and a product reads it once, front to back: gpt.py's linear weights
+([n_in, n_out], the checkpoint's layout) are transposed when quantized; wte ([n_vocab, n_embd]) already is, and its
+rows serve both the token embedding and the tied unembedding. Activations stay float32.
+
+Why blocks of 32 and not one scale per output channel: the same speed (the kernel multiplies each 16 widened weights
+by their scale either way), and the error of a weight is bounded by its block's largest value rather than its whole
+row's, which matters for GPT-2's weights with a few large entries per row (measured in README's Speed section).
+
+The product: XLA:CPU has no fast int8 matrix-vector product (an int8 weight converted inside a dot runs ~8x slower
+than float32), so on a CPU decoding calls a small C++ kernel through jax.ffi, built by `pip install -e .` when a C++
+compiler is there. Without it, or for long inputs (prefill, where XLA's float32 GEMM on the dequantized weights is
+faster), or on a GPU (which fuses the dequantization into its matmul), matmul is the pure-JAX reference: the same
+logits within float32 rounding (the tests check both against float64).
+"""
+import ctypes
+import functools
+import glob
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+BLOCK = 32
+KERNEL_MAX_ROWS = 32  # above this many rows of x, dequantize + XLA's GEMM is faster than the kernel (bench.py)
+KERNEL_TARGET = "gptjax_int8_matmul"
+LINEAR_NAMES = ("c_attn", "c_proj", "c_fc")  # the params["h"] matrices, under attn/ and mlp/
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, dict) and "int8" in w
+
+
+def block_size(n_in: int) -> int:  # BLOCK where it divides the row (every GPT-2 size), else one block per row
+    return BLOCK if n_in % BLOCK == 0 else n_in
+
+
+# ------------------------------------------------------------------------------------------------ quantizing
+
+
+def quantize(w: np.ndarray) -> dict:
+    """[..., n_out, n_in] float -> {"int8", "scale"} (numpy): the nearest int8 of each value in units of its block's
+    scale, the block's largest magnitude / 127. An all-zero block gets scale 0."""
+    w = np.asarray(w, np.float32)
+    *lead, n_out, n_in = w.shape
+    blocks = w.reshape(*lead, n_out, n_in // block_size(n_in), block_size(n_in))
+    scale = np.abs(blocks).max(axis=-1, keepdims=True) / 127
+    q = np.rint(np.divide(blocks, scale, out=np.zeros_like(blocks), where=scale > 0))
+    return {"int8": q.astype(np.int8).reshape(w.shape), "scale": scale[..., 0]}
+
+
+def dequantize(w: dict, dtype=jnp.float32) -> Float[Array, "*lead n_out n_in"]:
+    q, scale = w["int8"], w["scale"]
+    block = q.shape[-1] // scale.shape[-1]
+    return (q.astype(dtype) * jnp.repeat(scale.astype(dtype), block, axis=-1)).astype(dtype)
+
+
+def is_matrix(name: str) -> bool:  # a "/"-joined params name ("h/attn/c_attn/w", "h/3/mlp/c_fc/w", "wte")
+    parts = name.split("/")
+    return name == "wte" or (parts[-1] == "w" and parts[-2] in LINEAR_NAMES)
+
+
+def quantize_params(params: dict) -> dict:
+    """params (gpt.py's stacked layout or sampling.py's per-layer one; numpy or jax arrays) with every matrix
+    quantized: wte and each layer's attn/c_attn, attn/c_proj, mlp/c_fc, mlp/c_proj "w". Numpy arrays come out
+    (weights.to_device puts them on the device)."""
+    def quantized(path, x):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        if not is_matrix(name):
+            return x
+        return quantize(np.asarray(x) if name == "wte" else np.swapaxes(np.asarray(x), -1, -2))  # -> [n_out, n_in]
+
+    if is_quantized(params["wte"]):
+        return params
+    return jax.tree_util.tree_map_with_path(quantized, params)
+
+
+def stored_shapes(shapes: dict) -> dict:
+    """{params name: float shape} -> the same for a quantized model: each matrix's as name/int8 and name/scale."""
+    out = {}
+    for name, shape in shapes.items():
+        if is_matrix(name):
+            *lead, n_out, n_in = shape if name == "wte" else (*shape[:-2], shape[-1], shape[-2])
+            out[f"{name}/int8"] = (*lead, n_out, n_in)
+            out[f"{name}/scale"] = (*lead, n_out, n_in // block_size(n_in))
+        else:
+            out[name] = shape
+    return out
+
+
+def quantized_bytes(params: dict) -> int:  # what a decoding step reads of the weights
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+
+
+# ------------------------------------------------------------------------------------------------ the product
+
+
+def matmul(x: Float[Array, "*rows n_in"], w: dict) -> Float[Array, "*rows n_out"]:
+    """x @ W.T for a quantized W [n_out, n_in]: the kernel where it serves (a CPU, float32, at most KERNEL_MAX_ROWS
+    rows, blocks of a multiple of 16), else the pure-JAX reference."""
+    q, scale = w["int8"], w["scale"]
+    rows = int(np.prod(x.shape[:-1]))
+    block = q.shape[-1] // scale.shape[-1]
+    if (x.dtype == jnp.float32 and rows <= KERNEL_MAX_ROWS and block % 16 == 0 and jax.default_backend() == "cpu"
+            and kernel_loaded()):
+        out = jax.ShapeDtypeStruct((*x.shape[:-1], q.shape[-2]), jnp.float32)
+        return jax.ffi.ffi_call(KERNEL_TARGET, out, vmap_method="expand_dims")(x, q, scale)
+    return reference_matmul(x, w)
+
+
+def reference_matmul(x: Float[Array, "*rows n_in"], w: dict) -> Float[Array, "*rows n_out"]:
+    # the definition: the dequantized matrix in x's dtype, then XLA's matmul (a GEMM: the fast way for many rows)
+    rows = x.reshape(-1, x.shape[-1])
+    y = rows @ dequantize(w, x.dtype).T
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def embed(w: dict, ids: Int[Array, "*shape"], dtype=jnp.float32) -> Float[Array, "*shape n_in"]:
+    # rows of a quantized [n_vocab, n_embd] table: the token embedding of a quantized wte
+    return dequantize({"int8": w["int8"][ids], "scale": w["scale"][ids]}, dtype)
+
+
+# ------------------------------------------------------------------------------------------------ the kernel
+
+
+def kernel_path() -> str | None:  # the built extension beside this file (pip install -e . builds it in place)
+    found = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptjax_int8*.so")))
+    return found[-1] if found else None
+
+
+@functools.cache
+def kernel_loaded() -> bool:
+    """Register the C++ kernel with XLA, once a process; False (and one line on stderr) where it was not built."""
+    path = kernel_path()
+    if path is None or os.environ.get("GPTJAX_NO_KERNEL"):
+        why = "GPTJAX_NO_KERNEL is set" if path else "the C++ kernel is not built (pip install -e . with a C++ " \
+                                                     "compiler builds it)"
+        print(f"note: int8 matrix products run as pure JAX, several times slower on a CPU: {why}", file=sys.stderr,
+              flush=True)
+        return False
+    library = ctypes.CDLL(path)
+    jax.ffi.register_ffi_target(KERNEL_TARGET, jax.ffi.pycapsule(library.gptjax_int8_matmul), platform="cpu")
+    return True
