@@ -33,6 +33,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 BLOCK = 32
+TILE = 16  # rows of a matrix packed together (the layout in the module docstring)
 KERNEL_MAX_ROWS = 32  # above this many rows of x, dequantize + XLA's GEMM is faster than the kernel (bench.py)
 KERNEL_TARGET = "gptjax_int8_matmul"
 LINEAR_NAMES = ("c_attn", "c_proj", "c_fc")  # the params["h"] matrices, under attn/ and mlp/
@@ -50,20 +51,26 @@ def block_size(n_in: int) -> int:  # BLOCK where it divides the row (every GPT-2
 
 
 def quantize(w: np.ndarray) -> dict:
-    """[..., n_out, n_in] float -> {"int8", "scale"} (numpy): the nearest int8 of each value in units of its block's
-    scale, the block's largest magnitude / 127. An all-zero block gets scale 0."""
+    """[..., n_out, n_in] float -> {"int8", "scale"} (numpy, in the layout the module docstring gives): the nearest
+    int8 of each value in units of its block's scale, the block's largest magnitude / 127 (an all-zero block: 0)."""
     w = np.asarray(w, np.float32)
     *lead, n_out, n_in = w.shape
-    blocks = w.reshape(*lead, n_out, n_in // block_size(n_in), block_size(n_in))
+    if n_in % 2:
+        raise ValueError(f"int8 weights need rows of an even length; this model has a matrix of {n_in}-value rows")
+    block = block_size(n_in)
+    blocks = w.reshape(*lead, n_out, n_in // block, block)
     scale = np.abs(blocks).max(axis=-1, keepdims=True) / 127
-    q = np.rint(np.divide(blocks, scale, out=np.zeros_like(blocks), where=scale > 0))
-    return {"int8": q.astype(np.int8).reshape(w.shape), "scale": scale[..., 0]}
+    q = np.rint(np.divide(blocks, scale, out=np.zeros_like(blocks), where=scale > 0)).astype(np.int8)
+    q = np.pad(q.reshape(w.shape), [(0, 0)] * len(lead) + [(0, -n_out % TILE), (0, 0)])  # whole tiles of rows
+    tiles = q.reshape(*lead, -1, TILE, n_in // 2, 2).swapaxes(-3, -2)  # [..., tile, pair, row in tile, 2]
+    return {"int8": np.ascontiguousarray(tiles), "scale": np.ascontiguousarray(np.swapaxes(scale[..., 0], -1, -2))}
 
 
 def dequantize(w: dict, dtype=jnp.float32) -> Float[Array, "*lead n_out n_in"]:
-    q, scale = w["int8"], w["scale"]
-    block = q.shape[-1] // scale.shape[-1]
-    return (q.astype(dtype) * jnp.repeat(scale.astype(dtype), block, axis=-1)).astype(dtype)
+    q, scale = w["int8"], w["scale"]  # [..., tiles, n_in / 2, TILE, 2], [..., n_blocks, n_out]
+    n_out, n_in = scale.shape[-1], 2 * q.shape[-3]
+    rows = q.swapaxes(-3, -2).reshape(*q.shape[:-4], -1, n_in)[..., :n_out, :]
+    return rows.astype(dtype) * jnp.repeat(scale.swapaxes(-1, -2).astype(dtype), n_in // scale.shape[-2], axis=-1)
 
 
 def is_matrix(name: str) -> bool:  # a "/"-joined params name ("h/attn/c_attn/w", "h/3/mlp/c_fc/w", "wte")
@@ -92,8 +99,8 @@ def stored_shapes(shapes: dict) -> dict:
     for name, shape in shapes.items():
         if is_matrix(name):
             *lead, n_out, n_in = shape if name == "wte" else (*shape[:-2], shape[-1], shape[-2])
-            out[f"{name}/int8"] = (*lead, n_out, n_in)
-            out[f"{name}/scale"] = (*lead, n_out, n_in // block_size(n_in))
+            out[f"{name}/int8"] = (*lead, -(-n_out // TILE), n_in // 2, TILE, 2)
+            out[f"{name}/scale"] = (*lead, n_in // block_size(n_in), n_out)
         else:
             out[name] = shape
     return out
@@ -111,10 +118,9 @@ def matmul(x: Float[Array, "*rows n_in"], w: dict) -> Float[Array, "*rows n_out"
     rows, blocks of a multiple of 16), else the pure-JAX reference."""
     q, scale = w["int8"], w["scale"]
     rows = int(np.prod(x.shape[:-1]))
-    block = q.shape[-1] // scale.shape[-1]
-    if (x.dtype == jnp.float32 and rows <= KERNEL_MAX_ROWS and block % 16 == 0 and jax.default_backend() == "cpu"
-            and kernel_loaded()):
-        out = jax.ShapeDtypeStruct((*x.shape[:-1], q.shape[-2]), jnp.float32)
+    if (x.dtype == jnp.float32 and rows <= KERNEL_MAX_ROWS and x.shape[-1] % BLOCK == 0
+            and jax.default_backend() == "cpu" and kernel_loaded()):
+        out = jax.ShapeDtypeStruct((*x.shape[:-1], scale.shape[-1]), jnp.float32)
         return jax.ffi.ffi_call(KERNEL_TARGET, out, vmap_method="expand_dims")(x, q, scale)
     return reference_matmul(x, w)
 
@@ -128,7 +134,11 @@ def reference_matmul(x: Float[Array, "*rows n_in"], w: dict) -> Float[Array, "*r
 
 def embed(w: dict, ids: Int[Array, "*shape"], dtype=jnp.float32) -> Float[Array, "*shape n_in"]:
     # rows of a quantized [n_vocab, n_embd] table: the token embedding of a quantized wte
-    return dequantize({"int8": w["int8"][ids], "scale": w["scale"][ids]}, dtype)
+    q, scale = w["int8"], w["scale"]
+    n_in = 2 * q.shape[-3]
+    rows = q[ids // TILE, :, ids % TILE, :].reshape(*ids.shape, n_in)  # [*ids, n_in / 2, 2] -> [*ids, n_in]
+    scales = jnp.moveaxis(scale[:, ids], 0, -1)  # [*ids, n_blocks]
+    return rows.astype(dtype) * jnp.repeat(scales.astype(dtype), n_in // scale.shape[0], axis=-1)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
