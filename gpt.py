@@ -365,7 +365,8 @@ def map_adapted(params, adapters, update):  # params with update(layer, its adap
 
 
 def cast(params: dict, dtype) -> dict:  # e.g. cast(params, jnp.bfloat16): bf16 inference or mixed-precision compute
-    return jax.tree.map(lambda p: p.astype(dtype), params)
+    # (quant.py's int8 matrices stay int8: only their scales take dtype)
+    return jax.tree.map(lambda p: p if p.dtype == jnp.int8 else p.astype(dtype), params)
 
 
 def count_params(params: dict) -> int:

@@ -49,6 +49,7 @@ import gpt
 import harness
 import main
 import outdir
+import quant
 import sampling
 import tf_checkpoint
 import train
@@ -1571,6 +1572,159 @@ def test_bad_requests_raise_one_line_errors(tiny_tf):
             sampling.generate(params, hparams, prompts, n_tokens, **options)
         assert "\n" not in str(e.value)
     assert len(sampling.generate(params, hparams, [ids], 54, greedy=True, temperature=0.0)[0]) == 54  # 64 in all
+
+
+# ==================== quant ===========================================================================================
+# int8 weights: the format against its definition, the kernel against float64 and the pure-JAX path, the model's
+# quality against float32, and int8 models on disk, in main.py and in train.py's evaluation
+
+def int8_test_params(n_embd=64, n_layer=2, n_vocab=50257, seed=0):
+    # a GPT-2 of the fixture's statistics (testdata/README.md) with rows the kernel serves (multiples of 32)
+    rng = np.random.default_rng(seed)
+    hparams = {"n_vocab": n_vocab, "n_ctx": 64, "n_embd": n_embd, "n_head": 2, "n_layer": n_layer}
+    shapes = weights.param_shapes(hparams)
+    std = lambda name: 0.2 if name == "wte" else 0.1 if name == "wpe" else 0.02 if name.endswith("/b") else 0.14
+    draw = lambda name, shape: (1 if name.endswith("/g") else 0) + std(name) * rng.standard_normal(shape)
+    flat = {name: draw(name, shape).astype(np.float32) for name, shape in shapes.items()}
+    return hparams, weights.unflatten(flat)
+
+
+def test_quantize_follows_its_definition():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((2, 37, 96)).astype(np.float32)  # 37 rows: the last tile of 16 is padded
+    w[0, 3, 32:64] = 0  # an all-zero block
+    q = quant.quantize(w)
+    assert q["int8"].shape == (2, 3, 48, 16, 2) and q["scale"].shape == (2, 3, 37)
+    blocks = w.astype(np.float64).reshape(2, 37, 3, 32)
+    scale = np.abs(blocks).max(-1) / 127  # [2, 37, 3]: the definition, in float64
+    values = np.rint(np.divide(blocks, scale[..., None], out=np.zeros_like(blocks), where=scale[..., None] > 0))
+    np.testing.assert_allclose(q["scale"], scale.swapaxes(-1, -2), rtol=1e-6)
+    packed = q["int8"]
+    for o, i in [(0, 0), (5, 33), (16, 95), (36, 64), (21, 1)]:  # W[o, i] sits at tile o // 16, pair i // 2
+        assert packed[1, o // 16, i // 2, o % 16, i % 2] == values.reshape(2, 37, 96)[1, o, i]
+    assert np.all(packed[:, 2, :, 5:] == 0)  # the padding rows
+    assert np.abs(values).max() == 127 and np.all(values[0, 3, 1] == 0) and scale[0, 3, 1] == 0
+    dequantized = np.asarray(quant.dequantize(jax.tree.map(jnp.asarray, q)), np.float64)
+    np.testing.assert_allclose(dequantized, (values * scale[..., None]).reshape(w.shape), rtol=1e-6, atol=1e-7)
+    assert np.all(np.abs(dequantized - w) <= np.repeat(scale, 32, axis=-1) / 2 + 1e-6)  # within half a step
+    rows = np.asarray(quant.embed(jax.tree.map(jnp.asarray, quant.quantize(w[0])), jnp.array([[36, 0], [17, 3]])))
+    np.testing.assert_allclose(rows, dequantized[0][[[36, 0], [17, 3]]], rtol=1e-6)
+
+
+def test_int8_kernel_is_built_and_matches_float64():
+    # the kernel (a CPU's decoding path) and the pure-JAX reference, against the product in float64 of the
+    # dequantized matrix: rows of x in all numbers, rows of W not a multiple of the 16 of a tile, leading axes
+    assert quant.kernel_loaded(), "the int8 kernel is not built: pip install -e . with a C++ compiler builds it"
+    rng = np.random.default_rng(2)
+    for m, n_out, n_in in [(1, 1, 32), (1, 37, 64), (3, 16, 96), (8, 100, 32), (9, 50, 64), (32, 33, 128)]:
+        w = quant.quantize(rng.standard_normal((n_out, n_in)).astype(np.float32))
+        x = rng.standard_normal((m, n_in)).astype(np.float32)
+        x[0, :32] *= 1000  # a block of outliers: x's int16 scales are per block of 32
+        exact = x.astype(np.float64) @ np.asarray(quant.dequantize(jax.tree.map(jnp.asarray, w)), np.float64).T
+        bound = np.abs(x).astype(np.float64) @ np.abs(np.asarray(quant.dequantize(jax.tree.map(jnp.asarray, w)))).T
+        kernel = np.asarray(jax.jit(quant.matmul)(jnp.asarray(x), w))
+        reference = np.asarray(jax.jit(quant.reference_matmul)(jnp.asarray(x), w))
+        assert np.all(np.abs(kernel - exact) <= 1e-4 * bound + 1e-6), (m, n_out, n_in)  # x's rounding to int16
+        assert np.all(np.abs(reference - exact) <= 1e-5 * bound + 1e-6), (m, n_out, n_in)
+    w = jax.tree.map(jnp.asarray, quant.quantize(rng.standard_normal((40, 64)).astype(np.float32)))
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)).astype(np.float32))
+    lone = np.asarray(jax.jit(quant.matmul)(x, w))
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(quant.matmul, in_axes=(0, None)))(x, w)), lone)
+    reference = np.asarray(quant.reference_matmul(x, w))
+    np.testing.assert_allclose(lone, reference, atol=1e-4 * np.abs(reference).max())
+
+
+def test_int8_decoding_runs_the_kernel_and_tracks_float32():
+    hparams, params = int8_test_params()
+    params = jax.tree.map(jnp.asarray, params)
+    qparams = jax.tree.map(jnp.asarray, quant.quantize_params(params))
+    layers = sampling.unstack_layers(qparams)
+    ids = np.array([[PROMPTS[0]["ids"][:16]]], np.int32)[0]
+    controls = {"key": jax.random.key(0), "temperature": np.float32(1), "top_k": np.int32(50257),
+                "top_p": np.float32(1), "eot_token": np.int32(-1), "first_row": np.int32(0)}
+    state = sampling.prefill(layers, ids, np.array([10], np.int32), controls, n_head=2, cache_len=32, greedy=True)
+    hlo = sampling.decode.lower(layers, state, np.int32(4), controls, n_head=2, chunk=16, greedy=True).as_text()
+    assert hlo.count(quant.KERNEL_TARGET) == 4 * hparams["n_layer"] + 1  # every matrix and the LM head
+    # the int8 model against the float64 GPT-2 with the dequantized weights: the kernel's only error is x's rounding
+    dequantized = jax.tree.map(lambda w: quant.dequantize(w) if quant.is_quantized(w) else w, qparams,
+                               is_leaf=quant.is_quantized)
+    flat = {name: np.asarray(w) for name, w in flat_params(dequantized).items()}
+    for name in [n for n in flat if n.endswith("/w")]:
+        flat[name] = flat[name].swapaxes(-1, -2)  # back to the checkpoint's [n_in, n_out]
+    prompts = [p["ids"] for p in PROMPTS]
+    out = sampling.generate(layers, hparams, prompts, 12, greedy=True)
+    for prompt, new in zip(prompts, out):
+        logits = numpy_gpt2(flat, np.array(prompt + new[:-1]), 2)[len(prompt) - 1:]
+        assert list(np.argmax(logits, -1)) == new
+    float_out = sampling.generate(params, hparams, prompts, 12, greedy=True)
+    agree = np.mean([a == b for row, frow in zip(out, float_out) for a, b in zip(row, frow)])
+    assert agree >= 0.9  # the quality figure README gives is measured on 124M's shapes (bench.py quality)
+
+
+def test_int8_without_the_kernel_gives_the_same_logits(tmp_path):
+    hparams, params = int8_test_params()
+    weights.save_params(tmp_path / "model", hparams, params)
+    program = ("import json, sys, jax.numpy as jnp, gpt, weights; "
+               "hp, p = weights.load_hparams_and_params(sys.argv[1], quantize='int8'); "
+               "print(json.dumps(gpt.gpt(p, jnp.array(sys.argv[2:], dtype=jnp.int32), 2)[-1].tolist()))")
+    ids = [str(i) for i in PROMPTS[0]["ids"]]
+    env = {**os.environ, "GPTJAX_CACHE": str(tmp_path / "cache")}
+    runs = {}
+    for name, extra in [("kernel", {}), ("pure", {"GPTJAX_NO_KERNEL": "1"})]:
+        proc = subprocess.run([sys.executable, "-c", program, str(tmp_path / "model"), *ids], capture_output=True,
+                              text=True, cwd=HERE, env={**env, **extra}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = (np.array(json.loads(proc.stdout)), proc.stderr)
+    assert "pure JAX" in runs["pure"][1] and runs["pure"][1].count("\n") == 1 and "note" not in runs["kernel"][1]
+    np.testing.assert_allclose(runs["kernel"][0], runs["pure"][0], atol=1e-3 * np.abs(runs["pure"][0]).max())
+
+
+def test_weights_quantize_writes_a_quarter_that_main_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "cache"))
+    hparams, params = int8_test_params()
+    weights.save_params(tmp_path / "float", hparams, params)
+    assert weights.main(["quantize", str(tmp_path / "float"), str(tmp_path / "int8")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    size = lambda folder: (folder / "params.safetensors").stat().st_size
+    assert size(tmp_path / "int8") < 0.3 * size(tmp_path / "float")
+    _, loaded = weights.load_hparams_and_params(tmp_path / "int8")
+    expect = quant.quantize_params(params)
+    for name, array in flat_params(loaded).items():
+        np.testing.assert_array_equal(np.asarray(array), flat_params(expect)[name])
+    # main.py: the folder, and --quantize on the float one (quantized once, into gptjax's cache), generate alike
+    texts = []
+    for args in (["--model_dir", tmp_path / "int8"], ["--model_dir", tmp_path / "float", "--quantize", "int8"],
+                 ["--model_dir", tmp_path / "float", "--quantize", "int8"]):
+        assert main.main([*map(str, args), "--prompt", PROMPTS[0]["text"], "--greedy"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] == texts[2] and len(texts[0]) > 10
+    cached = list((tmp_path / "cache").rglob("params-int8.safetensors"))
+    assert len(cached) == 1 and sorted(p.name for p in (tmp_path / "float").iterdir()) == ["params.safetensors"]
+    # refused, in one line each, writing nothing
+    for argv in (["quantize", tmp_path / "float", tmp_path / "int8"], ["quantize", tmp_path / "int8", tmp_path / "x"],
+                 ["to_hf", tmp_path / "int8", tmp_path / "hf"]):
+        assert weights.main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "hf").exists()
+    assert main.main(["--model_dir", str(tmp_path / "int8"), "--prompt", "a", "--dtype", "bfloat16"]) == 2
+    assert "bfloat16 does not go with int8" in capsys.readouterr().err
+
+
+def test_train_evaluates_int8_and_refuses_to_train_it(train_data_dir, tmp_path):
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=20, eval_interval=20, dropout=0.0))
+    evals = {}
+    for quantize in ("", "int8"):
+        result = train.train(run_config(train_data_dir, out, init_from="resume", eval_only=True, quantize=quantize,
+                                        dropout=0.0))
+        evals[quantize] = result["evals"][0]["val_loss"]
+    assert evals["int8"] != evals[""] and abs(evals["int8"] - evals[""]) < 0.01 * evals[""]
+    with pytest.raises(cli.UsageError, match="int8 weights cannot be trained"):
+        train.train(run_config(train_data_dir, tmp_path / "t", quantize="int8"))
+    weights.quantize_model(str(out), tmp_path / "out-int8")
+    with pytest.raises(cli.UsageError, match="int8 model: int8 weights cannot be trained"):
+        train.train(run_config(train_data_dir, tmp_path / "t", init_from=str(tmp_path / "out-int8")))
 
 
 # ==================== main ============================================================================================

@@ -65,6 +65,7 @@ import cli
 import data
 import gpt
 import outdir
+import quant
 import tracking
 import train_config
 import weights
@@ -417,6 +418,9 @@ def pretrained_state(config, out_dir):
     """(hparams, params, LoRA's {"frozen", "base", "base_fingerprint"} or {}, the tokenizer's folder) of the GPT-2
     that init_from names; with lora_rank, params are fresh adapters of it."""
     hparams, params, folder, vocab_dir = pretrained_model(config["init_from"], config["models_dir"])
+    if quant.is_quantized(params["wte"]) and not config["eval_only"]:
+        raise cli.UsageError(f"{folder} holds an int8 model: int8 weights cannot be trained; finetune the float model "
+                             f"it was quantized from (or evaluate it with eval_only=true)")
     if out_dir.resolve() == folder.resolve():
         raise ValueError(f"out_dir {out_dir} is the folder of the model being finetuned; choose another")
     if not config["lora_rank"]:  # every weight trains
@@ -488,6 +492,12 @@ def training(start, writes):
     config = start.config
     out_dir, max_iters = Path(config["out_dir"]), config["max_iters"]
     run, params, opt_state, frozen = compiled_run(start)
+    if config["quantize"]:  # eval_only (train_config): the model evaluated as main.py --quantize runs it
+        if frozen is not None:
+            raise cli.UsageError(f"quantize=int8 evaluates a whole model, and {out_dir} holds LoRA adapters: evaluate "
+                                 f"their merged model: --init_from={out_dir} --out_dir=<another folder> --eval_only "
+                                 f"--quantize=int8")
+        params = jax.device_put(quant.quantize_params(params))
     if writes:
         outdir.write_vocabulary(out_dir, start.dataset_dir)
     best_val_loss, losses, history, t_start = start.best_val_loss, {}, [], time.perf_counter()

@@ -26,6 +26,7 @@ CONFIG = {
     "log_interval": (10, "refresh the progress bar's loss, tokens/s and MFU every this many iterations"),
     "eval_iters": (50, "batches per split in each loss estimate"),
     "eval_only": (False, "evaluate the model once and exit, writing nothing (with init_from=resume or a model)"),
+    "quantize": ("", "with eval_only: evaluate the model with int8 weights (int8; main.py --quantize's)"),
     "overwrite": (False, "let a run that does not resume replace the trained model already in out_dir"),
     "always_save_checkpoint": (False, "make params.safetensors the latest params at every evaluation, not the best"),
     "init_from": ("scratch", "scratch, resume (from out_dir), a GPT-2 release (124M 355M 774M 1558M, or gpt2, "
@@ -205,6 +206,11 @@ def check_config(config):
         raise UsageError(f"dtype must be auto, float32 or bfloat16, not {config['dtype']!r}{hint}")
     if config["lora_base_dtype"] not in ("float32", "bfloat16"):
         raise UsageError(f"lora_base_dtype must be float32 or bfloat16, not {config['lora_base_dtype']!r}")
+    if config["quantize"] not in ("", "int8"):
+        raise UsageError(f"quantize must be int8 or empty, not {config['quantize']!r}")
+    if config["quantize"] and not config["eval_only"]:
+        raise UsageError("quantize=int8 evaluates a model in int8 (with eval_only=true): int8 weights cannot be "
+                         "trained")
     if config["lora_rank"] < 0:
         raise UsageError(f"lora_rank must be 0 (no adapters) or a positive rank, got {config['lora_rank']}")
     if config["init_from"] == "scratch" and config["lora_rank"]:
@@ -251,7 +257,7 @@ def resolve_config(overrides: dict) -> dict:
 
 
 # what may differ between the command line that started a run and the one that continues it (auto_resume)
-RUN_CONTROL_KEYS = {"out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "overwrite",
+RUN_CONTROL_KEYS = {"out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "quantize", "overwrite",
                     "always_save_checkpoint", "init_from", "models_dir", "data_dir", "max_iters", "peak_flops",
                     "auto_resume", "checkpoint_interval_minutes", "wandb_log", "wandb_project", "wandb_run_name",
                     "tensorboard_log", "lora_base", "tokens"}
