@@ -10,6 +10,8 @@
     python bench.py finetune                  # finetuning GPT-2 124M / 1558M shapes: planned memory, s/step, peak RSS
     python bench.py data --sizes_mb 100,1000  # data.py on one text of each size: peak memory, MB/s vs the tokenizer
     python bench.py eval --vs_hf              # lm_eval requests/s: gptjax's backend beside the harness's own HF one
+    python bench.py generate --dtype int8     # the same with int8 weights (quant.py)
+    python bench.py llamacpp --peer_script ../shared/peers/llamacpp.sh --peer_python PY   # main.py beside llama.cpp
 
 With no --model_dir the weights are random with GPT-2 124M's shapes (no download). Timings are medians of repeated runs
 after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm. Peers are
@@ -39,6 +41,7 @@ import numpy as np
 import cli
 import data
 import gpt
+import quant
 import sampling
 import train
 import train_config
@@ -539,7 +542,8 @@ def parse_args(argv):
     gen.add_argument("--model_dir", help="a model folder (any layout main.py reads); default: random 124M-shaped "
                                          "weights")
     gen.add_argument("--vs_hf", action="store_true", help="also run HF transformers (PyTorch) on the same weights")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                     help="of the weights (int8: quant.py's, with float32 activations)")
     gen.add_argument("--batches", default="1,8", type=batch_sizes, help="decode batch sizes, comma separated")
     gen.add_argument("--n_prompt", type=positive, default=10)
     gen.add_argument("--n_new", type=positive, default=64)
@@ -567,6 +571,13 @@ def parse_args(argv):
     ev.add_argument("--vs_hf", action="store_true", help="also run the harness's own HF backend (torch)")
     ev.add_argument("--batch_size", type=positive, default=8)
     ev.add_argument("--rounds", type=positive, default=3)
+    lc = commands.add_parser("llamacpp", help="main.py's decoding (float32 and int8, as whole processes) in turns "
+                                              "with llama.cpp (F32 and Q8_0) on the same 124M-shaped weights")
+    lc.add_argument("--peer_script", required=True, help="the script that builds and runs llama.cpp (the project's "
+                                                         "peers/llamacpp.sh in the steering repo)")
+    lc.add_argument("--peer_python", required=True, help="a python with torch and transformers, for llama.cpp's "
+                                                         "converter")
+    lc.add_argument("--rounds", type=positive, default=3)
     commands.add_parser("finetune", help="memory and step time of finetuning GPT-2 124M and 1558M shapes at block "
                                          "1024, with and without remat and LoRA (each in a fresh process)")
     probe = commands.add_parser("probe")  # internal: see "Probes" above
@@ -595,6 +606,8 @@ def run(args):
         return probes[args.kind](args.arg)
     if args.command == "finetune":
         return finetune_table()
+    if args.command == "llamacpp":
+        return llamacpp_table(args)
     if args.command == "data":
         return data_table(args)
     if args.command == "eval":
@@ -606,8 +619,77 @@ def run(args):
     return generate_table(args)
 
 
+LLAMACPP_ROWS = (("b1", "batch 1, ms/token"), ("b1@880", "batch 1 after 880 cached positions, ms/token"),
+                 ("b8", "batch 8, ms/step"))
+
+
+def main_seconds(model_dir, prompts_file, n_new, *extra):  # one main.py process, start to end
+    t = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(HERE, "main.py"), "--model_dir", model_dir, "--prompt_file",
+                    prompts_file, "--greedy", "--n_tokens_to_generate", str(n_new), *extra], check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def gptjax_decode_ms(model_dir, prompts, extra):  # {row: ms per decoding step}, main.py as the issue measures it:
+    # (t[144 new tokens] - t[16 new tokens]) / 128, whole processes (load, compile from the cache, prefill cancel out)
+    out = {}
+    for row, prompt_file in prompts.items():
+        times = {n: main_seconds(model_dir, prompt_file, n, *extra) for n in (16, 144)}
+        out[row] = 1e3 * (times[144] - times[16]) / 128
+    return out
+
+
+def llamacpp_ms(args, hf_dir):  # {type: {row: ms}} from the peer script's last lines
+    text = subprocess.run(["bash", args.peer_script, hf_dir, str(os.cpu_count())], capture_output=True, text=True,
+                          env={**os.environ, "PEER_PY": args.peer_python}, cwd=HERE, check=True).stdout
+    out = {}
+    for line in text.splitlines():
+        if m := re.match(r"llama.cpp (\S+): b1 ([\d.]+) ms/token, b1@\d+ ([\d.]+) ms/token, b8 ([\d.]+) ms/step", line):
+            out[m.group(1)] = dict(zip(("b1", "b1@880", "b8"), map(float, m.groups()[1:])))
+    return out
+
+
+def llamacpp_table(args):
+    """main.py (float32, --quantize int8) and llama.cpp (F32, Q8_0) decoding the same random 124M-shaped weights, in
+    turns, round after round; medians. Prompts: 10 tokens (1 and 8 rows) and 880 tokens."""
+    import encoder
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, hf_dir = os.path.join(tmp, "random-124M"), os.path.join(tmp, "random-124M-hf")
+        weights.save_params(model_dir, GPT2_124M, random_params(GPT2_124M))
+        weights.to_hf(model_dir, hf_dir)
+        enc = encoder.get_encoder(encoder.GPT2_VOCAB)
+        text = open(os.path.join(HERE, "corpora", "tinyshakespeare.txt"), encoding="utf-8").read(20000)
+        ids = [i for i in enc.encode(text.replace("\n", " "))]
+        prompts = {"b1": [ids[:10]], "b1@880": [ids[100:980]], "b8": [ids[50 * r:50 * r + 10] for r in range(8)]}
+        files_ = {}
+        for row, rows in prompts.items():
+            files_[row] = os.path.join(tmp, f"{row}.txt")
+            with open(files_[row], "w", encoding="utf-8") as f:
+                f.write("".join(enc.decode(r) + "\n" for r in rows))
+        for extra in ([], ["--quantize", "int8"]):  # warm the compilation and conversion caches
+            gptjax_decode_ms(model_dir, files_, extra)
+        results = {name: [] for name in ("gptjax float32", "gptjax int8", "llama.cpp f32", "llama.cpp q8_0")}
+        for _ in range(args.rounds):
+            peer = llamacpp_ms(args, hf_dir)
+            results["llama.cpp f32"].append(peer["f32"])
+            results["llama.cpp q8_0"].append(peer["q8_0"])
+            results["gptjax float32"].append(gptjax_decode_ms(model_dir, files_, []))
+            results["gptjax int8"].append(gptjax_decode_ms(model_dir, files_, ["--quantize", "int8"]))
+    median = {name: {row: float(np.median([r[row] for r in rs])) for row, _ in LLAMACPP_ROWS}
+              for name, rs in results.items()}
+    print(f"\n{args.rounds} rounds in turns, medians; {os.cpu_count()} threads; jax {jax.__version__}")
+    print("| decoding, 124M | gptjax float32 | llama.cpp F32 | ratio | gptjax int8 | llama.cpp Q8_0 | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for row, label in LLAMACPP_ROWS:
+        cells = []
+        for ours, theirs in (("gptjax float32", "llama.cpp f32"), ("gptjax int8", "llama.cpp q8_0")):
+            a, b = median[ours][row], median[theirs][row]
+            cells += [f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f}x"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def generate_table(args):
-    dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0].device_kind
     rows = []  # (metric, gptjax, hf)
     with tempfile.TemporaryDirectory() as tmp:
@@ -619,12 +701,14 @@ def generate_table(args):
         load = load_time(model_dir)
         load = load_time(model_dir)  # the second load is the one users see every day (converted cache)
         hparams, params = weights.load_hparams_and_params(model_dir)
-        params = gpt.cast(params, dtype)
+        float_params = params
+        params = (jax.tree.map(jnp.asarray, quant.quantize_params(params)) if args.dtype == "int8"
+                  else gpt.cast(params, jnp.dtype(args.dtype)))
         layers = sampling.unstack_layers(params)  # once, as main.py does, not inside every timed generate
         rows.append(("load (s), from converted cache", f"{load['load_s']:.2f}", ""))
         rows.append(("peak RSS during load (MiB) / weights (MiB)",
                      f"{load['peak_rss_mib']:.0f} / {load['weights_mib']:.0f}", ""))
-        hf = hf_model(params, hparams) if args.vs_hf else None
+        hf = hf_model(float_params if args.dtype == "int8" else params, hparams) if args.vs_hf else None
 
         floor_tok_s = copy_bandwidth() / weight_bytes_per_token(params)
         for b in args.batches:
