@@ -4,22 +4,25 @@
     logits = gpt.gpt(qparams, ids, n_head)   # gpt.py's functions take either
     y = matmul(x, qparams["wte"])            # x @ W.T: the C++ kernel (csrc/int8_matmul.cc) or the pure-JAX reference
 
-A quantized matrix is a dict {"int8": [..., n_out, n_in] int8, "scale": [..., n_out, n_in // block] float32} standing
-where the float matrix stood in params: W[o, i] ~ int8[o, i] * scale[o, i // block], each scale the block's largest
-magnitude / 127 (symmetric, round to nearest). It is stored output-major, as llama.cpp's Q8_0 and HF's nn.Linear store
-a matrix, so a row of W is contiguous in memory and a product reads it once, front to back: gpt.py's linear weights
-([n_in, n_out], the checkpoint's layout) are transposed when quantized; wte ([n_vocab, n_embd]) already is, and its
-rows serve both the token embedding and the tied unembedding. Activations stay float32.
+A quantized matrix W [n_out, n_in] is a dict {"int8", "scale"} standing where the float matrix stood in params:
+W[o, i] ~ int8 value * scale[i // 32, o], each scale its block's largest magnitude / 127 (symmetric, round to
+nearest), blocks of 32 along a row (as llama.cpp's Q8_0; a row that 32 does not divide is one block). Rows are output
+channels, as HF's nn.Linear stores them: gpt.py's linear weights ([n_in, n_out], the checkpoint's layout) are
+transposed when quantized; wte ([n_vocab, n_embd]) already is, and its rows serve both the token embedding and the
+tied unembedding. The int8 values are packed for the kernel, 16 rows at a time: "int8" is
+[..., ceil(n_out / 16), n_in / 2, 16, 2] with int8[t, j, r, k] = W[16 t + r, 2 j + k] (the last tile padded with zero
+rows), "scale" is [..., n_in / 32, n_out]. Activations stay float32 (the kernel rounds x to int16 per block of 32 inside
+the product: an error below 2^-16 of the block's largest value, far under the weights' own).
 
-Why blocks of 32 and not one scale per output channel: the same speed (the kernel multiplies each 16 widened weights
-by their scale either way), and the error of a weight is bounded by its block's largest value rather than its whole
-row's, which matters for GPT-2's weights with a few large entries per row (measured in README's Speed section).
+Why blocks of 32 and not one scale per output channel: the error of a weight is bounded by its block's largest value
+rather than its whole row's, which matters for weights with a few large entries per row; the kernel applies the
+scales once per block of 16 rows x 32 values, so they cost no speed, and 1/8 more bytes than the int8 values.
 
-The product: XLA:CPU has no fast int8 matrix-vector product (an int8 weight converted inside a dot runs ~8x slower
-than float32), so on a CPU decoding calls a small C++ kernel through jax.ffi, built by `pip install -e .` when a C++
-compiler is there. Without it, or for long inputs (prefill, where XLA's float32 GEMM on the dequantized weights is
+The product: XLA:CPU has no fast int8 matrix-vector product (an int8 weight converted inside a dot runs several times
+slower than float32), so on a CPU decoding calls a small C++ kernel through jax.ffi, built by `pip install -e .` when a
+C++ compiler is there. Without it, for many rows (prefill, where XLA's float32 GEMM on the dequantized weights is
 faster), or on a GPU (which fuses the dequantization into its matmul), matmul is the pure-JAX reference: the same
-logits within float32 rounding (the tests check both against float64).
+logits within the rounding of x (the tests check both against float64).
 """
 import ctypes
 import functools
@@ -104,10 +107,6 @@ def stored_shapes(shapes: dict) -> dict:
         else:
             out[name] = shape
     return out
-
-
-def quantized_bytes(params: dict) -> int:  # what a decoding step reads of the weights
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
 
 
 # ------------------------------------------------------------------------------------------------ the product
