@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,33 @@ def copy_bandwidth():  # bytes read + written per second by a large copy in the 
         copy = lambda: add_one(src).block_until_ready()
     copy()
     return max(2 * src.nbytes / median_time(copy, 1) for _ in range(5))
+
+
+def read_bandwidth():  # bytes per second that XLA reads from memory with all its threads (a sum over 512 MB)
+    x = jnp.ones(2**27, jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    return max(x.nbytes / median_time(lambda: total(x).block_until_ready(), 1) for _ in range(5))
+
+
+def depth_rows(layers, hparams, batches, depths, repeats, n_steps=32):
+    """Decoding after depth cached positions: ms per step from generate's time for 1 + n_steps and 1 new tokens (the
+    prompt's prefill cancels out), the bytes a step must read (the weights once, each row's K and V of depth + n_steps
+    / 2 positions) and that as a % of what the read bandwidth allows."""
+    bandwidth, rows = read_bandwidth(), []
+    kv_bytes = 2 * hparams["n_layer"] * hparams["n_embd"] * gpt.dtype(layers).itemsize
+    for depth in depths:
+        for b in batches:
+            prompts = [list((np.arange(depth) + 7 * r) % 50000) for r in range(b)]
+            runs = [partial(sampling.generate, layers, hparams, prompts, n, greedy=True) for n in (1, 1 + n_steps)]
+            for run in runs:
+                run()
+            short, long = interleaved_medians(runs, repeats)
+            step = (long - short) / n_steps
+            read = weight_bytes_per_token(layers) + kv_bytes * (depth + n_steps / 2) * b
+            rows.append((f"decode after {depth} cached positions, batch {b}: ms/step; MB read/step; % of floor",
+                         f"{1e3 * step:.2f}; {read / 1e6:.0f}; {100 * read / bandwidth / step:.0f}%", ""))
+    return rows, bandwidth
 
 
 def weight_bytes_per_token(params):
@@ -549,6 +577,8 @@ def parse_args(argv):
     gen.add_argument("--n_new", type=positive, default=64)
     gen.add_argument("--repeats", type=positive, default=5)
     gen.add_argument("--skip_compile", action="store_true", help="skip the cold/warm compile-time probes")
+    gen.add_argument("--depths", default="8,256,880", type=batch_sizes, help="cached positions to decode after "
+                                                                              "(comma separated; the floor rows)")
     tr = commands.add_parser("train", help="training ms/iter, in turns with the peers")
     tr.add_argument("--vs_hf", action="store_true", help="also train the same models with HF transformers")
     tr.add_argument("--configs", default=",".join(TRAIN_CONFIGS), help="config files to time")
@@ -726,6 +756,8 @@ def generate_table(args):
             if b == 1:
                 rows.append(("batch 1: % of weight-read floor " f"({floor_tok_s:.1f} tok/s)",
                              f"{100 * tok_s[0] / floor_tok_s:.0f}%", ""))
+        depth, bandwidth = depth_rows(layers, hparams, args.batches, args.depths, args.repeats)
+        rows += depth
         n_prefill = hparams["n_ctx"] - 1  # plus the one token it generates: a full context
         fns = [gptjax_prefill(layers, hparams, n_prefill)] + ([hf_prefill(hf, n_prefill)] if hf is not None else [])
         seconds = interleaved_medians(fns, args.repeats)
@@ -739,7 +771,8 @@ def generate_table(args):
                     warm = compile_time(shape, os.path.join(cache, shape), args.dtype)
                     rows.append((f"compile generate, {shape} shapes, cold / warm (s)", f"{cold:.2f} / {warm:.2f}", ""))
     print(f"\ndevice: {device} ({jax.device_count()} x {jax.default_backend()}), jax {jax.__version__}, "
-          f"dtype {args.dtype}, copy bandwidth {copy_bandwidth() / 1e9:.1f} GB/s")
+          f"dtype {args.dtype}, copy bandwidth {copy_bandwidth() / 1e9:.1f} GB/s, read bandwidth (XLA, all threads) "
+          f"{bandwidth / 1e9:.1f} GB/s")
     print("| metric | gptjax | HF transformers | ratio |\n|---|---|---|---|")
     for row in rows:
         row = tuple(row) + ("",) * (4 - len(row))
