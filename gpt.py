@@ -4,7 +4,8 @@ The params dict mirrors OpenAI's checkpoint names (wte, wpe, h/ln_1/g, h/attn/c_
 the per-layer blocks h0, h1, ... are stacked into one "h" subtree with a leading [n_layer] axis, so the layers run
 under `lax.scan`: compile time stays flat with depth. The functions take one sequence ([n_seq] ids) or a batch of
 equal-length ones ([batch, n_seq]): every position-wise step acts on the last axis, attention on the last two. The KV
-cache holds one sequence; batch decoding with `jax.vmap`, which also gives each row its own position (sampling.py).
+cache holds the same leading axes; sampling.py decodes rows of different lengths in one cache, each row at its own
+position with its own mask of cached slots (causal_self_attention's past and slot). Any matrix may be int8 (quant.py).
 
     logits = gpt(params, ids, n_head)                       # [..., n_seq] -> [..., n_seq, n_vocab]
     x, cache = transformer(params, ids, n_head, cache, pos) # [n_seq], with a KV cache for decoding
@@ -27,7 +28,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, UInt32
 
 import quant
 
-Position = int | Int[Array, ""]  # a position in the sequence: a Python int, or a traced scalar (one per row under vmap)
+Position = int | Int[Array, ""]  # a position in the sequence: a Python int, or a traced scalar
 
 
 def wide(dtype):  # the dtype for sums and statistics: float32, or float64 when the params are float64
@@ -47,9 +48,9 @@ def layer_norm(x: Float[Array, "*rows n_embd"], g: Float[Array, " n_embd"], b: F
 def linear(x: Float[Array, "*rows n_in"], w: Float[Array, "n_in n_out"] | dict, b: Float[Array, " n_out"] | None = None,
            lora_a: Float[Array, "n_in rank"] | None = None,
            lora_b: Float[Array, "rank n_out"] | None = None) -> Float[Array, "*rows n_out"]:
-    # w: a matrix, or an int8 one (quant.py: stored [n_out, n_in]). One 2-D matmul over the rows of all sequences:
-    # for a [batch, n_seq, n_in] operand XLA:CPU computes the weight gradient by first copying the activations
-    # transposed, which made training ~1.3x slower
+    # w: a matrix, or an int8 one (quant.py, which stores it transposed and packed). One 2-D matmul over the rows of
+    # all sequences: for a [batch, n_seq, n_in] operand XLA:CPU computes the weight gradient by first copying the
+    # activations transposed, which made training ~1.3x slower
     rows = x.reshape(-1, x.shape[-1])
     y = quant.matmul(rows, w) if quant.is_quantized(w) else rows @ w
     if lora_a is not None:  # a low-rank adapter (LoRA, see with_adapters): x W + (x A) B, never forming A B

@@ -16,9 +16,9 @@ How it runs:
     generate_stream() with its chunks joined, so the two cannot disagree.
   - Shapes are bucketed (prompt length, cache length), and the number of steps in a chunk and every sampling control
     but `greedy` are traced values, so one compiled prefill and one compiled decode serve every prompt, length and
-    setting in a bucket. The cache starts at the bucket of the slots the first chunk needs and doubles as decoding
-    needs more (`grown`, a copy each time), so that attention reads about the slots in use. jax.jit keeps them for the life of the process; cli.enable_compilation_cache() keeps them
-    on disk.
+    setting in a bucket; jax.jit keeps them for the life of the process, cli.enable_compilation_cache() on disk. The
+    cache starts at the bucket of the slots the first chunk needs and doubles as decoding needs more (`grown`, a copy
+    each time), so that attention reads about the slots in use.
   - Sampling: greedy (argmax), or temperature, then top-k, then top-p (nucleus), drawn with a key derived from
     (seed, row, token index): the same seed gives the same tokens whatever the chunking, and row 0 of a batch uses
     the random numbers that the same prompt uses alone. generate() runs a request of many rows (num_samples 10,000)
