@@ -267,15 +267,17 @@ def generate_stream(params, hparams, prompts, n_tokens, *, greedy=False, tempera
 
 def cache_length(hparams, prompt_len, slots, full_len):
     # the KV cache's length while decoding needs slots of it (a chunk's worth ahead): a bucket, at most the whole
-    # request's (full_len), grown as decoding goes on (grown), so that
-    # attention reads about the slots in use rather than the whole request's (decoding 10 + 144 tokens at batch 8, the
-    # cache was 2x the bytes of the int8 weights at its full 256 slots)
+    # request's (full_len), grown as decoding goes on (grown), so that attention reads about the slots in use rather
+    # than the whole request's (decoding 10 + 144 tokens at batch 8, the full 256 slots were 2x the bytes of the int8
+    # weights)
     return min(full_len, bucket(max(prompt_len, slots), hparams["n_ctx"]))
 
 
-@partial(jax.jit, static_argnames="cache_len", donate_argnames="state")
+@partial(jax.jit, static_argnames="cache_len")  # (no donation: a buffer of another size cannot be reused)
 def grown(state: dict, *, cache_len: int) -> dict:  # the decoding state with its caches (and past) grown to cache_len
-    grow = lambda x, axis: jnp.pad(x, [(0, cache_len - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
+    def grow(x, axis):  # x padded with zeros (False) along axis to cache_len
+        return jnp.pad(x, [(0, cache_len - x.shape[axis]) if a == axis % x.ndim else (0, 0) for a in range(x.ndim)])
+
     caches = [{name: grow(c, -2) for name, c in cache.items()} for cache in state["caches"]]
     return {**state, "caches": caches, "past": grow(state["past"], -1)}
 

@@ -1557,6 +1557,18 @@ def test_decoding_logits_match_the_model_row_by_row(tiny_tf):
         logits = sampling.unembed_rows(layers, x[:, 0])
 
 
+def test_decoding_across_cache_growth_follows_the_model(tiny_tf):
+    # prompts of 10 and 6 tokens and 50 new ones: the cache starts at 32 slots and grows to 64 mid-request (grown);
+    # every token must be the float64 model's most likely one after the prompt and the tokens before it
+    hparams, params = tiny_tf
+    prompts = [PROMPTS[0]["ids"], PROMPTS[1]["ids"]]
+    flat = reference_params()
+    for prompt, new in zip(prompts, sampling.generate(params, hparams, prompts, 50, greedy=True)):
+        logits = numpy_gpt2(flat, np.array(prompt + new[:-1]), hparams["n_head"])[len(prompt) - 1:]
+        chosen = logits[np.arange(len(new)), new]
+        assert np.all(chosen >= logits.max(-1) - 1e-4), np.flatnonzero(chosen < logits.max(-1) - 1e-4)
+
+
 def test_bad_requests_raise_one_line_errors(tiny_tf):
     hparams, params = tiny_tf
     ids = PROMPTS[0]["ids"]  # 10 tokens
