@@ -689,23 +689,22 @@ def llamacpp_table(args):
         weights.save_params(model_dir, GPT2_124M, random_params(GPT2_124M))
         weights.to_hf(model_dir, hf_dir)
         enc = encoder.get_encoder(encoder.GPT2_VOCAB)
-        text = open(os.path.join(HERE, "corpora", "tinyshakespeare.txt"), encoding="utf-8").read(20000)
-        ids = [i for i in enc.encode(text.replace("\n", " "))]
+        with open(os.path.join(HERE, "corpora", "tinyshakespeare.txt"), encoding="utf-8") as f:
+            ids = enc.encode(f.read(20000).replace("\n", " "))
         prompts = {"b1": [ids[:10]], "b1@880": [ids[100:980]], "b8": [ids[50 * r:50 * r + 10] for r in range(8)]}
-        files_ = {}
+        prompt_files = {row: os.path.join(tmp, f"{row}.txt") for row in prompts}
         for row, rows in prompts.items():
-            files_[row] = os.path.join(tmp, f"{row}.txt")
-            with open(files_[row], "w", encoding="utf-8") as f:
+            with open(prompt_files[row], "w", encoding="utf-8") as f:
                 f.write("".join(enc.decode(r) + "\n" for r in rows))
         for extra in ([], ["--quantize", "int8"]):  # warm the compilation and conversion caches
-            gptjax_decode_ms(model_dir, files_, extra)
+            gptjax_decode_ms(model_dir, prompt_files, extra)
         results = {name: [] for name in ("gptjax float32", "gptjax int8", "llama.cpp f32", "llama.cpp q8_0")}
         for _ in range(args.rounds):
             peer = llamacpp_ms(args, hf_dir)
             results["llama.cpp f32"].append(peer["f32"])
             results["llama.cpp q8_0"].append(peer["q8_0"])
-            results["gptjax float32"].append(gptjax_decode_ms(model_dir, files_, []))
-            results["gptjax int8"].append(gptjax_decode_ms(model_dir, files_, ["--quantize", "int8"]))
+            results["gptjax float32"].append(gptjax_decode_ms(model_dir, prompt_files, []))
+            results["gptjax int8"].append(gptjax_decode_ms(model_dir, prompt_files, ["--quantize", "int8"]))
     median = {name: {row: float(np.median([r[row] for r in rs])) for row, _ in LLAMACPP_ROWS}
               for name, rs in results.items()}
     print(f"\n{args.rounds} rounds in turns, medians; {os.cpu_count()} threads; jax {jax.__version__}")

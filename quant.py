@@ -113,8 +113,8 @@ def stored_shapes(shapes: dict) -> dict:
 
 
 def matmul(x: Float[Array, "*rows n_in"], w: dict) -> Float[Array, "*rows n_out"]:
-    """x @ W.T for a quantized W [n_out, n_in]: the kernel where it serves (a CPU, float32, at most KERNEL_MAX_ROWS
-    rows, blocks of a multiple of 16), else the pure-JAX reference."""
+    """x @ W.T for a quantized W [n_out, n_in]: the kernel where it serves (a CPU, float32 x, at most
+    KERNEL_MAX_ROWS rows, blocks of 32), else the pure-JAX reference."""
     q, scale = w["int8"], w["scale"]
     rows = int(np.prod(x.shape[:-1]))
     if (x.dtype == jnp.float32 and rows <= KERNEL_MAX_ROWS and x.shape[-1] % BLOCK == 0

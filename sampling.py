@@ -16,9 +16,9 @@ How it runs:
     generate_stream() with its chunks joined, so the two cannot disagree.
   - Shapes are bucketed (prompt length, cache length), and the number of steps in a chunk and every sampling control
     but `greedy` are traced values, so one compiled prefill and one compiled decode serve every prompt, length and
-    setting in a bucket; jax.jit keeps them for the life of the process, cli.enable_compilation_cache() on disk. The
-    cache starts at the bucket of the slots the first chunk needs and doubles as decoding needs more (`grown`, a copy
-    each time), so that attention reads about the slots in use.
+    setting in a bucket; jax.jit keeps them for the life of the process, cli.enable_compilation_cache() on disk.
+    (A cache that grew with decoding read fewer slots but cost main.py a compiled program per size, loaded from the
+    disk cache in every process: 124M int8 at batch 1, 8.7 -> 17.9 ms/token measured as bench.py llamacpp does.)
   - Sampling: greedy (argmax), or temperature, then top-k, then top-p (nucleus), drawn with a key derived from
     (seed, row, token index): the same seed gives the same tokens whatever the chunking, and row 0 of a batch uses
     the random numbers that the same prompt uses alone. generate() runs a request of many rows (num_samples 10,000)
@@ -239,9 +239,7 @@ def generate_stream(params, hparams, prompts, n_tokens, *, greedy=False, tempera
     check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
     check_seed(seed)
     params, lengths = unstack_layers(params), [len(p) for p in prompts]
-    prompt_len, full_len = shapes or padded_lengths(hparams, prompts, n_tokens)
-    slot = max(lengths)  # where the next decoding step writes (prefill's state["slot"])
-    cache_len = cache_length(hparams, prompt_len, slot + CHUNK, full_len)
+    prompt_len, cache_len = shapes or padded_lengths(hparams, prompts, n_tokens)
     ids = np.zeros((len(prompts), prompt_len), np.int32)
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)] = prompt
@@ -258,28 +256,8 @@ def generate_stream(params, hparams, prompts, n_tokens, *, greedy=False, tempera
         if remaining == 0 or all(finished):
             return
         n = min(CHUNK, remaining)
-        if slot + n > cache_len:
-            cache_len = cache_length(hparams, prompt_len, slot + CHUNK, full_len)
-            state = grown(state, cache_len=cache_len)
         chunk, state = decode(params, state, np.int32(n), controls, chunk=CHUNK, **static)
-        chunk, remaining, slot = chunk[:, :n], remaining - n, slot + n
-
-
-def cache_length(hparams, prompt_len, slots, full_len):
-    # the KV cache's length while decoding needs slots of it (a chunk's worth ahead): a bucket, at most the whole
-    # request's (full_len), grown as decoding goes on (grown), so that attention reads about the slots in use rather
-    # than the whole request's (decoding 10 + 144 tokens at batch 8, the full 256 slots were 2x the bytes of the int8
-    # weights)
-    return min(full_len, bucket(max(prompt_len, slots), hparams["n_ctx"]))
-
-
-@partial(jax.jit, static_argnames="cache_len")  # (no donation: a buffer of another size cannot be reused)
-def grown(state: dict, *, cache_len: int) -> dict:  # the decoding state with its caches (and past) grown to cache_len
-    def grow(x, axis):  # x padded with zeros (False) along axis to cache_len
-        return jnp.pad(x, [(0, cache_len - x.shape[axis]) if a == axis % x.ndim else (0, 0) for a in range(x.ndim)])
-
-    caches = [{name: grow(c, -2) for name, c in cache.items()} for cache in state["caches"]]
-    return {**state, "caches": caches, "past": grow(state["past"], -1)}
+        chunk, remaining = chunk[:, :n], remaining - n
 
 
 def cut_finished_rows(rows, finished, eot_token):  # each row's tokens before its first eot_token; updates finished

@@ -1557,9 +1557,9 @@ def test_decoding_logits_match_the_model_row_by_row(tiny_tf):
         logits = sampling.unembed_rows(layers, x[:, 0])
 
 
-def test_decoding_across_cache_growth_follows_the_model(tiny_tf):
-    # prompts of 10 and 6 tokens and 50 new ones: the cache starts at 32 slots and grows to 64 mid-request (grown);
-    # every token must be the float64 model's most likely one after the prompt and the tokens before it
+def test_long_decoding_of_rows_of_different_lengths_follows_the_model(tiny_tf):
+    # prompts of 10 and 6 tokens and 50 new ones (4 chunks, the shared write slot far past the shorter prompt): every
+    # token must be the float64 model's most likely one after the prompt and the tokens before it
     hparams, params = tiny_tf
     prompts = [PROMPTS[0]["ids"], PROMPTS[1]["ids"]]
     flat = reference_params()

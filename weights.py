@@ -601,19 +601,26 @@ def hf_tensors(hparams, params):  # params (biases optional) -> {HF name: np.flo
     return tensors
 
 
+def checked_destination(dest: str | Path) -> Path:
+    """The folder to write a model into (to_hf, quantize_model), refused in one line if it holds a model's file of
+    any layout; a model-sized temporary left there by a writer that was killed is removed."""
+    if not str(dest).strip():
+        raise cli.UsageError("the destination is empty: give the folder to write the model into")
+    dest = Path(dest)
+    taken = [name for name in (*HF_FILES, *TOKENIZER_FILES, CACHE_NAME, "hparams.json") if (dest / name).exists()]
+    if taken:
+        raise cli.UsageError(f"{dest} already holds {taken[0]}: give a new folder as the destination (a model's files "
+                             f"are never written over someone's)")
+    files.remove_stale_temporaries(dest)
+    return dest
+
+
 def to_hf(model: str, dest: str | Path, models_dir: str | Path = "models") -> str | None:
     """Write model (a release size or any model folder that load_model reads) to the folder dest in Hugging Face's
     GPT-2 layout: config.json, model.safetensors and, for GPT-2-token models, vocab.json, merges.txt and
     tokenizer_config.json, so that transformers' GPT2LMHeadModel and GPT2TokenizerFast load it.
     -> a note for the user when the vocabulary cannot go with it (a character-level model's has no HF tokenizer)."""
-    if not str(dest).strip():
-        raise cli.UsageError("the destination is empty: give the folder to write the model into")
-    dest = Path(dest)
-    taken = [name for name in HF_FILES + (CACHE_NAME, "hparams.json") if (dest / name).exists()]
-    if taken:
-        raise cli.UsageError(f"{dest} already holds {taken[0]}: give a new folder as the destination (a model's files "
-                             f"are never written over someone's)")
-    files.remove_stale_temporaries(dest)  # a model-sized temporary left by an export that was killed
+    dest = checked_destination(dest)
     folder, hparams, params = load_model(model, models_dir)
     if quant.is_quantized(params["wte"]):
         raise cli.UsageError(f"{model} is an int8 model: export the float model it was quantized from (Hugging Face's "
@@ -644,14 +651,7 @@ def to_hf(model: str, dest: str | Path, models_dir: str | Path = "models") -> st
 def quantize_model(model: str, dest: str | Path, models_dir: str | Path = "models") -> None:
     """Write model (a release size or any model folder) to the new folder dest with int8 matrices (quant.py), in
     gptjax's layout (params.safetensors) with the model's vocabulary files: ~1/4 of the float32 bytes."""
-    dest = Path(dest)
-    if not str(dest).strip():
-        raise cli.UsageError("the destination is empty: give the folder to write the model into")
-    taken = [name for name in (CACHE_NAME, *TOKENIZER_FILES, *HF_FILES, "hparams.json") if (dest / name).exists()]
-    if taken:
-        raise cli.UsageError(f"{dest} already holds {taken[0]}: give a new folder as the destination (a model's files "
-                             f"are never written over someone's)")
-    files.remove_stale_temporaries(dest)
+    dest = checked_destination(dest)
     folder, hparams, params = load_model(model, models_dir)
     if quant.is_quantized(params["wte"]):
         raise cli.UsageError(f"{model} is an int8 model already")
