@@ -52,7 +52,7 @@ def parse_args(argv):
     ap.add_argument("--stream", action="store_true", help="print the continuation as it is generated")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the weights and compute")
     ap.add_argument("--quantize", choices=["int8"], help="int8 weights (a scale per 32 values; activations float32): "
-                                                        "~1/4 of the memory, 2.5-3x the decoding speed on a CPU; "
+                                                        "~1/4 of the memory, ~2x the decoding speed on a CPU; "
                                                         "quantized once and kept in gptjax's cache")
     return ap.parse_args(argv)
 
