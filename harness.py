@@ -158,11 +158,14 @@ class GptjaxLM(TemplateLM):
         for n_new, group in tqdm(groups.items(), desc="generating", disable=disable_tqdm):
             for first in range(0, len(group), self.batch_size):
                 batch = group[first:first + self.batch_size]
-                new = sampling.generate(self.params, self.hparams, [ids for _, ids, _ in batch], n_new,
-                                        greedy=True)
-                for (i, _, until), tokens in zip(batch, new):
-                    outputs[i] = cut_at_stop(self.tok_decode(tokens), until)
-                    self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+                chunks = sampling.generate_stream(self.params, self.hparams, [ids for _, ids, _ in batch], n_new,
+                                                  greedy=True)
+                texts = [""] * len(batch)
+                for pieces in sampling.text_stream(chunks, self.tok_decode, [until for _, _, until in batch]):
+                    texts = [text + piece for text, piece in zip(texts, pieces)]
+                for (i, _, _), text in zip(batch, texts):
+                    outputs[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return outputs
 
 
@@ -253,8 +256,3 @@ def target_scores(params, ids, positions, targets, mask, *, n_head):
     # params: in sampling.unstack_layers's layout (GptjaxLM.params)
     x, _ = sampling.forward_rows(params, ids, n_head, None, 0)
     return scored(gpt.unembed(params, jnp.take_along_axis(x, positions[..., None], axis=1)), targets, mask)
-
-
-def cut_at_stop(text, until):  # text up to the first of the stop strings
-    cut = min((text.find(stop) for stop in until if stop and stop in text), default=len(text))
-    return text[:cut]

@@ -49,6 +49,19 @@ def parse_args(argv):
                                              "and printed, so that a run can be repeated")
     ap.add_argument("--num_samples", type=int, default=1, help="continuations per prompt")
     ap.add_argument("--stop_at_eot", action="store_true", help="end a continuation at <|endoftext|>")
+    ap.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                    help="end a continuation before this text (repeat for several; Python escapes such as \\n are "
+                         "read as the characters)")
+    ap.add_argument("--repetition_penalty", type=float, help="HF's: a token already in the prompt or the "
+                                                             "continuation has its logit divided (if positive) or "
+                                                             "multiplied by this; 1 is none, ~1.2 is typical")
+    ap.add_argument("--presence_penalty", type=float, help="OpenAI's (-2 to 2): subtracted from the logit of every "
+                                                           "token already generated")
+    ap.add_argument("--frequency_penalty", type=float, help="OpenAI's (-2 to 2): subtracted from a token's logit "
+                                                            "once for each time it was generated")
+    ap.add_argument("--logit_bias", action="append", default=[], metavar="ID=BIAS",
+                    help="add BIAS (-100 to 100) to token ID's logit, e.g. 50256=-100 never ends the text (repeat "
+                         "for several)")
     ap.add_argument("--stream", action="store_true", help="print the continuation as it is generated")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the weights and compute")
     ap.add_argument("--quantize", choices=["int8"], help="int8 weights (a scale per 32 values; activations float32): "
@@ -81,19 +94,6 @@ def read_prompts(args):  # -> the prompt texts of --prompt or --prompt_file
     return prompts
 
 
-def stream_text(id_chunks, decode):  # chunks of new ids -> pieces of text that join into decode(all the ids)
-    ids, shown = [], ""
-    for chunk in id_chunks:
-        ids += chunk
-        # a character whose UTF-8 bytes span several tokens decodes to U+FFFD until its last byte has come: hold
-        # the tail back until then, so that what was printed is never taken back
-        text = decode(ids).rstrip("\ufffd")
-        if len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    yield decode(ids)[len(shown):]
-
-
 def generate_texts(encoder, hparams, params, prompts, args, eot_token):
     """Generate for prompt texts, printing each continuation (headed by its prompt and sample number when there
     are several) or, with --stream, printing the single continuation as it comes."""
@@ -103,28 +103,51 @@ def generate_texts(encoder, hparams, params, prompts, args, eot_token):
     if args.stream and len(ids) > 1:
         raise UsageError("--stream prints one continuation as it is generated: give one prompt and --num_samples 1")
     try:
-        sampling.check_request(hparams, ids, args.n_tokens_to_generate, args.greedy, args.temperature, args.top_k,
-                               args.top_p)
+        sampling.check_request(hparams, ids, args.n_tokens_to_generate, **args.options)
     except ValueError as e:
         raise UsageError(e) from None
     if args.seed_drawn:  # once the request is known to be good, and once a process
         print(f"seed {args.seed} (give --seed {args.seed} to repeat this sampling)", file=sys.stderr, flush=True)
         args.seed_drawn = False
-    options = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, eot_token=eot_token)
-    if args.stream:
-        chunks = sampling.generate_stream(params, hparams, ids, args.n_tokens_to_generate, **options)
-        for piece in stream_text((chunk[0] for chunk in chunks), encoder.decode):
-            print(piece, end="", flush=True)
-        print()
-        return
-    row = 0
-    for batch in sampling.generate_batches(params, hparams, ids, args.n_tokens_to_generate, **options):
-        for new_ids in batch:  # printed batch by batch: 10,000 samples show as they come, and are not all kept
+    for rows, chunks in sampling.batch_streams(params, hparams, ids, args.n_tokens_to_generate, eot_token=eot_token,
+                                               **args.options):
+        texts = sampling.text_stream(chunks, encoder.decode, [args.stop] * len(rows))
+        if args.stream:
+            for pieces in texts:
+                print(pieces[0], end="", flush=True)
+            print()
+            return
+        batch = None
+        for pieces in texts:
+            batch = pieces if batch is None else [text + piece for text, piece in zip(batch, pieces)]
+        for row, text in zip(rows, batch):  # printed batch by batch: 10,000 samples show as they come, not all kept
             if len(ids) > 1:
                 print(heading(row, len(prompts), args.num_samples))
-            print(encoder.decode(new_ids), flush=True)
-            row += 1
+            print(text, flush=True)
+
+
+def sampling_options(args):  # main.py's flags -> sampling.request_controls's options
+    bias = {}
+    for item in args.logit_bias:
+        token, _, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise UsageError(f"--logit_bias {item}: give a token id and a bias, as 50256=-100") from None
+    return dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, logit_bias=bias)
+
+
+def stop_strings(stops):  # --stop's texts with their escapes (\n, \t, \u00e9) read as the characters
+    out = []
+    for stop in stops:
+        try:
+            out.append(stop.encode("latin-1", "backslashreplace").decode("unicode_escape"))
+        except UnicodeDecodeError:
+            raise UsageError(f"--stop {stop}: a backslash begins an escape such as \\n; write \\\\ for a "
+                             f"backslash") from None
+    return out
 
 
 def heading(row, n_prompts, n_samples):  # "--- prompt 2, sample 1 ---" above each of several continuations
@@ -161,6 +184,7 @@ def read_interactive_prompts():  # stdin's lines, with a ready marker and, on a 
 def run(args):
     prompts = read_prompts(args)
     args.seed, args.seed_drawn = sampling_seed(args)
+    args.stop, args.options = stop_strings(args.stop), sampling_options(args)
     if args.model_dir is not None and not os.path.isdir(args.model_dir):
         raise UsageError(f"--model_dir {args.model_dir} is not a folder: give a model folder, or --model_type")
     cli.setup()

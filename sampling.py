@@ -14,17 +14,19 @@ How it runs:
   - Decoding runs in chunks of up to CHUNK tokens, each one jitted `lax.while_loop` with the KV cache in its carry
     (updated in place) and donated from chunk to chunk; the host only collects each chunk's tokens. generate() is
     generate_stream() with its chunks joined, so the two cannot disagree.
-  - Shapes are bucketed (prompt length, cache length), and the number of steps in a chunk and every sampling control
-    but `greedy` are traced values, so one compiled prefill and one compiled decode serve every prompt, length and
-    setting in a bucket; jax.jit keeps them for the life of the process, cli.enable_compilation_cache() on disk.
-    (A cache that grew with decoding read fewer slots but cost main.py a compiled program per size, loaded from the
-    disk cache in every process: 124M int8 at batch 1, 8.7 -> 17.9 ms/token measured as bench.py llamacpp does.)
+  - Shapes are bucketed (prompt length: bucket, cache length: cache_length), and the number of steps in a chunk and
+    every sampling control but `greedy` are traced values, so one compiled prefill and one compiled decode serve
+    every prompt, length and setting in a bucket; jax.jit keeps them for the life of the process,
+    cli.enable_compilation_cache() on disk. (A cache that grew with decoding read fewer slots but cost main.py a
+    compiled program per size, loaded from the disk cache in every process: 124M int8 at batch 1, 8.7 -> 17.9
+    ms/token measured as bench.py llamacpp does.)
   - Sampling: greedy (argmax), or temperature, then top-k, then top-p (nucleus), drawn with a key derived from
     (seed, row, token index): the same seed gives the same tokens whatever the chunking, and row 0 of a batch uses
     the random numbers that the same prompt uses alone. generate() runs a request of many rows (num_samples 10,000)
     as batches that fit in memory, each row keeping its index and padded shapes: the tokens are those of one batch.
   - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `forward_rows`.
 """
+import math
 from functools import partial
 
 import jax
@@ -39,6 +41,7 @@ from gpt import Position
 
 CHUNK = 16  # tokens per jitted decode call: the granularity of streaming (a host round trip costs ~0.1 ms)
 MIN_BUCKET = 16
+CACHE_STEP = 32  # KV cache lengths are multiples of it (see cache_length)
 MIN_TEMPERATURE = 1e-6  # below it, logits / temperature can overflow float32 (then inf - inf: NaN)
 BATCH_BYTES = 2 << 30  # the memory one batch of generate() may take (rows_that_fit)
 
@@ -46,6 +49,14 @@ BATCH_BYTES = 2 << 30  # the memory one batch of generate() may take (rows_that_
 def bucket(n: int, n_ctx: int) -> int:
     # the padded length for n tokens: the next power of two, at least MIN_BUCKET, at most n_ctx
     return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), n_ctx)
+
+
+def cache_length(n: int, n_ctx: int) -> int:
+    # the KV cache length for n tokens: the next multiple of CACHE_STEP, at most n_ctx. Finer than bucket's powers of
+    # two because every decoding step reads the whole cache, and at batch 8 that read is a large part of the step
+    # (124M int8, 8 rows of 10 + 144 tokens: 256 slots 28.4 ms/step, 160 slots 22.8); the price is more programs
+    # (up to n_ctx / CACHE_STEP decode programs, each compiled once and then kept in the disk cache)
+    return min(-(-n // CACHE_STEP) * CACHE_STEP, n_ctx)
 
 
 # ------------------------------------------------------------------------------------------------ choosing a token
@@ -82,18 +93,38 @@ def sortable_bits(x: Float[Array, "*shape"]) -> UInt32[Array, "*shape"]:
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def next_tokens(logits: Float[Array, "batch n_vocab"], controls: dict, step: Int[Array, ""], *,
+def adjusted_logits(logits: Float[Array, "batch n_vocab"], controls: dict,
+                    state: dict) -> Float[Array, "batch n_vocab"]:
+    # the penalties, then logit_bias (each present only when the request sets it), as the field defines them:
+    # repetition_penalty r (HF, CTRL): a token of the prompt or already generated gets logit / r if positive, logit * r
+    # if not; frequency_penalty f and presence_penalty p (OpenAI): a token generated c times so far gets logit - c f -
+    # (c > 0) p; logit_bias: added (OpenAI: -100 bans a token, 100 all but forces it)
+    if "repetition_penalty" in controls:
+        counts, r = state["counts"], controls["repetition_penalty"][:, None]
+        seen = state["in_prompt"] | (counts > 0)
+        logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+        logits = (logits - controls["frequency_penalty"][:, None] * counts
+                  - controls["presence_penalty"][:, None] * (counts > 0))
+    if "logit_bias" in controls:
+        logits = logits + controls["logit_bias"]
+    return logits
+
+
+def next_tokens(logits: Float[Array, "batch n_vocab"], controls: dict, steps: Int[Array, " batch"], *,
                 greedy: bool) -> Int[Array, " batch"]:
+    # each row's token: greedy (all rows), or drawn with the row's own settings, a row of temperature 0 taking the
+    # most likely token. The draw's key: the row's key with its token index folded in.
+    most_likely = jnp.argmax(logits, axis=-1)
     if greedy:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits / controls["temperature"]
+        return most_likely
+    temperature = controls["temperature"]
+    logits = logits / jnp.maximum(temperature, MIN_TEMPERATURE)[:, None]
     n_vocab = logits.shape[-1]
-    filtering = (controls["top_k"] < n_vocab) | (controls["top_p"] < 1)  # skip the bisections when they keep all
-    logits = lax.cond(filtering, jax.vmap(filter_logits, in_axes=(0, None, None)), lambda logits, k, p: logits,
+    filtering = jnp.any((controls["top_k"] < n_vocab) | (controls["top_p"] < 1))  # skip the bisections if none cut
+    logits = lax.cond(filtering, jax.vmap(filter_logits), lambda logits, k, p: logits,
                       logits, controls["top_k"], controls["top_p"])
-    rows = controls["first_row"] + jnp.arange(logits.shape[0])  # each row's index in the whole request
-    keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(controls["key"], row), step))(rows)
-    return jax.vmap(jax.random.categorical)(keys, logits)
+    keys = jax.vmap(jax.random.fold_in)(controls["key"], steps)
+    return jnp.where(temperature == 0, most_likely, jax.vmap(jax.random.categorical)(keys, logits))
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -154,12 +185,16 @@ def unembed_rows(params: dict, x: Float[Array, "batch n_embd"]) -> Float[Array, 
 
 
 def sample(state: dict, logits: Float[Array, "batch n_vocab"], controls: dict, greedy: bool) -> dict:
-    # each row's next token; a row that has emitted the eot token keeps emitting it
+    # each row's next token; a row that has emitted the eot token (or was ended, see end_rows) keeps emitting it
     # (eot_token -1: no stop)
-    token = next_tokens(logits, controls, state["step"], greedy=greedy).astype(jnp.int32)
-    token = jnp.where(state["done"], controls["eot_token"], token)
-    done = state["done"] | (token == controls["eot_token"])
-    return {**state, "token": token, "done": done, "step": state["step"] + 1}
+    token = next_tokens(adjusted_logits(logits, controls, state), controls, state["step"], greedy=greedy)
+    token = jnp.where(state["done"], controls["eot_token"], token.astype(jnp.int32))
+    state = {**state, "token": token, "done": state["done"] | (token == controls["eot_token"]),
+             "step": state["step"] + 1}
+    if "counts" in state:  # how often each row has drawn each token: the penalties' c
+        rows = jnp.arange(token.shape[0])
+        state["counts"] = state["counts"].at[rows, token].add(jnp.where(state["done"], 0, 1), mode="drop")
+    return state
 
 
 @partial(jax.jit, static_argnames=("n_head", "cache_len", "greedy"))
@@ -174,7 +209,13 @@ def prefill(params: dict, ids: Int[Array, "batch prompt_bucket"], lengths: Int[A
     # slots: a row's past skips the slots between its prompt and the longest one (padding)
     past = jnp.arange(cache_len) < lengths[:, None]
     state = {"caches": caches, "pos": lengths, "past": past, "slot": jnp.max(lengths), "done": jnp.zeros(batch, bool),
-             "step": jnp.int32(0)}
+             "step": jnp.zeros(batch, jnp.int32)}
+    if "repetition_penalty" in controls:
+        in_prompt = jnp.zeros((batch, logits.shape[-1]), bool)
+        real = jnp.arange(ids.shape[1]) < lengths[:, None]
+        state["in_prompt"] = in_prompt.at[jnp.arange(batch)[:, None], jnp.where(real, ids, logits.shape[-1])].set(
+            True, mode="drop")  # padding: out of bounds, dropped
+        state["counts"] = jnp.zeros((batch, logits.shape[-1]), jnp.int32)
     return sample(state, logits, controls, greedy)
 
 
@@ -204,7 +245,9 @@ def decode(params: dict, state: dict, n_steps: Int[Array, ""], controls: dict, *
 # ------------------------------------------------------------------------------------------------ the public API
 
 
-def check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p):
+def check_request(hparams, prompts, n_tokens, **options):
+    """A one-line ValueError for a request that cannot be served: no prompts, a prompt that is empty, holds a token
+    outside the vocabulary or leaves no room for n_tokens in the context, or sampling options out of range."""
     if not prompts:
         raise ValueError("no prompts given")
     if n_tokens < 1:
@@ -217,10 +260,19 @@ def check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
                              f"{len(prompt) + n_tokens}, "
                              f"more than the model's context of n_ctx={hparams['n_ctx']} tokens: shorten the prompt "
                              f"or generate fewer tokens")
-        bad = [t for t in prompt if not 0 <= t < hparams["n_vocab"]]
-        if bad:
-            raise ValueError(f"token id {bad[0]} in prompt {i + 1} is not in the vocabulary "
-                             f"(ids 0..{hparams['n_vocab'] - 1})")
+        check_token_ids(prompt, hparams["n_vocab"], f"prompt {i + 1}")
+    check_options(hparams, **options)
+
+
+def check_token_ids(ids, n_vocab, where):
+    bad = [t for t in ids if not 0 <= t < n_vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} in {where} is not in the vocabulary (ids 0..{n_vocab - 1})")
+
+
+def check_options(hparams, *, greedy=False, temperature=1.0, top_k=None, top_p=None, seed=0,
+                  repetition_penalty=None, presence_penalty=None, frequency_penalty=None, logit_bias=None):
+    # request_controls's options, in their ranges (NaN is in none)
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -228,36 +280,75 @@ def check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
     if not greedy and not temperature >= MIN_TEMPERATURE:
         raise ValueError(f"temperature must be at least {MIN_TEMPERATURE}, got {temperature} (for the most likely "
                          f"tokens, use greedy decoding)")
-
-
-def generate_stream(params, hparams, prompts, n_tokens, *, greedy=False, temperature=1.0, top_k=None, top_p=None,
-                    seed=0, eot_token=None, first_row=0, shapes=None):
-    """Generate n_tokens new tokens after each prompt (a list of token id lists), yielding them as they come: per
-    chunk, one list of new ids per prompt. With eot_token, a row stops at that token (which is not yielded).
-    generate() passes first_row (the index of prompts[0] in its whole request, which picks the random stream) and
-    shapes (the padded prompt and cache lengths) when it splits a request into batches."""
-    check_request(hparams, prompts, n_tokens, greedy, temperature, top_k, top_p)
+    if repetition_penalty is not None and not 0 < repetition_penalty < math.inf:
+        raise ValueError(f"repetition_penalty must be a positive number (1: none), got {repetition_penalty}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if value is not None and not -2 <= value <= 2:
+            raise ValueError(f"{name} must be from -2 to 2 (0: none), got {value}")
+    for token, bias in (logit_bias or {}).items():
+        check_token_ids([token], hparams["n_vocab"], "logit_bias")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias of token {token} must be from -100 to 100, got {bias}")
     check_seed(seed)
+
+
+def request_controls(hparams, n_rows, *, greedy=False, temperature=1.0, top_k=None, top_p=None, seed=0,
+                     repetition_penalty=None, presence_penalty=None, frequency_penalty=None, logit_bias=None,
+                     eot_token=None, first_row=0) -> dict:
+    """The sampling controls of n_rows rows of one request, as the jitted functions take them: per row (a server
+    batches requests with different settings), traced (no compile per setting). greedy, or temperature, top_k,
+    top_p and the random stream of seed (row i of a request draws as row first_row + i); the penalties and
+    logit_bias as adjusted_logits defines them (left out when not asked for: no cost); eot_token ends a row."""
+    n_vocab, rows = hparams["n_vocab"], lambda value, dtype: np.full(n_rows, value, dtype)
+    seeds = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), first_row + np.arange(n_rows))
+    controls = {"key": seeds, "temperature": rows(0 if greedy else temperature, np.float32),
+                "top_k": rows(min(top_k or n_vocab, n_vocab), np.int32), "top_p": rows(top_p or 1, np.float32),
+                "eot_token": np.int32(-1 if eot_token is None else eot_token)}
+    if (repetition_penalty, presence_penalty, frequency_penalty) != (None, None, None):
+        controls.update(repetition_penalty=rows(repetition_penalty or 1, np.float32),
+                        presence_penalty=rows(presence_penalty or 0, np.float32),
+                        frequency_penalty=rows(frequency_penalty or 0, np.float32))
+    if logit_bias:
+        controls["logit_bias"] = np.zeros((n_rows, n_vocab), np.float32)
+        for token, bias in logit_bias.items():
+            controls["logit_bias"][:, token] = bias
+    return controls
+
+
+def generate_stream(params, hparams, prompts, n_tokens, *, eot_token=None, first_row=0, shapes=None, **options):
+    """Generate n_tokens new tokens after each prompt (a list of token id lists), yielding them as they come: per
+    chunk, one list of new ids per prompt. options: request_controls's. With eot_token, a row stops at that token
+    (which is not yielded). A caller may end rows early by sending their indices (`chunks.send([row, ...])`, as
+    text_stream does at a stop string): they yield nothing more, and once all have ended the generation stops.
+    generate_batches passes first_row (the index of prompts[0] in its whole request, which picks the random stream)
+    and shapes (the padded prompt and cache lengths) when it splits a request into batches."""
+    check_request(hparams, prompts, n_tokens, **options)
     params, lengths = unstack_layers(params), [len(p) for p in prompts]
     prompt_len, cache_len = shapes or padded_lengths(hparams, prompts, n_tokens)
     ids = np.zeros((len(prompts), prompt_len), np.int32)
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)] = prompt
-    controls = {"key": jax.random.key(seed), "temperature": np.float32(temperature if not greedy else 1),
-                "top_k": np.int32(min(top_k or hparams["n_vocab"], hparams["n_vocab"])),
-                "top_p": np.float32(top_p or 1), "eot_token": np.int32(-1 if eot_token is None else eot_token),
-                "first_row": np.int32(first_row)}
-    static = {"n_head": hparams["n_head"], "greedy": greedy}
+    controls = request_controls(hparams, len(prompts), eot_token=eot_token, first_row=first_row, **options)
+    static = {"n_head": hparams["n_head"], "greedy": options.get("greedy", False)}
     state = prefill(params, ids, np.array(lengths, np.int32), controls, cache_len=cache_len, **static)
     finished = [False] * len(prompts)
     chunk, remaining = state["token"][:, None], n_tokens - 1  # the first token comes alone, as soon as it can
     while True:
-        yield cut_finished_rows(np.asarray(chunk).tolist(), finished, eot_token)
+        ended = yield cut_finished_rows(np.asarray(chunk).tolist(), finished, eot_token)
+        for row in ended or ():
+            finished[row] = True
         if remaining == 0 or all(finished):
             return
+        if ended:
+            state = end_rows(state, np.array(finished))
         n = min(CHUNK, remaining)
         chunk, state = decode(params, state, np.int32(n), controls, chunk=CHUNK, **static)
         chunk, remaining = chunk[:, :n], remaining - n
+
+
+@partial(jax.jit, donate_argnames=("state",))
+def end_rows(state: dict, ended: Bool[Array, " batch"]) -> dict:  # the rows that ended emit the eot token from now on
+    return {**state, "done": state["done"] | ended}
 
 
 def cut_finished_rows(rows, finished, eot_token):  # each row's tokens before its first eot_token; updates finished
@@ -272,43 +363,94 @@ def cut_finished_rows(rows, finished, eot_token):  # each row's tokens before it
 
 
 def generate(params, hparams, prompts, n_tokens, *, max_rows=None, **options):
-    """generate_stream's chunks joined: a list with the list of new token ids of each prompt (generate_batches's
+    """generate_stream's chunks joined: a list with the list of new token ids of each prompt (batch_streams's
     batches, one after the other)."""
-    return [row for batch in generate_batches(params, hparams, prompts, n_tokens, max_rows=max_rows, **options)
-            for row in batch]
+    out = []
+    for _, stream in batch_streams(params, hparams, prompts, n_tokens, max_rows=max_rows, **options):
+        rows = None
+        for chunk in stream:
+            rows = rows or [[] for _ in chunk]
+            for row, tokens in zip(rows, chunk):
+                row.extend(tokens)
+        out += rows
+    return out
 
 
-def generate_batches(params, hparams, prompts, n_tokens, *, max_rows=None, **options):
-    """-> each batch's rows of new token ids, as it is done. A request of more rows than fit in memory at once
-    (max_rows; by default what BATCH_BYTES allows) runs as several batches, each row with the random stream and
-    padded shapes it has in the whole request, so that the batches give the tokens of one."""
-    check_request(hparams, prompts, n_tokens, options.get("greedy", False), options.get("temperature", 1.0),
-                  options.get("top_k"), options.get("top_p"))
+def batch_streams(params, hparams, prompts, n_tokens, *, max_rows=None, eot_token=None, **options):
+    """-> (the rows of prompts it generates for, their generate_stream) per batch, to be run one after the other. A
+    request of more rows than fit in memory
+    at once (max_rows; by default what BATCH_BYTES allows) runs as several batches, each row with the random stream
+    and padded shapes it has in the whole request, so that the batches give the tokens of one."""
+    check_request(hparams, prompts, n_tokens, **options)
     shapes = padded_lengths(hparams, prompts, n_tokens)
     max_rows = max_rows or rows_that_fit(hparams, *shapes, gpt.dtype(params).itemsize)
     for first in range(0, len(prompts), max_rows):
-        batch = [[] for _ in prompts[first:first + max_rows]]
-        for chunk in generate_stream(params, hparams, prompts[first:first + max_rows], n_tokens, first_row=first,
-                                     shapes=shapes, **options):
-            for row, tokens in zip(batch, chunk):
-                row.extend(tokens)
-        yield batch
+        rows = range(first, min(first + max_rows, len(prompts)))
+        yield rows, generate_stream(params, hparams, prompts[rows.start:rows.stop], n_tokens, eot_token=eot_token,
+                                    first_row=first, shapes=shapes, **options)
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def text_stream(chunks, decode, stops):
+    """generate_stream's chunks -> per chunk, each row's new text, then a last list with each row's tail. decode:
+    token ids -> text; stops: each row's stop strings. A row's text ends before the first of its stop strings that
+    it reaches, and the row is then ended (sent to chunks); a tail that could still change is held back until it
+    cannot: the start of a stop string, or a character whose UTF-8 bytes span several tokens (U+FFFD until its last
+    byte has come). The pieces join into cut_at_stop(decode(all the row's ids), its stops)[0]: nothing given is
+    taken back."""
+    ids, shown, stopped = [[] for _ in stops], [""] * len(stops), [False] * len(stops)
+    chunk = next(chunks)
+    while True:
+        pieces, ended = [], []
+        for row, new in enumerate(chunk):
+            ids[row] += new
+            if stopped[row] or not new:
+                pieces.append("")
+                continue
+            text, stopped[row] = cut_at_stop(decode(ids[row]).rstrip("\ufffd"), stops[row])
+            if stopped[row]:
+                ended.append(row)
+            else:
+                text = text[:len(text) - held_back(text, stops[row])]
+            pieces.append(text[len(shown[row]):])
+            shown[row] = text
+        yield pieces
+        try:
+            chunk = chunks.send(ended)
+        except StopIteration:
+            break
+    yield ["" if stopped[row] else cut_at_stop(decode(ids[row]), stops[row])[0][len(shown[row]):]
+           for row in range(len(ids))]
+
+
+def cut_at_stop(text: str, stop) -> tuple[str, bool]:  # (text before the earliest stop string, whether one was found)
+    cut = min((text.find(s) for s in stop if s and s in text), default=None)
+    return (text, False) if cut is None else (text[:cut], True)
+
+
+def held_back(text: str, stop) -> int:  # the length of the longest tail of text that begins a stop string
+    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
 
 
 def padded_lengths(hparams, prompts, n_tokens):  # -> (padded prompt length, KV cache length) of a request
     longest = max(len(p) for p in prompts)
-    return bucket(longest, hparams["n_ctx"]), bucket(longest + n_tokens, hparams["n_ctx"])
+    prompt_len = bucket(longest, hparams["n_ctx"])  # prefill writes all of it to the cache
+    return prompt_len, max(prompt_len, cache_length(longest + n_tokens, hparams["n_ctx"]))
 
 
 def rows_that_fit(hparams: dict, prompt_len: int, cache_len: int, itemsize: int) -> int:
     """How many rows one batch may hold: each holds a KV cache (K and V), its prefill's activations for one layer at
     a time (the attention scores of its prompt against the whole cache, their softmax and the weights, and a few
-    [prompt_len, n_embd] arrays) and a few copies of its logits; BATCH_BYTES of these per batch. Checked against
-    XLA's plan for the compiled prefill, which it bounds from above (by up to ~1.8x at long prompts)."""
+    [prompt_len, n_embd] arrays) and a few copies of its logits (the penalties' counts and logit_bias among them);
+    BATCH_BYTES of these per batch. Checked against XLA's plan for the compiled prefill, which it bounds from above
+    (by up to ~1.8x at long prompts)."""
     n_embd, n_layer, n_head = hparams["n_embd"], hparams["n_layer"], hparams["n_head"]
     per_row = (2 * n_layer * cache_len * n_embd * itemsize
                + prompt_len * (16 * n_embd + 3 * n_head * cache_len) * 4
-               + 8 * hparams["n_vocab"] * 4)
+               + 11 * hparams["n_vocab"] * 4)
     return max(1, BATCH_BYTES // per_row)
 
 

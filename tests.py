@@ -1308,14 +1308,112 @@ def softmax64(logits):
 
 def draws(logits, n, seed, top_k=None, top_p=1.0, temperature=1.0):  # n draws from next_tokens on one logit vector
     rows = jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1))
-    controls = {"key": jax.random.key(seed), "temperature": temperature, "top_k": top_k or len(logits),
-                "top_p": top_p, "first_row": 0}
-    return np.asarray(jax.jit(partial(sampling.next_tokens, greedy=False))(rows, controls, 0))
+    controls = sampling.request_controls({"n_vocab": len(logits)}, n, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, seed=seed)
+    return np.asarray(jax.jit(partial(sampling.next_tokens, greedy=False))(rows, controls, jnp.zeros(n, jnp.int32)))
 
 
 def filtered_probs(logits, top_k=None, top_p=1.0):  # softmax of filter_logits, as float64
     filtered = jax.jit(sampling.filter_logits)(jnp.asarray(logits, jnp.float32), top_k or len(logits), top_p)
     return np.asarray(jax.nn.softmax(filtered), np.float64)
+
+
+def numpy_adjusted(logits, counts, in_prompt, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                   logit_bias=None):  # float64, from the definitions: HF's repetition penalty, OpenAI's other two
+    out = np.array(logits, np.float64)
+    for j in range(len(out)):
+        if in_prompt[j] or counts[j] > 0:  # HF: every token of the input so far, prompt included
+            out[j] = out[j] / repetition_penalty if out[j] > 0 else out[j] * repetition_penalty
+        out[j] -= counts[j] * frequency_penalty + (counts[j] > 0) * presence_penalty  # OpenAI: generated tokens
+    for token, bias in (logit_bias or {}).items():
+        out[token] += bias
+    return out
+
+
+PENALTIES = {"repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": -0.7,
+             "logit_bias": {3: -100.0, 7: 2.5, 0: 0.25}}
+
+
+def test_penalties_and_logit_bias_change_the_logits_as_defined():
+    rng = np.random.default_rng(0)
+    n_rows, n_vocab = 3, 50
+    logits = rng.normal(0, 3, (n_rows, n_vocab)).astype(np.float32)
+    logits[:, 5] = 0.0  # a zero logit stays zero under the repetition penalty
+    counts = (rng.integers(1, 4, (n_rows, n_vocab)) * (rng.random((n_rows, n_vocab)) < 0.3)).astype(np.int32)
+    in_prompt = rng.random((n_rows, n_vocab)) < 0.2
+    state = {"counts": counts, "in_prompt": in_prompt}
+    adjust = jax.jit(sampling.adjusted_logits)
+    for options in [PENALTIES] + [{name: value} for name, value in PENALTIES.items()]:  # together and each alone
+        controls = sampling.request_controls({"n_vocab": n_vocab}, n_rows, **options)
+        got = np.asarray(adjust(logits, controls, state))
+        for row in range(n_rows):
+            want = numpy_adjusted(logits[row], counts[row], in_prompt[row], **options)
+            np.testing.assert_allclose(got[row], want, atol=1e-5, err_msg=str(options))
+
+
+def test_penalties_come_before_the_temperature():
+    # OpenAI and HF adjust the model's logits, then divide by the temperature: draws from softmax((l - penalty) / T)
+    logits = np.array([1.0, 0.5, 0.0, -0.5], np.float32)
+    n, temperature = 20000, 2.0
+    controls = sampling.request_controls({"n_vocab": 4}, n, temperature=temperature, presence_penalty=1.5, seed=4)
+    state = {"counts": np.tile(np.array([2, 0, 0, 1], np.int32), (n, 1)), "in_prompt": np.zeros((n, 4), bool),
+             "done": np.zeros(n, bool), "step": np.zeros(n, np.int32)}
+    drawn = np.asarray(jax.jit(partial(sampling.sample, greedy=False))(
+        state, jnp.tile(logits, (n, 1)), {**controls, "eot_token": np.int32(-1)})["token"])
+    want = softmax64((logits - np.array([1.5, 0, 0, 1.5])) / temperature)
+    np.testing.assert_allclose(np.bincount(drawn, minlength=4) / n, want, atol=0.015)  # ~4 sd of a frequency
+
+
+def test_penalised_decoding_follows_the_float64_model(tiny_tf):
+    # rows of different lengths decoded greedily with the penalties and logit_bias: each token is the most likely one
+    # of the float64 model's logits after the prompt and the tokens before it, adjusted by numpy_adjusted
+    hparams, params = tiny_tf
+    prompts = [PROMPTS[0]["ids"], PROMPTS[1]["ids"][:5]]
+    options = {**PENALTIES, "logit_bias": {PROMPTS[0]["greedy_new_ids"][0]: -100.0, 11: 1.5}}
+    out = sampling.generate(params, hparams, prompts, 30, greedy=True, **options)
+    assert out != sampling.generate(params, hparams, prompts, 30, greedy=True)  # the controls change the tokens
+    flat = reference_params()
+    for prompt, new in zip(prompts, out):
+        logits = numpy_gpt2(flat, np.array(prompt + new[:-1]), hparams["n_head"])[len(prompt) - 1:]
+        in_prompt = np.isin(np.arange(hparams["n_vocab"]), prompt)
+        for i, token in enumerate(new):
+            counts = np.bincount(new[:i], minlength=hparams["n_vocab"])
+            adjusted = numpy_adjusted(logits[i], counts, in_prompt, **options)
+            assert adjusted[token] >= adjusted.max() - 1e-4, (i, token, adjusted.argmax())
+
+
+def test_logit_bias_bans_and_forces_tokens(tiny_tf):
+    hparams, params = tiny_tf
+    prompt = PROMPTS[0]
+    banned = set(prompt["greedy_new_ids"])
+    out = sampling.generate(params, hparams, [prompt["ids"]], 20, greedy=True,
+                            logit_bias={t: -100.0 for t in banned})[0]
+    assert not banned & set(out)
+    for options in ({"greedy": True}, {"temperature": 1.5, "seed": 2}):
+        assert sampling.generate(params, hparams, [prompt["ids"]], 12, logit_bias={198: 100.0}, **options) == \
+            [[198] * 12]
+
+
+def test_text_stream_cuts_at_the_earliest_stop_string_and_ends_the_row():
+    # ids are characters here; chunks of 3 behave as generate_stream does: an ended row yields nothing more
+    texts = ["hello world. Bye\n\nmore text", "say xy then xyz!", "ends on a partial x"]
+    stops = [["\n\n", "world"], ["xyz"], ["xyz", "rtial q"]]
+    sent = []
+
+    def chunks():
+        ended = set()
+        for start in range(0, max(map(len, texts)), 3):
+            got = yield [[] if row in ended else [ord(c) for c in text[start:start + 3]]
+                         for row, text in enumerate(texts)]
+            sent.append((start, got))
+            ended |= set(got or ())
+
+    decode = lambda ids: "".join(map(chr, ids))
+    pieces = list(sampling.text_stream(chunks(), decode, stops))
+    joined = ["".join(p[row] for p in pieces) for row in range(3)]
+    assert joined == ["hello ", "say xy then ", "ends on a partial x"]
+    assert pieces[2][0] == "" and pieces[1][1] == " "  # "wor" and "xy" held back: they could begin a stop string
+    assert [(start, got) for start, got in sent if got] == [(9, [0]), (12, [1])]  # ended as soon as seen
 
 
 def test_greedy_matches_reference(tiny):
@@ -1416,10 +1514,9 @@ def test_generate_batches_fit_the_memory_the_compiled_programs_use():
     # cache is where scores of [n_head, prompt_len, cache_len] a row are easy to under-count
     hparams = {"n_vocab": 512, "n_ctx": 1024, "n_embd": 256, "n_head": 4, "n_layer": 2}
     params = sampling.unstack_layers(gpt.init_params(jax.random.PRNGKey(0), hparams))
-    controls = {"key": jax.random.key(0), "temperature": np.float32(1), "top_k": np.int32(512),
-                "top_p": np.float32(1), "eot_token": np.int32(-1), "first_row": np.int32(0)}
     prompt_len, cache_len = 64, 1024
     rows = sampling.rows_that_fit(hparams, prompt_len, cache_len, 4)
+    controls = sampling.request_controls(hparams, rows, top_k=512)
     args = (params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32),
             controls)
     static = {"n_head": 4, "greedy": False}
@@ -1569,6 +1666,22 @@ def test_long_decoding_of_rows_of_different_lengths_follows_the_model(tiny_tf):
         assert np.all(chosen >= logits.max(-1) - 1e-4), np.flatnonzero(chosen < logits.max(-1) - 1e-4)
 
 
+def test_cache_lengths_between_the_buckets_decode_as_the_model(tiny_tf, monkeypatch):
+    # cache lengths step by CACHE_STEP (8 here), finer than the prompt's power-of-two bucket: a prompt of 20 tokens
+    # (bucket 32) and 3 new ones (cache_length 24) still get a cache that holds the padded prompt; 30 + 15 tokens a
+    # cache of 48. Greedy tokens as the float64 model's.
+    hparams, params = tiny_tf
+    monkeypatch.setattr(sampling, "CACHE_STEP", 8)
+    flat = reference_params()
+    for prompts, n_new, cache_len in (([PROMPTS[2]["ids"][:20], PROMPTS[1]["ids"]], 3, 32),
+                                      ([PROMPTS[2]["ids"][:30]], 15, 48)):
+        assert sampling.padded_lengths(hparams, prompts, n_new)[1] == cache_len
+        for prompt, new in zip(prompts, sampling.generate(params, hparams, prompts, n_new, greedy=True)):
+            logits = numpy_gpt2(flat, np.array(prompt + new[:-1]), hparams["n_head"])[len(prompt) - 1:]
+            chosen = logits[np.arange(len(new)), new]
+            assert np.all(chosen >= logits.max(-1) - 1e-4)
+
+
 def test_bad_requests_raise_one_line_errors(tiny_tf):
     hparams, params = tiny_tf
     ids = PROMPTS[0]["ids"]  # 10 tokens
@@ -1577,7 +1690,12 @@ def test_bad_requests_raise_one_line_errors(tiny_tf):
              ([ids], {"n_tokens": 0}, "at least 1"), ([[50257]], {}, "token id 50257"),
              ([ids], {"top_k": 0}, "top_k"), ([ids], {"top_p": 0.0}, "top_p"), ([ids], {"top_p": 1.5}, "top_p"),
              ([ids], {"temperature": 0.0}, "temperature"), ([ids], {"temperature": -1.0}, "temperature"),
-             ([ids], {"temperature": 1e-38}, "temperature must be at least 1e-06")]
+             ([ids], {"temperature": 1e-38}, "temperature must be at least 1e-06"),
+             ([ids], {"repetition_penalty": -1.0}, "repetition_penalty"),
+             ([ids], {"presence_penalty": float("nan")}, "presence_penalty"),
+             ([ids], {"frequency_penalty": -2.5}, "frequency_penalty"),
+             ([ids], {"logit_bias": {-1: 1.0}}, "token id -1 in logit_bias"),
+             ([ids], {"logit_bias": {5: float("inf")}}, "logit_bias of token 5")]
     for prompts, options, message in cases:
         n_tokens = options.pop("n_tokens", 5)
         with pytest.raises(ValueError, match=message) as e:
@@ -1652,8 +1770,7 @@ def test_int8_decoding_runs_the_kernel_and_tracks_float32():
     qparams = jax.tree.map(jnp.asarray, quant.quantize_params(params))
     layers = sampling.unstack_layers(qparams)
     ids = np.array([[PROMPTS[0]["ids"][:16]]], np.int32)[0]
-    controls = {"key": jax.random.key(0), "temperature": np.float32(1), "top_k": np.int32(50257),
-                "top_p": np.float32(1), "eot_token": np.int32(-1), "first_row": np.int32(0)}
+    controls = sampling.request_controls(hparams, 1, greedy=True)
     state = sampling.prefill(layers, ids, np.array([10], np.int32), controls, n_head=2, cache_len=32, greedy=True)
     hlo = sampling.decode.lower(layers, state, np.int32(4), controls, n_head=2, chunk=16, greedy=True).as_text()
     assert hlo.count(quant.KERNEL_TARGET) == 4 * hparams["n_layer"] + 1  # every matrix and the LM head
@@ -1742,12 +1859,12 @@ def test_train_evaluates_int8_and_refuses_to_train_it(train_data_dir, tmp_path):
 # ==================== main ============================================================================================
 # the command-line generator
 
-def test_stream_text_holds_back_characters_split_between_tokens():
+def test_text_stream_holds_back_characters_split_between_tokens():
     enc = encoder.get_encoder(TINY["tf"])
     text = " naïve café: 日本語の文章 🎉🦜 done"
     ids = enc.encode(text)
     assert any(enc.decode(ids[:i]).endswith("\ufffd") for i in range(len(ids)))  # some token splits a character
-    pieces = list(main.stream_text(([i] for i in ids), enc.decode))
+    pieces = [row[0] for row in sampling.text_stream(([[i]] for i in ids), enc.decode, [[]])]
     assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
 
 
@@ -1808,7 +1925,17 @@ def test_main_errors(main_inprocess, capsys, tmp_path, monkeypatch):
              (["--model_dir", tiny, "--prompt", "a", "--top_p", "2"], "top_p", 2),
              (["--model_dir", tiny, "--prompt", "a", "--temperature", "0"], "temperature", 2),
              (["--model_dir", tiny, "--prompt", "a", "--num_samples", "0"], "num_samples", 2),
-             (["--model_dir", tiny, "--prompt", "a", "--num_samples", "2", "--stream"], "--stream", 2)]
+             (["--model_dir", tiny, "--prompt", "a", "--num_samples", "2", "--stream"], "--stream", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--logit_bias", "50256"], "--logit_bias 50256", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--logit_bias", "x=1"], "--logit_bias x=1", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--logit_bias", "50257=1"], "token id 50257", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--logit_bias", "5=101"], "-100 to 100", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--logit_bias", "5=nan"], "-100 to 100", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--presence_penalty", "2.5"], "presence_penalty", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--frequency_penalty", "nan"], "frequency_penalty", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--repetition_penalty", "0"], "repetition_penalty", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--repetition_penalty", "inf"], "repetition_penalty", 2),
+             (["--model_dir", tiny, "--prompt", "a", "--stop", "ab\\"], "--stop ab\\", 2)]
     for args, words, code in cases:
         assert main_inprocess(*args) == code, args
         err = capsys.readouterr().err
@@ -3255,6 +3382,21 @@ def test_misuse_gets_one_line_not_a_traceback(train_data_dir, tmp_path, monkeypa
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and "at least 1" in proc.stderr, args
 
 
+def test_main_stop_strings_end_the_continuation_before_the_earliest(main_inprocess, capsys):
+    # the fixture's greedy text, cut before the earliest of two stop strings (the later-listed one comes first), in
+    # batch and --stream modes; an escape (\\n) in --stop is the character
+    prompt = PROMPTS[0]
+    text = prompt["greedy_text"]
+    first, second = text[12:16], text[4:8]
+    assert text.find(second) < text.find(first) and "\n" not in text
+    common = ["--model_dir", TINY["tf"], "--greedy", "--n_tokens_to_generate", "20", "--prompt", prompt["text"]]
+    for extra in ([], ["--stream"]):
+        assert main_inprocess(*common, "--stop", first, "--stop", second, *extra) == 0
+        assert capsys.readouterr().out == text[:text.find(second)] + "\n"
+        assert main_inprocess(*common, "--stop", "\\n", "--stop", "no such text", *extra) == 0
+        assert capsys.readouterr().out == text + "\n"
+
+
 def test_main_many_samples_print_as_each_batch_is_done(monkeypatch, capsys):
     # 7 samples in batches of 2: printed batch by batch, the same tokens as one generate() call
     hparams, params = weights.load_hparams_and_params(TINY["tf"])
@@ -3262,13 +3404,13 @@ def test_main_many_samples_print_as_each_batch_is_done(monkeypatch, capsys):
     want = sampling.generate(params, hparams, [prompt["ids"]] * 7, 6, seed=5)  # one call, all seven rows
     monkeypatch.setattr(sampling, "rows_that_fit", lambda *a: 2)
     batches = []
-    generate_batches = sampling.generate_batches
+    batch_streams = sampling.batch_streams
 
     def watched(*args, **kwargs):
-        for batch in generate_batches(*args, **kwargs):
-            batches.append((len(batch), capsys.readouterr().out.count("--- sample")))  # printed before the next
-            yield batch
-    monkeypatch.setattr(sampling, "generate_batches", watched)
+        for rows, stream in batch_streams(*args, **kwargs):
+            batches.append((len(rows), capsys.readouterr().out.count("--- sample")))  # printed before the next
+            yield rows, stream
+    monkeypatch.setattr(sampling, "batch_streams", watched)
     assert main.main(["--model_dir", str(TINY["tf"]), "--prompt", prompt["text"], "--num_samples", "7", "--seed", "5",
                       "--n_tokens_to_generate", "6"]) == 0
     assert [n for n, _ in batches] == [2, 2, 2, 1] and [shown for _, shown in batches] == [0, 2, 2, 2]
