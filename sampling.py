@@ -184,16 +184,22 @@ def unembed_rows(params: dict, x: Float[Array, "batch n_embd"]) -> Float[Array, 
 # ------------------------------------------------------------------------------------------------ the jitted loop
 
 
-def sample(state: dict, logits: Float[Array, "batch n_vocab"], controls: dict, greedy: bool) -> dict:
+def sample(state: dict, logits: Float[Array, "batch n_vocab"], controls: dict, greedy: bool,
+           n_logprobs: int = 0) -> dict:
     # each row's next token; a row that has emitted the eot token (or was ended, see end_rows) keeps emitting it
-    # (eot_token -1: no stop)
+    # (eot_token -1: no stop). n_logprobs > 0: also the token's log probability under the model (its own logits,
+    # before the controls adjust them: what scoring the text gives) and the n_logprobs most likely tokens'
     token = next_tokens(adjusted_logits(logits, controls, state), controls, state["step"], greedy=greedy)
     token = jnp.where(state["done"], controls["eot_token"], token.astype(jnp.int32))
     state = {**state, "token": token, "done": state["done"] | (token == controls["eot_token"]),
              "step": state["step"] + 1}
+    rows = jnp.arange(token.shape[0])
     if "counts" in state:  # how often each row has drawn each token: the penalties' c
-        rows = jnp.arange(token.shape[0])
         state["counts"] = state["counts"].at[rows, token].add(jnp.where(state["done"], 0, 1), mode="drop")
+    if n_logprobs:
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        state["logprob"] = logp[rows, token]
+        state["top_logprobs"], state["top_ids"] = lax.top_k(logp, n_logprobs)
     return state
 
 
@@ -219,11 +225,13 @@ def prefill(params: dict, ids: Int[Array, "batch prompt_bucket"], lengths: Int[A
     return sample(state, logits, controls, greedy)
 
 
-@partial(jax.jit, static_argnames=("n_head", "chunk", "greedy"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("n_head", "chunk", "greedy", "n_logprobs"), donate_argnames=("state",))
 def decode(params: dict, state: dict, n_steps: Int[Array, ""], controls: dict, *, n_head: int, chunk: int,
-           greedy: bool) -> tuple[Int[Array, "batch chunk"], dict]:
-    # feed each row's last token to the model and sample the next, n_steps (<= chunk, traced) times -> the new
-    # tokens (columns from n_steps on are padding), and the state to continue from
+           greedy: bool, n_logprobs: int = 0) -> tuple[dict, dict]:
+    # feed each row's last token to the model and sample the next, n_steps (<= chunk, traced) times -> each step's
+    # tokens ({"token": [batch, chunk]}, columns from n_steps on padding; with n_logprobs, sample's log probabilities
+    # too), and the state to continue from. The write slot wraps around the cache (a ring: serve.py's rows join at
+    # any slot; generate's requests fit before the end).
     def not_finished(carry):
         i, state, _ = carry
         return (i < n_steps) & ~jnp.all(state["done"])  # stop early once every row has emitted the eot token
@@ -232,12 +240,18 @@ def decode(params: dict, state: dict, n_steps: Int[Array, ""], controls: dict, *
         i, state, out = carry
         x, caches = forward_rows(params, state["token"][:, None], n_head, state["caches"], state["pos"], state["past"],
                                  state["slot"])
-        past = state["past"] | (jnp.arange(state["past"].shape[-1]) == state["slot"])
-        state = {**state, "caches": caches, "pos": state["pos"] + 1, "past": past, "slot": state["slot"] + 1}
-        state = sample(state, unembed_rows(params, x[:, 0]), controls, greedy)
-        return i + 1, state, out.at[:, i].set(state["token"])
+        n_cache = state["past"].shape[-1]
+        past = state["past"] | (jnp.arange(n_cache) == state["slot"])
+        state = {**state, "caches": caches, "pos": state["pos"] + 1, "past": past,
+                 "slot": (state["slot"] + 1) % n_cache}
+        state = sample(state, unembed_rows(params, x[:, 0]), controls, greedy, n_logprobs)
+        return i + 1, state, {name: column.at[:, i].set(state[name]) for name, column in out.items()}
 
-    out = jnp.zeros((state["token"].shape[0], chunk), jnp.int32)
+    batch = state["token"].shape[0]
+    out = {"token": jnp.zeros((batch, chunk), jnp.int32)}
+    if n_logprobs:
+        out.update(logprob=jnp.zeros((batch, chunk)), top_ids=jnp.zeros((batch, chunk, n_logprobs), jnp.int32),
+                   top_logprobs=jnp.zeros((batch, chunk, n_logprobs)))
     _, state, out = lax.while_loop(not_finished, step, (jnp.int32(0), state, out))
     return out, state
 
@@ -342,8 +356,8 @@ def generate_stream(params, hparams, prompts, n_tokens, *, eot_token=None, first
         if ended:
             state = end_rows(state, np.array(finished))
         n = min(CHUNK, remaining)
-        chunk, state = decode(params, state, np.int32(n), controls, chunk=CHUNK, **static)
-        chunk, remaining = chunk[:, :n], remaining - n
+        out, state = decode(params, state, np.int32(n), controls, chunk=CHUNK, **static)
+        chunk, remaining = out["token"][:, :n], remaining - n
 
 
 @partial(jax.jit, donate_argnames=("state",))
@@ -396,10 +410,8 @@ def batch_streams(params, hparams, prompts, n_tokens, *, max_rows=None, eot_toke
 def text_stream(chunks, decode, stops):
     """generate_stream's chunks -> per chunk, each row's new text, then a last list with each row's tail. decode:
     token ids -> text; stops: each row's stop strings. A row's text ends before the first of its stop strings that
-    it reaches, and the row is then ended (sent to chunks); a tail that could still change is held back until it
-    cannot: the start of a stop string, or a character whose UTF-8 bytes span several tokens (U+FFFD until its last
-    byte has come). The pieces join into cut_at_stop(decode(all the row's ids), its stops)[0]: nothing given is
-    taken back."""
+    it reaches, and the row is then ended (sent to chunks); see visible_text for what is held back. The pieces join
+    into cut_at_stop(decode(all the row's ids), its stops)[0]: nothing given is taken back."""
     ids, shown, stopped = [[] for _ in stops], [""] * len(stops), [False] * len(stops)
     chunk = next(chunks)
     while True:
@@ -409,11 +421,8 @@ def text_stream(chunks, decode, stops):
             if stopped[row] or not new:
                 pieces.append("")
                 continue
-            text, stopped[row] = cut_at_stop(decode(ids[row]).rstrip("\ufffd"), stops[row])
-            if stopped[row]:
-                ended.append(row)
-            else:
-                text = text[:len(text) - held_back(text, stops[row])]
+            text, stopped[row] = visible_text(decode(ids[row]), stops[row])
+            ended += [row] * stopped[row]
             pieces.append(text[len(shown[row]):])
             shown[row] = text
         yield pieces
@@ -423,6 +432,14 @@ def text_stream(chunks, decode, stops):
             break
     yield ["" if stopped[row] else cut_at_stop(decode(ids[row]), stops[row])[0][len(shown[row]):]
            for row in range(len(ids))]
+
+
+def visible_text(text: str, stop) -> tuple[str, bool]:
+    """(the part of a continuation's text so far that can be shown, whether it reached a stop string): the text
+    before the first stop string, or, while none has come, without a tail that could still change: the start of a
+    stop string, or a character whose UTF-8 bytes span several tokens (U+FFFD until its last byte has come)."""
+    text, stopped = cut_at_stop(text.rstrip("\ufffd"), stop)
+    return (text, True) if stopped else (text[:len(text) - held_back(text, stop)], False)
 
 
 def cut_at_stop(text: str, stop) -> tuple[str, bool]:  # (text before the earliest stop string, whether one was found)

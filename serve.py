@@ -145,9 +145,10 @@ class Engine:
         self.ready = threading.Event()
         self.stopping = False
         # every control present, so that one program serves every mix of requests
-        self.controls = sampling.request_controls(hparams, n_slots, repetition_penalty=1.0, logit_bias={0: 0.0},
-                                                  eot_token=encoder.eot_token)
-        self.controls["logit_bias"][:] = 0.0
+        controls = sampling.request_controls(hparams, n_slots, repetition_penalty=1.0, logit_bias={0: 0.0},
+                                             eot_token=encoder.eot_token)
+        controls["logit_bias"][:] = 0.0
+        self.controls, self.key_data = controls, np.array(jax.random.key_data(controls.pop("key")))
         self.state = None
 
     def submit(self, jobs) -> bool:  # queue a request's jobs; False when the queue is full
@@ -165,7 +166,10 @@ class Engine:
             self.wake.notify()
 
     def run(self):
-        self.state = empty_state(self.params, self.hparams, self.n_slots, self.slot_ctx)
+        # committed to the device as the programs' outputs are, so that warm-up compiles for the arguments of later
+        # calls (a jit program is specialised on whether its arguments are committed)
+        self.state = jax.device_put(empty_state(self.params, self.hparams, self.n_slots, self.slot_ctx),
+                                    jax.devices()[0])
         self.warm_up()
         self.ready.set()
         while True:
@@ -192,18 +196,22 @@ class Engine:
         self.metrics["queue"].set(len(self.waiting))
         return starting
 
-    def warm_up(self):  # compile every program serving can need: each prompt bucket's join and score, the steps
-        bucket, n_head = sampling.MIN_BUCKET, self.hparams["n_head"]
+    def warm_up(self):
+        # every program serving can need, compiled now, through the paths requests take: a request of each prompt
+        # bucket, scored and decoded, one decoding step with log probabilities and one without
+        bucket = sampling.MIN_BUCKET
         while True:
-            ids = np.zeros((1, bucket), np.int32)
-            self.state = join(self.params, self.state, ids, np.int32(1), np.int32(0), self.controls, n_head=n_head)
-            score(self.params, ids, n_head=n_head)
-            if bucket >= self.slot_ctx:
+            for job in (Job([0] * bucket, 0, {}, [], 1, lambda event: None, echo_scores=True, score_only=True),
+                        Job([0] * min(bucket, self.slot_ctx - 1), 3, {"presence_penalty": 0.5}, [], 1,
+                            lambda event: None)):
+                self.rows[0] = None if job.score_only else job
+                self.start(job, 0)
+            for n_logprobs in (0, MAX_LOGPROBS):
+                self.decode_step(n_logprobs)
+            self.finish(0, None)
+            if bucket >= self.hparams["n_ctx"]:
                 break
-            bucket = sampling.bucket(bucket + 1, self.slot_ctx)
-        for n_logprobs in (0, MAX_LOGPROBS):
-            self.decode_step(n_logprobs)
-        self.state = free_row(self.state, np.int32(0))
+            bucket = sampling.bucket(bucket + 1, self.hparams["n_ctx"])
 
     def start(self, job, row):
         if job.cancelled:
@@ -217,23 +225,27 @@ class Engine:
         self.set_row_controls(row, job.options)
         ids = np.zeros((1, sampling.bucket(len(job.prompt), self.slot_ctx)), np.int32)
         ids[0, :len(job.prompt)] = job.prompt
-        self.state = join(self.params, self.state, ids, np.int32(len(job.prompt)), np.int32(row), self.controls,
-                          n_head=self.hparams["n_head"])
+        self.state = join(self.params, self.state, ids, np.int32(len(job.prompt)), np.int32(row),
+                          self.device_controls(), n_head=self.hparams["n_head"])
         self.metrics["slots"].set(sum(r is not None for r in self.rows))
-        self.deliver(row, jax.device_get({name: self.state[name][row] for name in STEP_OUTPUTS}))
+        first = jax.device_get({name: self.state[name] for name in STEP_OUTPUTS})  # whole: no program per row
+        self.deliver(row, {name: column[row] for name, column in first.items()})
 
     def set_row_controls(self, row, options):  # the row's entries of the batch's controls: the request's options
         one = sampling.request_controls(self.hparams, 1, **options)
-        self.controls["key"] = self.controls["key"].at[row].set(one["key"][0])
+        self.key_data[row] = jax.random.key_data(one["key"])[0]
         for name in ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             default = 1.0 if name == "repetition_penalty" else 0.0
             self.controls[name][row] = one[name][0] if name in one else default
         self.controls["logit_bias"][row] = one["logit_bias"][0] if "logit_bias" in one else 0.0
 
     def decode_step(self, n_logprobs=0):  # one token for every row: {"token": [slots, 1], ...}, as numpy
-        out, self.state = sampling.decode(self.params, self.state, np.int32(1), self.controls,
+        out, self.state = sampling.decode(self.params, self.state, np.int32(1), self.device_controls(),
                                           n_head=self.hparams["n_head"], chunk=1, greedy=False, n_logprobs=n_logprobs)
         return jax.device_get(out)
+
+    def device_controls(self):
+        return {**self.controls, "key": jax.random.wrap_key_data(self.key_data)}
 
     def step(self):
         started = time.perf_counter()
@@ -710,8 +722,8 @@ def run(args):
     encoder, hparams, params = weights.load_encoder_hparams_and_params(args.model_dir or args.model_type,
                                                                        args.models_dir, None, args.quantize)
     slot_ctx = args.slot_ctx or hparams["n_ctx"]
-    if not 1 <= slot_ctx <= hparams["n_ctx"]:
-        raise UsageError(f"--slot_ctx must be from 1 to the model's n_ctx={hparams['n_ctx']}, got {slot_ctx}")
+    if not 2 <= slot_ctx <= hparams["n_ctx"]:
+        raise UsageError(f"--slot_ctx must be from 2 to the model's n_ctx={hparams['n_ctx']}, got {slot_ctx}")
     if encoder.eot_token is None:
         raise UsageError("this model's vocabulary has no <|endoftext|> token, which ends a completion")
     name = args.name or (os.path.basename(os.path.normpath(args.model_dir)) if args.model_dir else args.model_type)
