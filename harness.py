@@ -36,11 +36,13 @@ MIN_BUCKET = 16
 class GptjaxLM(TemplateLM):
     """An lm_eval model over gptjax's params dict (the harness's classes are how it is called, hence a class)."""
 
-    def __init__(self, model="124M", models_dir="models", batch_size=8, dtype=None, max_gen_toks=256):
+    def __init__(self, model="124M", models_dir="models", batch_size=8, dtype=None, max_gen_toks=256, max_length=None):
         super().__init__()
         dtype = jnp.dtype(dtype) if dtype else None
         self.encoder, self.hparams, params = weights.load_encoder_hparams_and_params(model, models_dir, dtype)
         self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
+        # the longest window the model is fed (as HF's backend takes it; default and at most n_ctx)
+        self._max_length = min(int(max_length or self.hparams["n_ctx"]), self.hparams["n_ctx"])
         # the layout sampling.py runs on: each layer's weights read in place (a stacked layer is copied before each
         # matmul reads it, ~12 ms a pass for 124M on a CPU: 10-25% of a batch of 8)
         self.params = sampling.unstack_layers(params)
@@ -51,7 +53,7 @@ class GptjaxLM(TemplateLM):
 
     @property
     def max_length(self):
-        return self.hparams["n_ctx"]
+        return self._max_length
 
     def tok_encode(self, string, add_special_tokens=None, **kwargs):
         return list(self.encoder.encode(string))

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -748,8 +749,11 @@ def run(args):
                                            timeout_graceful_shutdown=60))
     threading.Thread(target=serve_engine, daemon=True, name="engine").start()
     threading.Thread(target=announce, daemon=True).start()
+    # uvicorn takes SIGTERM and SIGINT while it runs: it stops taking requests, lets those in flight finish, then
+    # raises the signal again for the handler it found. For SIGTERM that is this one: a drained server exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        server.run(sockets=[sock])  # SIGTERM, SIGINT: stop taking requests, finish those in flight, return
+        server.run(sockets=[sock])
     finally:
         engine.stop()
     print("stopped", file=sys.stderr, flush=True)

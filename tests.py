@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -3550,3 +3551,257 @@ def test_bench_vs_hf_without_the_extra_says_what_to_install():
     proc = run_program("bench_without_torch.py", timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert 'pip install -e ".[bench]" --extra-index-url https://download.pytorch.org/whl/cpu' in proc.stderr
+
+
+# ==================== serve ===========================================================================================
+# the OpenAI-compatible server as users meet it: started on a free local port, called by the openai client, plain
+# HTTP (httpx) and lm-evaluation-harness; its answers against sampling.generate and the float64 model
+
+SERVED = "gpt2-tiny"
+
+
+def start_server(log_path, *args):  # serve.py on the tiny model, on a free port -> (process, base url)
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(HERE / "serve.py"), "--model_dir", str(TINY["tf"]), "--port", "0",
+                             "--name", SERVED, *args], stdout=log, stderr=subprocess.STDOUT, cwd=HERE,
+                            env={**os.environ, "JAX_LOG_COMPILES": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if m := re.search(r"serving \S+ at (http://\S+/v1)", log_path.read_text()):
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            raise AssertionError(log_path.read_text())
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not start in 300 s:\n" + log_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):  # (base url, log path) of a server with 4 slots, shared by the tests below
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    proc, url = start_server(log_path, "--slots", "4")
+    yield url, log_path
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def openai_client(url):
+    import openai
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_server_completions_are_generate_s(server, tiny_tf):
+    # greedy completions of a batch of prompts are the fixture's; sampled ones (n = 2, a seed, top_k as vLLM takes
+    # it) are sampling.generate's rows with that seed; a stream's pieces join into the same text
+    url, _ = server
+    hparams, params = tiny_tf
+    client, enc = openai_client(url), encoder.get_encoder(TINY["tf"])
+    r = client.completions.create(model=SERVED, prompt=[p["text"] for p in PROMPTS], max_tokens=20, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [p["greedy_text"] for p in PROMPTS]
+    assert {c.finish_reason for c in r.choices} == {"length"} and r.model == SERVED
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (sum(len(p["ids"]) for p in PROMPTS), 60)
+    options = {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 7}
+    want = sampling.generate(params, hparams, [PROMPTS[1]["ids"]] * 2, 12, eot_token=enc.eot_token, **options)
+    r = client.completions.create(model=SERVED, prompt=PROMPTS[1]["text"], max_tokens=12, n=2, temperature=0.8,
+                                  top_p=0.9, seed=7, extra_body={"top_k": 20})
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [enc.decode(ids) for ids in want]
+    chunks = list(client.completions.create(model=SERVED, prompt=PROMPTS[2]["text"], max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPTS[2]["greedy_text"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 20 and len([c for c in chunks if c.choices]) >= 10
+
+
+def test_server_logprobs_are_the_float64_model_s(server):
+    # echo + logprobs as the harness asks (token ids, max_tokens 1, temperature 0): the prompt's log probabilities,
+    # its greedy next token; and the log probabilities of generated tokens, both against the float64 GPT-2
+    url, _ = server
+    client, flat, n_head = openai_client(url), reference_params(), EXPECTED["hparams"]["n_head"]
+    ids, want_next = PROMPTS[1]["ids"], PROMPTS[1]["greedy_new_ids"]
+    r = client.completions.create(model=SERVED, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + 1
+    np.testing.assert_allclose(lp.token_logprobs[1:], reference_logprobs(flat, np.array(ids + want_next[:1]), n_head),
+                               atol=2e-4)
+    assert all(max(top.values()) >= logprob - 1e-6 and len(top) <= 2
+               for top, logprob in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert r.choices[0].text == PROMPTS[1]["text"] + encoder.get_encoder(TINY["tf"]).decode(want_next[:1])
+    r = client.completions.create(model=SERVED, prompt=ids, max_tokens=6, temperature=0, logprobs=1)
+    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs,
+                               reference_logprobs(flat, np.array(ids + want_next[:6]), n_head)[len(ids) - 1:],
+                               atol=2e-4)
+
+
+def test_server_stop_strings_penalties_and_logit_bias(server, tiny_tf):
+    url, _ = server
+    hparams, params = tiny_tf
+    client, enc = openai_client(url), encoder.get_encoder(TINY["tf"])
+    text = PROMPTS[0]["greedy_text"]
+    first, second = text[12:16], text[4:8]
+    r = client.completions.create(model=SERVED, prompt=PROMPTS[0]["text"], max_tokens=20, temperature=0,
+                                  stop=[first, second])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (text[:text.find(second)], "stop")
+    options = {"presence_penalty": 0.4, "frequency_penalty": -0.7, "repetition_penalty": 1.3,
+               "logit_bias": {PROMPTS[0]["greedy_new_ids"][0]: -100.0, 11: 1.5}}
+    want = sampling.generate(params, hparams, [PROMPTS[0]["ids"]], 20, greedy=True, eot_token=enc.eot_token,
+                             **options)[0]
+    r = client.completions.create(model=SERVED, prompt=PROMPTS[0]["text"], max_tokens=20, temperature=0,
+                                  presence_penalty=0.4, frequency_penalty=-0.7,
+                                  logit_bias={str(t): b for t, b in options["logit_bias"].items()},
+                                  extra_body={"repetition_penalty": 1.3})
+    assert r.choices[0].text == enc.decode(want) and want != PROMPTS[0]["greedy_new_ids"]
+
+
+def test_server_bad_requests_get_400_and_it_keeps_serving(server):
+    import httpx
+    url, log_path = server
+    cases = [(b"{bad", "not valid JSON", 400), ({"prompt": "a", "max_tokens": "x"}, "max_tokens", 400),
+             ({"prompt": "a", "max_tokens": -1}, "max_tokens", 400),
+             (b'{"prompt": "a", "temperature": NaN}', "temperature", 400),
+             ({"prompt": "a", "top_p": 0}, "top_p", 400), ({"prompt": "a", "n": 0}, "n must", 400),
+             ({"prompt": PROMPTS[2]["text"], "max_tokens": 30}, "maximum context length is 64", 400),
+             ({"prompt": ["a", "b", "c"], "n": 2}, "4 slots", 400), ({"prompt": "a", "foo": 1}, "foo", 400),
+             ({"prompt": "a", "logprobs": 6}, "logprobs", 400), ({"prompt": "a", "stop": list("abcde")}, "stop", 400),
+             ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias", 400),
+             ({"prompt": "a", "logit_bias": {"5": 200}}, "logit_bias", 400),
+             ({"prompt": [50257]}, "token id 50257", 400), ({"prompt": "a", "presence_penalty": 3}, "presence", 400),
+             ({"prompt": "a", "echo": "yes"}, "echo", 400), ({}, "prompt", 400), ([1, 2], "JSON object", 400),
+             ({"prompt": "a", "seed": -1}, "seed", 400)]
+    with httpx.Client(timeout=60) as http:
+        for body, words, status in cases:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = http.post(f"{url}/completions", content=content, headers={"Content-Type": "application/json"})
+            error = r.json()["error"]
+            assert r.status_code == status and words in error["message"] and error["type"], (body, r.text)
+        r = http.post(f"{url}/chat/completions", json={"model": SERVED, "messages": []})
+        assert r.status_code == 400 and "not a chat model" in r.json()["error"]["message"]
+        r = http.get(f"{url}/nothing")
+        assert r.status_code == 404 and "error" in r.json()
+        r = http.post(f"{url}/completions", json={"prompt": "a", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    log = log_path.read_text()
+    assert "Traceback" not in log and log.count("WARNING 400 ") >= len(cases)
+
+
+def test_server_routes_health_models_metrics_and_tokenizer(server):
+    import httpx
+    url, _ = server
+    root = url.removesuffix("/v1")
+    enc = encoder.get_encoder(TINY["tf"])
+    assert [m.id for m in openai_client(url).models.list().data] == [SERVED]
+    with httpx.Client(timeout=60) as http:
+        assert http.get(f"{root}/health").json() == {"status": "ok"}
+        ids = http.post(f"{root}/tokenize", json={"prompt": PROMPTS[0]["text"]}).json()["tokens"]
+        assert ids == PROMPTS[0]["ids"] == enc.encode(PROMPTS[0]["text"])
+        assert http.post(f"{root}/detokenize", json={"tokens": ids}).json()["prompt"] == PROMPTS[0]["text"]
+        assert http.get(f"{root}/tokenizer_info").json()["eos_token"] == "<|endoftext|>"
+        metrics = http.get(f"{root}/metrics").text
+    generated = float(re.search(r"^gptjax_generation_tokens_total (\S+)", metrics, re.M).group(1))
+    assert generated > 0 and "gptjax_time_to_first_token_seconds_bucket" in metrics
+    assert re.search(r"^gptjax_slots_in_use 0\.0", metrics, re.M) and "gptjax_queue_depth" in metrics
+
+
+def test_server_concurrent_streams_each_get_the_lone_response(server):
+    # 10 streaming clients at once on 4 slots (some wait in the queue): each gets what the same request gets alone
+    url, _ = server
+    client = openai_client(url)
+    requests = [dict(prompt=PROMPTS[i % 3]["text"][:20 + 7 * i], max_tokens=8 + i, temperature=0.9, seed=i)
+                for i in range(10)]
+
+    def streamed(request):
+        return "".join(c.choices[0].text for c in client.completions.create(model=SERVED, stream=True, **request))
+
+    results = [None] * len(requests)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, streamed(requests[i])))
+               for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert None not in results
+    alone = [client.completions.create(model=SERVED, **request).choices[0].text for request in requests]
+    assert results == alone
+
+
+def test_server_frees_the_slot_of_a_client_that_goes_away(server):
+    import httpx
+    url, _ = server
+    root = url.removesuffix("/v1")
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{url}/completions", json={"prompt": "a", "max_tokens": 60, "stream": True}) as r:
+            next(r.iter_lines())  # the first token has come: the request holds a slot
+        deadline = time.time() + 10
+        while not re.search(r"^gptjax_slots_in_use 0\.0", http.get(f"{root}/metrics").text, re.M):
+            assert time.time() < deadline, "the slot was not freed"
+            time.sleep(0.05)
+
+
+def test_harness_through_the_server_equals_eval(server, monkeypatch):
+    # lm-evaluation-harness's own OpenAI-completions model (local-completions, tokenizing through the server) gives
+    # the numbers of gptjax's harness model (eval.py) on the local tasks. The API model keeps one position of
+    # max_length for a generated token and feeds each rolling window with its context token: at max_length 64 it
+    # scores the windows that a model fed 62 tokens at a time scores.
+    from lm_eval.tasks import TaskManager
+    monkeypatch.chdir(HERE)
+    url, _ = server
+    args = f"base_url={url}/completions,model={SERVED},tokenizer_backend=remote,max_length=64,max_retries=1"
+    through = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["tiny_choice", "tiny_rolling"],
+                                      task_manager=TaskManager(include_path=str(EVAL_TASKS)), log_samples=False)
+    lm = harness.GptjaxLM(str(TINY["tf"]), batch_size=8, max_length=62)
+    direct = lm_eval.simple_evaluate(model=lm, tasks=["tiny_choice", "tiny_rolling"], log_samples=False,
+                                     task_manager=TaskManager(include_path=str(EVAL_TASKS)))["results"]
+    for task, metrics in direct.items():
+        for name, value in metrics.items():
+            if isinstance(value, float) and "stderr" not in name:
+                assert through["results"][task][name] == pytest.approx(value, rel=1e-4), (task, name)
+
+
+def test_server_compiled_nothing_after_warm_up(server):  # runs after the tests above have used every route
+    _, log_path = server
+    after = log_path.read_text().split("serving ", 1)[1]
+    assert "Compiling" not in after, [line for line in after.splitlines() if "Compiling" in line][:3]
+
+
+@pytest.mark.slow
+def test_server_queue_bound_and_sigterm_drain(tmp_path):
+    # 1 slot, 1 place in the queue: a third request is answered 429; SIGTERM lets the streaming and the queued
+    # request finish, then the server exits 0
+    import httpx
+    proc, url = start_server(tmp_path / "serve.log", "--slots", "1", "--max_queue", "1")
+    root = url.removesuffix("/v1")
+    try:
+        with httpx.Client(timeout=120) as http:
+            with http.stream("POST", f"{url}/completions", json={"prompt": "a", "max_tokens": 50, "stream": True,
+                                                                  "temperature": 0}) as streaming:
+                lines = streaming.iter_lines()
+                next(lines)
+                queued = {}
+                waiter = threading.Thread(target=lambda: queued.update(r=http.post(
+                    f"{url}/completions", json={"prompt": "b", "max_tokens": 5})))
+                waiter.start()
+                deadline = time.time() + 30
+                while not re.search(r"^gptjax_queue_depth 1\.0", http.get(f"{root}/metrics").text, re.M):
+                    assert time.time() < deadline
+                    time.sleep(0.02)
+                r = http.post(f"{url}/completions", json={"prompt": "c", "max_tokens": 5})
+                assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+                proc.send_signal(signal.SIGTERM)
+                events = [line for line in lines if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"]
+            waiter.join(timeout=60)
+            assert queued["r"].status_code == 200 and queued["r"].json()["usage"]["completion_tokens"] >= 1
+        assert proc.wait(timeout=60) == 0
+        assert "stopped" in (tmp_path / "serve.log").read_text()
+    finally:
+        proc.kill()
+
+
+def test_serve_cli_errors_are_one_line(tmp_path):
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    for args, words in ((["--slots", "0"], "--slots"), (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                        (["--slot_ctx", "65"], "--slot_ctx"), (["--model_dir", tmp_path / "none"], "not a folder")):
+        proc = subprocess.run([sys.executable, str(HERE / "serve.py"), "--model_dir", str(TINY["tf"]), *map(str, args)],
+                              capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, (args, proc.stderr)
+    busy.close()
