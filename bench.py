@@ -12,6 +12,7 @@
     python bench.py eval --vs_hf              # lm_eval requests/s: gptjax's backend beside the harness's own HF one
     python bench.py generate --dtype int8     # the same with int8 weights (quant.py)
     python bench.py llamacpp --peer_script ../shared/peers/llamacpp.sh --peer_python PY   # main.py beside llama.cpp
+    python bench.py serve                     # serve.py's 8 streaming clients beside one batch-8 generate call
 
 With no --model_dir the weights are random with GPT-2 124M's shapes (no download). Timings are medians of repeated runs
 after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm. Peers are
@@ -608,6 +609,13 @@ def parse_args(argv):
     lc.add_argument("--peer_python", required=True, help="a python with torch and transformers, for llama.cpp's "
                                                          "converter")
     lc.add_argument("--rounds", type=positive, default=3)
+    sv = commands.add_parser("serve", help="serve.py with concurrent streaming clients, in turns with one batched "
+                                           "generate call of the same requests; time to first token")
+    sv.add_argument("--dtype", default="int8", choices=["float32", "int8"])
+    sv.add_argument("--clients", type=positive, default=8)
+    sv.add_argument("--n_prompt", type=positive, default=32)
+    sv.add_argument("--n_new", type=positive, default=128)
+    sv.add_argument("--rounds", type=positive, default=3)
     commands.add_parser("finetune", help="memory and step time of finetuning GPT-2 124M and 1558M shapes at block "
                                          "1024, with and without remat and LoRA (each in a fresh process)")
     probe = commands.add_parser("probe")  # internal: see "Probes" above
@@ -638,6 +646,8 @@ def run(args):
         return finetune_table()
     if args.command == "llamacpp":
         return llamacpp_table(args)
+    if args.command == "serve":
+        return serve_table(args)
     if args.command == "data":
         return data_table(args)
     if args.command == "eval":
@@ -716,6 +726,95 @@ def llamacpp_table(args):
             a, b = median[ours][row], median[theirs][row]
             cells += [f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f}x"]
         print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def serve_table(args):
+    """serve.py on random 124M-shaped weights: --clients streaming clients at once (their tokens / the wall time), in
+    turns with one sampling.generate call of the same requests in this process; then the time to first token of a
+    lone client. Greedy, with <|endoftext|> banned (logit_bias) so that every request makes n_new tokens."""
+    import httpx
+    hparams, n, n_prompt, n_new = GPT2_124M, args.clients, args.n_prompt, args.n_new
+    ids = [[(r * 7919 + i * 104729) % 50000 for i in range(n_prompt)] for r in range(n)]
+    ban = {50256: -100.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "random-124M")
+        weights.save_params(model_dir, hparams, random_params(hparams))
+        quantize = ["--quantize", "int8"] if args.dtype == "int8" else []
+        log_path = os.path.join(tmp, "serve.log")
+        slot_ctx = sampling.cache_length(n_prompt + n_new, hparams["n_ctx"])  # the cache generate() gives them
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--model_dir", model_dir,
+                                     "--port", "0", "--slots", str(n), "--slot_ctx", str(slot_ctx), *quantize],
+                                    stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = wait_for_server(proc, log_path)
+            _, _, params = weights.load_encoder_hparams_and_params(model_dir, quantize=args.dtype if quantize else None)
+            params = sampling.unstack_layers(params)
+            generate = partial(sampling.generate, params, hparams, ids, n_new, greedy=True, logit_bias=ban)
+            generate()  # compile
+            with httpx.Client(timeout=600) as http:
+                body = lambda row, **extra: {"prompt": ids[row], "max_tokens": n_new, "temperature": 0,
+                                             "logit_bias": {str(t): b for t, b in ban.items()}, **extra}
+                clients = partial(concurrent_streams, http, url, [body(row, stream=True) for row in range(n)])
+                clients()  # warm the connections
+                times = {"generate": [], "server": []}
+                for _ in range(args.rounds):
+                    t = time.perf_counter()
+                    generate()
+                    times["generate"].append(time.perf_counter() - t)
+                    times["server"].append(clients())
+                ttft = [first_token_seconds(http, url, body(0, stream=True, max_tokens=4)) for _ in range(10)]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    tokens = n * n_new
+    rate = {name: tokens / float(np.median(ts)) for name, ts in times.items()}
+    print(f"\n124M-shaped {args.dtype}, {n} requests of {n_prompt} + {n_new} tokens; {args.rounds} rounds in turns, "
+          f"medians; {os.cpu_count()} threads; jax {jax.__version__}")
+    print("| | tokens/s | ratio |\n|---|---|---|")
+    print(f"| one generate() call of {n} rows | {rate['generate']:.1f} | 1.00 |")
+    print(f"| serve.py, {n} concurrent streaming clients | {rate['server']:.1f} | "
+          f"{rate['server'] / rate['generate']:.2f} |")
+    print(f"time to first token, 1 client, {n_prompt}-token prompt: p50 {1e3 * np.median(ttft):.0f} ms, "
+          f"max {1e3 * max(ttft):.0f} ms")
+
+
+def wait_for_server(proc, log_path, timeout=600):  # -> the base url serve.py prints once it is ready
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(log_path) as f:
+            if m := re.search(r"serving \S+ at (http://\S+/v1)", f.read()):
+                return m.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve.py exited: see {log_path}")
+        time.sleep(0.2)
+    raise RuntimeError("serve.py did not start in time")
+
+
+def concurrent_streams(http, url, bodies):  # -> seconds until every streamed completion has ended
+    import threading
+
+    def stream(body):
+        with http.stream("POST", f"{url}/completions", json=body) as r:
+            for _ in r.iter_lines():
+                pass
+
+    threads = [threading.Thread(target=stream, args=(body,)) for body in bodies]
+    t = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - t
+
+
+def first_token_seconds(http, url, body):
+    t = time.perf_counter()
+    with http.stream("POST", f"{url}/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                return time.perf_counter() - t
+    raise RuntimeError("no token came")
 
 
 def generate_table(args):

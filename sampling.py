@@ -194,8 +194,9 @@ def sample(state: dict, logits: Float[Array, "batch n_vocab"], controls: dict, g
     state = {**state, "token": token, "done": state["done"] | (token == controls["eot_token"]),
              "step": state["step"] + 1}
     rows = jnp.arange(token.shape[0])
-    if "counts" in state:  # how often each row has drawn each token: the penalties' c
-        state["counts"] = state["counts"].at[rows, token].add(jnp.where(state["done"], 0, 1), mode="drop")
+    if "repetition_penalty" in controls:  # how often each row has drawn each token: the penalties' c
+        drawn = (jnp.arange(state["counts"].shape[-1]) == token[:, None]) & ~state["done"][:, None]
+        state["counts"] = state["counts"] + drawn  # not a scatter: XLA:CPU copied the whole array for one
     if n_logprobs:
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         state["logprob"] = logp[rows, token]
