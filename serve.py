@@ -14,11 +14,12 @@ answers 400: GPT-2 was not trained on conversations and has no chat template.
 
 How it runs: one thread (Engine.run) owns the model. It holds `--slots` rows, each a request's continuation with
 its own KV cache of `--slot_ctx` positions, and loops: score echo requests (one forward pass, no decoding), prefill
-waiting requests into free rows (join: one row at a time, the prompt padded to sampling.bucket), then one jitted
-decoding step (sampling.decode) that advances every row. A request's tokens reach its HTTP handler through an
-asyncio queue; a client that goes away frees its row at the next step. All rows write their next keys and values at
-one shared slot that goes round the cache (a ring), and a joining prompt is written just before it: sampling.decode's
-masks (past) keep each row to its own positions. Every shape is fixed after warm-up: no compile while serving.
+waiting requests into free rows (join: one row at a time, the prompt padded to sampling.bucket), then one call of
+the jitted decoding loop (sampling.decode) that advances every row by up to STEPS tokens (1 while requests wait for a
+row, so that they join soon). A request's tokens reach its HTTP handler through an asyncio queue; a client that goes
+away frees its row after the call. All rows write their next keys and values at one shared slot that goes round the
+cache (a ring), and a joining prompt is written just before it: sampling.decode's masks (past) keep each row to its
+own positions. Every shape is fixed, and every program compiled at start-up (warm_up): none while serving.
 Speed: each step reads every row's whole cache, so --slot_ctx (like llama.cpp's context per slot) is worth sizing to
 the longest prompt + max_tokens served.
 """
