@@ -157,9 +157,9 @@ class Engine:
         self.controls, self.key_data = controls, np.array(jax.random.key_data(controls.pop("key")))
         self.sent_controls, self.state = None, None
 
-    def submit(self, jobs) -> bool:  # queue a request's jobs; False when the queue is full
+    def submit(self, jobs) -> bool:  # queue a request's jobs; False when max_queue jobs wait already
         with self.wake:
-            if len(self.waiting) + len(jobs) > self.max_queue:
+            if len(self.waiting) >= self.max_queue:
                 return False
             self.waiting.extend(jobs)
             self.metrics["queue"].set(len(self.waiting))
