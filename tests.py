@@ -1299,6 +1299,27 @@ def test_weights_to_hf_writes_only_a_new_model(tmp_path, capsys):
     assert not stale.exists()
 
 
+def test_hostile_sizes_in_a_model_folder_are_refused_at_once(tmp_path):
+    # sizes of 10^9, zero, negative, true, or n_head not dividing n_embd, in OpenAI's hparams.json and HF's
+    # config.json: a one-line error within seconds (a list of n_layer block numbers once took 20 GB and a minute)
+    cases = [("n_layer", 10**9, "n_layer"), ("n_vocab", 10**9, "shape"), ("n_ctx", 10**9, "shape"),
+             ("n_embd", 10**9, "n_embd"), ("n_head", 0, "n_head"), ("n_layer", -1, "n_layer"),
+             ("n_head", True, "n_head"), ("n_head", 3, "multiple of n_head"), ("n_layer", 3, "n_layer 3")]
+    hf_names = {"n_vocab": "vocab_size", "n_ctx": "n_positions"}
+    for layout, file in (("tf", "hparams.json"), ("hf", "config.json")):
+        for key, value, words in cases:
+            folder = tmp_path / f"{layout}-{key}-{value}"
+            shutil.copytree(TINY[layout], folder, ignore=shutil.ignore_patterns("params*.safetensors"))
+            config = json.loads((folder / file).read_text())
+            config[hf_names.get(key, key) if layout == "hf" else key] = value
+            (folder / file).write_text(json.dumps(config))
+            started = time.perf_counter()
+            with pytest.raises(ValueError) as e:
+                weights.load_hparams_and_params(folder)
+            assert time.perf_counter() - started < 10 and "\n" not in str(e.value), (layout, key, value)
+            assert words in str(e.value), (layout, key, value, str(e.value))
+
+
 # ==================== sampling ========================================================================================
 # generation against the fixture's greedy tokens and exact sampling distributions
 

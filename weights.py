@@ -225,7 +225,7 @@ def check_layer_count(names, pattern, hparams, config_path, weights_path):
     """The config's n_layer must be the number of blocks the weights hold: neither a truncated model nor an error
     that blames the weights for a wrong config."""
     layers = sorted({int(m.group(1)) for name in names if (m := re.match(pattern, name))})
-    if layers != list(range(hparams["n_layer"])):
+    if len(layers) != hparams["n_layer"] or layers != list(range(len(layers))):  # no list of n_layer: it may be 10^9
         held = f"{len(layers)} blocks" if layers == list(range(len(layers))) else f"the blocks {layers}"
         raise ValueError(f"{config_path} gives n_layer {hparams['n_layer']} but {weights_path} holds {held}: the "
                          f"config does not match the weights")
@@ -335,7 +335,7 @@ def read_json(path):  # a JSON object's contents, or a one-line error naming pat
 
 def checked_hparams(hparams, path):
     for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
-        if not isinstance(hparams.get(key), int) or hparams[key] <= 0:
+        if not isinstance(hparams.get(key), int) or isinstance(hparams[key], bool) or hparams[key] <= 0:
             raise ValueError(f"{path}: {key} must be a positive integer, got {hparams.get(key)!r}")
     if hparams["n_embd"] % hparams["n_head"]:
         raise ValueError(f"{path}: n_embd {hparams['n_embd']} is not a multiple of n_head {hparams['n_head']}")
