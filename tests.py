@@ -3243,6 +3243,10 @@ def test_train_auto_resume_continues_this_run_and_refuses_another(train_data_dir
     assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 4, 8]
     assert outdir.read_metrics(out)[-1]["val_loss"] == straight["evals"][-1]["val_loss"]
     capsys.readouterr()
+    before = (out / outdir.CKPT_NAME).stat().st_mtime_ns
+    assert train.main([*command, "--max_iters=8"]) == 0  # requeued once more after it finished: it ends, saying so
+    assert "this run has finished" in capsys.readouterr().err
+    assert (out / outdir.CKPT_NAME).stat().st_mtime_ns == before and len(outdir.read_metrics(out)) == 3
     assert train.main([*command, "--max_iters=12", "--learning_rate=0.01"]) == 2
     err = capsys.readouterr().err
     assert "is of another run (learning_rate=0.003 there, 0.01 here)" in err and err.count("\n") == 1, err

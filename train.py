@@ -108,6 +108,8 @@ def run(config):  # a resolved config -> train()'s result
         raise cli.UsageError("eval_only evaluates a trained model: add --init_from=resume (out_dir's checkpoint) or "
                              "--init_from=<a GPT-2 size or model folder>")
     outdir.check_out_dir(config)
+    if finished_before(config):  # a requeued job of a run that had finished: done, so that a retry loop ends
+        return {"losses": {}, "evals": [], "iter": config["max_iters"], "interrupted": False, "signal": None}
     writes = jax.process_index() == 0 and not config["eval_only"]  # eval_only writes nothing at all
     with outdir.claimed_out_dir(config) if writes else contextlib.nullcontext():
         start = starting_point(config, Path(config["out_dir"]))
@@ -386,6 +388,18 @@ def starting_point(config, out_dir):
     run_id = saved.pop("run_id", None) or tracking.new_run_id()
     record = {"vocabulary": vocab, "run_id": run_id, **lora}
     return Start(kind, config, hparams, params, dataset_dir, splits, record, frozen, **saved)
+
+
+def finished_before(config) -> bool:  # auto_resume finding its run's checkpoint at max_iters: says so
+    if not (config["auto_resume"] and config["init_from"] == "resume") or config["eval_only"]:
+        return False
+    checkpoint = Path(config["out_dir"]) / outdir.CKPT_NAME
+    it = outdir.read_checkpoint_meta(checkpoint)["iter"]
+    if it < config["max_iters"]:
+        return False
+    print(f"{checkpoint} is at iteration {it} of max_iters={config['max_iters']}: this run has finished, nothing to do",
+          file=sys.stderr, flush=True)
+    return True
 
 
 def resumed_state(config, out_dir):
