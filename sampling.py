@@ -88,8 +88,10 @@ def largest_key_where(keys: UInt32[Array, " n"], holds) -> UInt32[Array, ""]:
 
 
 def sortable_bits(x: Float[Array, "*shape"]) -> UInt32[Array, "*shape"]:
-    # float32 -> uint32 in the same order (negative floats' bits count down)
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    # float32 -> uint32 in the same order (negative floats' bits count down); -0.0 as 0.0, which it equals (a
+    # property test found a -0.0 logit dropped from a tie with 0.0)
+    x = x.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 

@@ -39,6 +39,8 @@ import safetensors.numpy
 import tiktoken
 import tiktoken.load
 import urllib3
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import cli
 import data
@@ -83,6 +85,12 @@ from testlib import (
 )
 
 cli.enable_compilation_cache()  # at collection, before anything compiles: repeated tiny runs compile once (SCRATCH's)
+
+# property tests (hypothesis): a quick profile by default, GPTJAX_HYPOTHESIS=thorough for many more examples
+settings.register_profile("quick", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("thorough", parent=settings.get_profile("quick"), max_examples=500)
+settings.load_profile(os.environ.get("GPTJAX_HYPOTHESIS", "quick"))
 
 TINY = {"tf": scratch_copy(TINY_TF), "hf": scratch_copy(TINY_HF)}  # loadable copies (a load writes its cache beside)
 TOKENIZER_CASES = json.loads((HERE / "testdata" / "tokenizer_cases.json").read_text(encoding="utf-8"))
@@ -3828,3 +3836,93 @@ def test_serve_cli_errors_are_one_line(tmp_path):
                               capture_output=True, text=True, cwd=HERE, timeout=120)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, (args, proc.stderr)
     busy.close()
+
+
+# ==================== properties ======================================================================================
+# generated inputs (hypothesis) against independent references: tiktoken, float64 numpy, the float64 model
+
+TEXTS = st.text(st.characters(codec="utf-8"), max_size=60) | st.lists(st.sampled_from(
+    ["<|endoftext|>", "<|endo", "text|>", " ", "  ", "\n", "\n\n", "\t", "'s", "'ll", "a", "é", "日本", "🦜", "123",
+     " \n ", "\r\n", "\u00a0", "x" * 30]), max_size=14).map("".join)
+
+
+@given(text=TEXTS)
+def test_property_encoder_agrees_with_tiktoken_and_round_trips(encoder_gpt2, text):
+    ids = encoder_gpt2.encode(text)
+    assert ids == tiktoken_gpt2().encode(text, allowed_special="all")
+    assert encoder_gpt2.decode(ids) == text
+
+
+N_PROPERTY_VOCAB = 16  # one shape: each example reuses the compiled functions
+LOGIT_VECTORS = st.lists(st.floats(-20, 20, width=32), min_size=N_PROPERTY_VOCAB,
+                         max_size=N_PROPERTY_VOCAB).map(lambda v: np.array(v, np.float32))
+
+
+def reference_kept(logits, k, p):  # float64: top-k (ties with the k-th kept), then the smallest top-p set of those
+    x = logits.astype(np.float64)
+    keep = x >= np.sort(x)[::-1][min(k, len(x)) - 1]
+    probs = np.where(keep, np.exp(x - x.max()), 0.0)
+    probs /= probs.sum()
+    cuts = np.unique(x[keep])[::-1]  # candidate thresholds, most likely first
+    mass = [probs[x >= c].sum() for c in cuts]
+    assume(min(abs(m - p) for m in mass) > 1e-5)  # float32 may round a sum this close to p either way
+    return x >= next(c for c, m in zip(cuts, mass) if m >= p)
+
+
+@given(logits=LOGIT_VECTORS, k=st.integers(1, N_PROPERTY_VOCAB + 4), p=st.floats(0.01, 1.0))
+def test_property_top_k_and_top_p_keep_the_sets_they_define(logits, k, p):
+    kept = np.isfinite(np.asarray(jax.jit(sampling.filter_logits)(jnp.asarray(logits), k, p)))
+    want = reference_kept(logits, k, p)
+    np.testing.assert_array_equal(kept, want)
+    assert kept.sum() >= 1
+
+
+@given(logits=LOGIT_VECTORS, banned=st.sets(st.integers(0, N_PROPERTY_VOCAB - 1), max_size=N_PROPERTY_VOCAB - 1),
+       seed=st.integers(0, 2**63 - 1), temperature=st.floats(0.1, 5.0))
+def test_property_a_minus_inf_logit_is_never_drawn_and_a_seed_repeats(logits, banned, seed, temperature):
+    logits = logits.copy()
+    logits[list(banned)] = -np.inf
+    drawn = draws(logits, 64, seed, temperature=temperature)
+    assert not set(drawn.tolist()) & banned
+    np.testing.assert_array_equal(drawn, draws(logits, 64, seed, temperature=temperature))
+
+
+@given(logits=LOGIT_VECTORS, seed=st.integers(0, 2**31))
+def test_property_temperature_near_zero_is_greedy(logits, seed):
+    top2 = np.sort(logits)[-2:]
+    assume(top2[1] - top2[0] > 0.01)  # at temperature 1e-4 a gap of 100: no draw crosses it
+    assert set(draws(logits, 16, seed, temperature=1e-4).tolist()) == {int(np.argmax(logits))}
+
+
+@given(logits=LOGIT_VECTORS, counts=st.lists(st.integers(0, 3), min_size=N_PROPERTY_VOCAB,
+                                             max_size=N_PROPERTY_VOCAB),
+       in_prompt=st.lists(st.booleans(), min_size=N_PROPERTY_VOCAB, max_size=N_PROPERTY_VOCAB),
+       repetition=st.floats(0.5, 2.0), presence=st.floats(-2, 2), frequency=st.floats(-2, 2),
+       bias=st.dictionaries(st.integers(0, N_PROPERTY_VOCAB - 1), st.floats(-100, 100), max_size=3))
+def test_property_penalties_and_bias_change_exactly_the_logits_they_define(logits, counts, in_prompt, repetition,
+                                                                          presence, frequency, bias):
+    options = {"repetition_penalty": repetition, "presence_penalty": presence, "frequency_penalty": frequency,
+               "logit_bias": bias}
+    controls = sampling.request_controls({"n_vocab": N_PROPERTY_VOCAB}, 1, **options)
+    state = {"counts": np.array([counts], np.int32), "in_prompt": np.array([in_prompt])}
+    got = np.asarray(jax.jit(sampling.adjusted_logits)(logits[None], controls, state))[0]
+    want = numpy_adjusted(logits, np.array(counts), np.array(in_prompt), **options)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    untouched = ~(np.array(in_prompt) | (np.array(counts) > 0)) & ~np.isin(np.arange(N_PROPERTY_VOCAB), list(bias))
+    np.testing.assert_array_equal(got[untouched], logits[untouched])
+
+
+@settings(max_examples=8 if os.environ.get("GPTJAX_HYPOTHESIS", "quick") == "quick" else 100)
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=3), n_new=st.integers(1, 20),
+       seed=st.integers(0, 2**32 - 1))
+def test_property_kv_cache_decoding_follows_the_model(tiny_tf, lengths, n_new, seed):
+    # prompts of generated lengths and tokens, decoded together greedily: each new token is the float64 model's most
+    # likely after its own prompt and the tokens before it, whatever the batch's other rows and padding
+    hparams, params = tiny_tf
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, hparams["n_vocab"], n).tolist() for n in lengths]
+    flat = reference_params()
+    for prompt, new in zip(prompts, sampling.generate(params, hparams, prompts, n_new, greedy=True)):
+        logits = numpy_gpt2(flat, np.array(prompt + new[:-1]), hparams["n_head"])[len(prompt) - 1:]
+        chosen = logits[np.arange(len(new)), new]
+        assert np.all(chosen >= logits.max(-1) - 1e-4)
