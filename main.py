@@ -99,8 +99,8 @@ def generate_texts(encoder, hparams, params, prompts, args, eot_token):
     are several) or, with --stream, printing the single continuation as it comes."""
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
-    ids = [encoder.encode(p) for p in prompts for _ in range(args.num_samples)]
-    if args.stream and len(ids) > 1:
+    ids = [encoder.encode(p) for p in prompts]  # each prompt once: its samples are made batch by batch
+    if args.stream and len(ids) * args.num_samples > 1:
         raise UsageError("--stream prints one continuation as it is generated: give one prompt and --num_samples 1")
     try:
         sampling.check_request(hparams, ids, args.n_tokens_to_generate, **args.options)
@@ -109,8 +109,8 @@ def generate_texts(encoder, hparams, params, prompts, args, eot_token):
     if args.seed_drawn:  # once the request is known to be good, and once a process
         print(f"seed {args.seed} (give --seed {args.seed} to repeat this sampling)", file=sys.stderr, flush=True)
         args.seed_drawn = False
-    for rows, chunks in sampling.batch_streams(params, hparams, ids, args.n_tokens_to_generate, eot_token=eot_token,
-                                               **args.options):
+    for rows, chunks in sampling.batch_streams(params, hparams, ids, args.n_tokens_to_generate,
+                                               samples=args.num_samples, eot_token=eot_token, **args.options):
         texts = sampling.text_stream(chunks, encoder.decode, [args.stop] * len(rows))
         if args.stream:
             for pieces in texts:
@@ -121,7 +121,7 @@ def generate_texts(encoder, hparams, params, prompts, args, eot_token):
         for pieces in texts:
             batch = pieces if batch is None else [text + piece for text, piece in zip(batch, pieces)]
         for row, text in zip(rows, batch):  # printed batch by batch: 10,000 samples show as they come, not all kept
-            if len(ids) > 1:
+            if len(ids) * args.num_samples > 1:
                 print(heading(row, len(prompts), args.num_samples))
             print(text, flush=True)
 

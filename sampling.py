@@ -393,18 +393,20 @@ def generate(params, hparams, prompts, n_tokens, *, max_rows=None, **options):
     return out
 
 
-def batch_streams(params, hparams, prompts, n_tokens, *, max_rows=None, eot_token=None, **options):
-    """-> (the rows of prompts it generates for, their generate_stream) per batch, to be run one after the other. A
-    request of more rows than fit in memory
-    at once (max_rows; by default what BATCH_BYTES allows) runs as several batches, each row with the random stream
-    and padded shapes it has in the whole request, so that the batches give the tokens of one."""
+def batch_streams(params, hparams, prompts, n_tokens, *, samples=1, max_rows=None, eot_token=None, **options):
+    """-> (the rows it generates for, their generate_stream) per batch, to be run one after the other. The request's
+    rows are each prompt `samples` times (row i: prompts[i // samples]), made batch by batch: 10^8 samples take the
+    memory of one batch. A request of more rows than fit in memory at once (max_rows; by default what BATCH_BYTES
+    allows) runs as several batches, each row with the random stream and padded shapes it has in the whole request,
+    so that the batches give the tokens of one."""
     check_request(hparams, prompts, n_tokens, **options)
     shapes = padded_lengths(hparams, prompts, n_tokens)
     max_rows = max_rows or rows_that_fit(hparams, *shapes, gpt.dtype(params).itemsize)
-    for first in range(0, len(prompts), max_rows):
-        rows = range(first, min(first + max_rows, len(prompts)))
-        yield rows, generate_stream(params, hparams, prompts[rows.start:rows.stop], n_tokens, eot_token=eot_token,
-                                    first_row=first, shapes=shapes, **options)
+    n_rows = len(prompts) * samples
+    for first in range(0, n_rows, max_rows):
+        rows = range(first, min(first + max_rows, n_rows))
+        yield rows, generate_stream(params, hparams, [prompts[row // samples] for row in rows], n_tokens,
+                                    eot_token=eot_token, first_row=first, shapes=shapes, **options)
 
 
 # ------------------------------------------------------------------------------------------------ text
