@@ -13,17 +13,21 @@ How it runs:
   - Prefill computes hidden states for the whole padded prompt but unembeds only each row's last real position.
   - Decoding runs in chunks of up to CHUNK tokens, each one jitted `lax.while_loop` with the KV cache in its carry
     (updated in place) and donated from chunk to chunk; the host only collects each chunk's tokens. generate() is
-    generate_stream() with its chunks joined, so the two cannot disagree.
+    generate_stream() with its chunks joined, so the two cannot disagree. The write slot wraps round the cache, a ring
+    that serve.py's rows join at any point of.
   - Shapes are bucketed (prompt length: bucket, cache length: cache_length), and the number of steps in a chunk and
     every sampling control but `greedy` are traced values, so one compiled prefill and one compiled decode serve
     every prompt, length and setting in a bucket; jax.jit keeps them for the life of the process,
     cli.enable_compilation_cache() on disk. (A cache that grew with decoding read fewer slots but cost main.py a
     compiled program per size, loaded from the disk cache in every process: 124M int8 at batch 1, 8.7 -> 17.9
     ms/token measured as bench.py llamacpp does.)
-  - Sampling: greedy (argmax), or temperature, then top-k, then top-p (nucleus), drawn with a key derived from
-    (seed, row, token index): the same seed gives the same tokens whatever the chunking, and row 0 of a batch uses
-    the random numbers that the same prompt uses alone. generate() runs a request of many rows (num_samples 10,000)
-    as batches that fit in memory, each row keeping its index and padded shapes: the tokens are those of one batch.
+  - Sampling: the penalties and logit_bias (adjusted_logits; present only when asked for), then greedy (argmax), or
+    temperature, then top-k, then top-p (nucleus), drawn with a key derived from (seed, row, token index): the same
+    seed gives the same tokens whatever the chunking, and row 0 of a batch uses the random numbers that the same
+    prompt uses alone. Every control is per row (request_controls), so that serve.py batches different requests.
+    Stop strings act on text (text_stream), which ends a row by sending it to generate_stream. generate() runs a
+    request of many rows (num_samples 10,000) as batches that fit in memory, each row keeping its index and padded
+    shapes: the tokens are those of one batch.
   - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `forward_rows`.
 """
 import math
