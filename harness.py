@@ -162,9 +162,7 @@ class GptjaxLM(TemplateLM):
                 batch = group[first:first + self.batch_size]
                 chunks = sampling.generate_stream(self.params, self.hparams, [ids for _, ids, _ in batch], n_new,
                                                   greedy=True)
-                texts = [""] * len(batch)
-                for pieces in sampling.text_stream(chunks, self.tok_decode, [until for _, _, until in batch]):
-                    texts = [text + piece for text, piece in zip(texts, pieces)]
+                texts = sampling.joined(sampling.text_stream(chunks, self.tok_decode, [u for _, _, u in batch]))
                 for (i, _, _), text in zip(batch, texts):
                     outputs[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)

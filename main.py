@@ -117,10 +117,8 @@ def generate_texts(encoder, hparams, params, prompts, args, eot_token):
                 print(pieces[0], end="", flush=True)
             print()
             return
-        batch = None
-        for pieces in texts:
-            batch = pieces if batch is None else [text + piece for text, piece in zip(batch, pieces)]
-        for row, text in zip(rows, batch):  # printed batch by batch: 10,000 samples show as they come, not all kept
+        # printed batch by batch: 10,000 samples show as they come, and are not all kept
+        for row, text in zip(rows, sampling.joined(texts)):
             if len(ids) * args.num_samples > 1:
                 print(heading(row, len(prompts), args.num_samples))
             print(text, flush=True)

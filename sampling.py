@@ -224,12 +224,18 @@ def prefill(params: dict, ids: Int[Array, "batch prompt_bucket"], lengths: Int[A
     state = {"caches": caches, "pos": lengths, "past": past, "slot": jnp.max(lengths), "done": jnp.zeros(batch, bool),
              "step": jnp.zeros(batch, jnp.int32)}
     if "repetition_penalty" in controls:
-        in_prompt = jnp.zeros((batch, logits.shape[-1]), bool)
-        real = jnp.arange(ids.shape[1]) < lengths[:, None]
-        state["in_prompt"] = in_prompt.at[jnp.arange(batch)[:, None], jnp.where(real, ids, logits.shape[-1])].set(
-            True, mode="drop")  # padding: out of bounds, dropped
+        state["in_prompt"] = tokens_in(ids, lengths, logits.shape[-1])
         state["counts"] = jnp.zeros((batch, logits.shape[-1]), jnp.int32)
     return sample(state, logits, controls, greedy)
+
+
+def tokens_in(ids: Int[Array, "batch n_seq"], lengths: Int[Array, " batch"],
+              n_vocab: int) -> Bool[Array, "batch n_vocab"]:
+    # which tokens each right-padded prompt holds: the repetition penalty's prompt tokens
+    real = jnp.arange(ids.shape[1]) < lengths[:, None]
+    rows = jnp.arange(ids.shape[0])[:, None]
+    return jnp.zeros((ids.shape[0], n_vocab), bool).at[rows, jnp.where(real, ids, n_vocab)].set(
+        True, mode="drop")  # padding: out of bounds, dropped
 
 
 @partial(jax.jit, static_argnames=("n_head", "chunk", "greedy", "n_logprobs"), donate_argnames=("state",))
@@ -341,7 +347,7 @@ def generate_stream(params, hparams, prompts, n_tokens, *, eot_token=None, first
     chunk, one list of new ids per prompt. options: request_controls's. With eot_token, a row stops at that token
     (which is not yielded). A caller may end rows early by sending their indices (`chunks.send([row, ...])`, as
     text_stream does at a stop string): they yield nothing more, and once all have ended the generation stops.
-    generate_batches passes first_row (the index of prompts[0] in its whole request, which picks the random stream)
+    batch_streams passes first_row (the index of prompts[0] in its whole request, which picks the random stream)
     and shapes (the padded prompt and cache lengths) when it splits a request into batches."""
     check_request(hparams, prompts, n_tokens, **options)
     params, lengths = unstack_layers(params), [len(p) for p in prompts]
@@ -449,6 +455,13 @@ def visible_text(text: str, stop) -> tuple[str, bool]:
     stop string, or a character whose UTF-8 bytes span several tokens (U+FFFD until its last byte has come)."""
     text, stopped = cut_at_stop(text.rstrip("\ufffd"), stop)
     return (text, True) if stopped else (text[:len(text) - held_back(text, stop)], False)
+
+
+def joined(pieces) -> list[str]:  # text_stream's pieces -> each row's whole text
+    texts = None
+    for row_pieces in pieces:
+        texts = row_pieces if texts is None else [text + piece for text, piece in zip(texts, row_pieces)]
+    return texts
 
 
 def cut_at_stop(text: str, stop) -> tuple[str, bool]:  # (text before the earliest stop string, whether one was found)

@@ -55,6 +55,7 @@ MAX_STOPS = 4
 FLUSH_S = 0.005  # a pause after requests start (Engine.run)
 STEPS = 8  # decoding steps per call of the decoding program, at most
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": 0.0}
 log = logging.getLogger("gptjax.serve")
 
 
@@ -91,8 +92,7 @@ def join(params: dict, state: dict, ids, length, row, controls: dict, *, n_head:
     caches = [jax.tree.map(placed, cache, fresh) for cache, fresh in zip(state["caches"], new)]
     n_vocab = logits.shape[-1]
     one = {"done": jnp.zeros(1, bool), "step": jnp.zeros(1, jnp.int32), "counts": jnp.zeros((1, n_vocab), jnp.int32),
-           "in_prompt": jnp.zeros((1, n_vocab), bool).at[0, jnp.where(jnp.arange(prompt_len) < length, ids[0],
-                                                                       n_vocab)].set(True, mode="drop")}
+           "in_prompt": sampling.tokens_in(ids, length[None], n_vocab)}
     row_controls = {name: c if name == "eot_token" else c[row][None] for name, c in controls.items()}
     one = sampling.sample(one, logits, row_controls, False, MAX_LOGPROBS)
     state = {**state, "caches": caches, "pos": state["pos"].at[row].set(length),
@@ -100,11 +100,6 @@ def join(params: dict, state: dict, ids, length, row, controls: dict, *, n_head:
     for name in ("done", "step", "counts", "in_prompt", "token", "logprob", "top_logprobs", "top_ids"):
         state[name] = state[name].at[row].set(one[name][0])
     return state
-
-
-@partial(jax.jit, donate_argnames=("state",))
-def free_row(state: dict, row) -> dict:  # a row that serves no one: done, so that it draws nothing
-    return {**state, "done": state["done"].at[row].set(True)}
 
 
 @partial(jax.jit, static_argnames=("n_head",))
@@ -150,10 +145,10 @@ class Engine:
         self.wake = threading.Condition()
         self.ready = threading.Event()
         self.stopping = False
-        # every control present, so that one program serves every mix of requests
-        controls = sampling.request_controls(hparams, n_slots, repetition_penalty=1.0, logit_bias={0: 0.0},
-                                             eot_token=encoder.eot_token)
-        controls["logit_bias"][:] = 0.0
+        controls = sampling.request_controls(hparams, n_slots, eot_token=encoder.eot_token)
+        for name, neutral in NEUTRAL.items():  # every control present, so that one program serves every request
+            controls[name] = np.full((n_slots, hparams["n_vocab"]) if name == "logit_bias" else n_slots, neutral,
+                                     np.float32)
         self.controls, self.key_data = controls, np.array(jax.random.key_data(controls.pop("key")))
         self.sent_controls, self.state = None, None
 
@@ -206,7 +201,7 @@ class Engine:
 
     def warm_up(self):
         # every program serving can need, compiled now, through the paths requests take: a request of each prompt
-        # bucket, scored and decoded, one decoding step with log probabilities and one without
+        # bucket, scored and decoded, and a decoding call of each kind step() makes
         bucket = sampling.MIN_BUCKET
         while True:
             for job in (Job([0] * bucket, 0, {}, [], 1, lambda event: None, echo_scores=True, score_only=True),
@@ -242,10 +237,9 @@ class Engine:
     def set_row_controls(self, row, options):  # the row's entries of the batch's controls: the request's options
         one = sampling.request_controls(self.hparams, 1, **options)
         self.key_data[row] = jax.random.key_data(one["key"])[0]
-        for name in ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            default = 1.0 if name == "repetition_penalty" else 0.0
-            self.controls[name][row] = one[name][0] if name in one else default
-        self.controls["logit_bias"][row] = one["logit_bias"][0] if "logit_bias" in one else 0.0
+        for name, column in self.controls.items():
+            if name != "eot_token":
+                column[row] = one[name][0] if name in one else NEUTRAL[name]
         self.sent_controls = None
 
     def decode_steps(self, n_steps=1, n_logprobs=0, greedy=False, penalties=True):  # n_steps tokens for every row:
@@ -312,7 +306,7 @@ class Engine:
 
     def finish(self, row, reason, piece=""):
         job, self.rows[row] = self.rows[row], None
-        self.state = free_row(self.state, np.int32(row))
+        self.state = sampling.end_rows(self.state, np.arange(self.n_slots) == row)  # done: it draws nothing
         self.metrics["slots"].set(sum(r is not None for r in self.rows))
         if reason is not None:  # None: cancelled, no one to tell
             job.emit({"text": piece, "finish_reason": reason})
