@@ -21,6 +21,7 @@ In a run of several processes, process 0 writes them all.
 """
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -83,6 +84,8 @@ def claimed_out_dir(config):
     with files.locked(out_dir / ".lock", busy=f"{out_dir} is in use by another train.py: wait for it to end, or "
                                                f"give another --out_dir"):
         check_out_dir(config)  # again, now that no other run can write there
+        for name in RUN_FILES:  # a planted link is refused now, not at the first evaluation that would write there
+            files.refuse_link(out_dir / name)
         files.remove_stale_temporaries(out_dir)
         with files.atomic_write(out_dir / MARKER) as f:  # every time: an out_dir that cannot be written fails now
             f.write(b"a train.py out_dir: its checkpoints, model, vocabulary, metrics.jsonl and loss.png\n")
@@ -102,11 +105,12 @@ def clear_previous_run(out_dir):
 
 
 def save_checkpoint(out_dir: Path, params: dict, opt_state, it: int, best_val_loss: float, config: dict, hparams: dict,
-                    record: dict) -> None:
+                    record: dict, eval_pending: bool = False) -> None:
     """The whole training state -> out_dir/ckpt.safetensors, atomically (a crash or a full disk leaves the previous
     checkpoint as it was). record: what the state is valid with, checked on resume, and the run's identity:
     {"vocabulary": the dataset's meta.json, "run_id": the trackers' run, and with LoRA "base" (a release name or an
-    absolute folder) and "base_fingerprint"}."""
+    absolute folder) and "base_fingerprint"}. eval_pending: a stop cut short the evaluation due at it; a resume
+    redoes it first."""
     tensors = {name: host_array(x) for name, x in {**flat_names(params, "params/"),
                                                     **flat_names(opt_state, "opt_state/")}.items()}
     metadata = {"format": CKPT_FORMAT, "iter": str(it), "best_val_loss": repr(best_val_loss),
@@ -114,6 +118,8 @@ def save_checkpoint(out_dir: Path, params: dict, opt_state, it: int, best_val_lo
                 "vocabulary": json.dumps(record["vocabulary"], ensure_ascii=False), "run_id": record["run_id"]}
     if record.get("base") is not None:  # LoRA: params are adapters of this model
         metadata["base"], metadata["base_fingerprint"] = record["base"], record["base_fingerprint"]
+    if eval_pending:
+        metadata["eval_pending"] = "true"
     if jax.process_index() == 0:
         weights.write_safetensors(Path(out_dir) / CKPT_NAME, tensors, metadata)
 
@@ -140,7 +146,8 @@ def read_checkpoint_meta(path):
         meta = {"iter": int(metadata["iter"]), "best_val_loss": float(metadata["best_val_loss"]),
                 "config": json.loads(metadata["config"]), "hparams": json.loads(metadata["hparams"]),
                 "vocabulary": json.loads(metadata.get("vocabulary", "null")), "base": metadata.get("base"),
-                "base_fingerprint": metadata.get("base_fingerprint"), "run_id": metadata.get("run_id")}
+                "base_fingerprint": metadata.get("base_fingerprint"), "run_id": metadata.get("run_id"),
+                "eval_pending": metadata.get("eval_pending") == "true"}
         if not isinstance(meta["config"], dict):
             raise TypeError("config is not a table")
         weights.checked_hparams(meta["hparams"], path)
@@ -271,14 +278,20 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 def plot_losses(out_dir):
     """out_dir/loss.png from every evaluation in metrics.jsonl (a resumed run's too), when matplotlib is installed
-    (it is optional)."""
+    (it is optional). A picture never stops a run: one that cannot be written (a full disk, say) is a warning."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    history = read_metrics(out_dir)
+    try:
+        draw_losses(plt, read_metrics(out_dir), Path(out_dir) / "loss.png")
+    except (OSError, ValueError, RuntimeError) as e:  # matplotlib's own failures are ValueError or RuntimeError
+        print(f"warning: loss.png was not updated ({e}); training goes on", file=sys.stderr, flush=True)
+
+
+def draw_losses(plt, history, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for split in ("train", "val"):
         ax.plot([h["iter"] for h in history], [h[f"{split}_loss"] for h in history], marker=".", label=split)
@@ -286,6 +299,8 @@ def plot_losses(out_dir):
     ax.set_ylabel("loss (nats per token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    with files.atomic_write(Path(out_dir) / "loss.png") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        with files.atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)

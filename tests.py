@@ -2943,18 +2943,31 @@ def test_train_never_writes_through_a_link_planted_in_out_dir(train_data_dir, tm
     out, victim = tmp_path / "out", tmp_path / "victim.txt"
     train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     victim.write_text("someone else's file")
-    for name in (".lock", "metrics.jsonl", f".ckpt.safetensors.{os.getpid()}.part"):
+    checkpoint = (out / "ckpt.safetensors").read_bytes()
+    for name in (".lock", "metrics.jsonl", "loss.png", f".ckpt.safetensors.{os.getpid()}.part"):
         planted = out / name
         planted.unlink(missing_ok=True)
         planted.symlink_to(victim)
         try:
             train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4, "eval_interval": 2})
-        except OSError as e:  # a link where gptjax writes is refused, in one line that names it
+        except OSError as e:  # a link where gptjax writes is refused at the start, in one line that names it
             assert f"{planted} is a symbolic link" in str(e) and "\n" not in str(e), e
+            assert (out / "ckpt.safetensors").read_bytes() == checkpoint  # refused before it trained
         else:  # a stale temporary's name is replaced, not followed
             assert name.endswith(".part") and not planted.exists()
         assert victim.read_text() == "someone else's file", name
         planted.unlink(missing_ok=True)
+
+
+def test_train_a_plot_that_cannot_be_written_is_a_warning(train_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    (out / "loss.png").unlink(missing_ok=True)
+    (out / "loss.png").mkdir()  # what the picture cannot replace, as a full disk cannot be written
+    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: loss.png was not updated") == 1 and "Traceback" not in err, err
+    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 4
 
 
 def test_train_leaves_alone_files_it_did_not_write(train_data_dir, tmp_path, monkeypatch, capsys):
@@ -3202,6 +3215,41 @@ def test_train_a_schedulers_signal_saves_and_the_resume_is_the_uninterrupted_run
     assert train.main(["--init_from=resume", f"--out_dir={tmp_path / 'SIGTERM'}", "--max_iters=20"]) == 143
     assert "stopped at once by a second SIGTERM; nothing was saved" in capsys.readouterr().err
     assert (tmp_path / "SIGTERM" / "ckpt.safetensors").read_bytes() == good
+
+
+def test_train_a_stop_during_an_evaluation_saves_and_the_resume_redoes_it(train_data_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    # a signal during an evaluation, the final one included, ends like any other stop: a checkpoint at that iteration
+    # and exit 128 + the signal; the same command line again (a requeued job) redoes the evaluation, records it once
+    # and judges the model by it: the metrics, the best val loss and the model are the uninterrupted run's
+    config = dict(max_iters=4, eval_interval=2, auto_resume=True)
+    straight = train.train(run_config(train_data_dir, tmp_path / "straight", **config))
+    scores = lambda out: [(r["iter"], r["train_loss"], r["val_loss"]) for r in outdir.read_metrics(out)]
+    get_batch = data.get_batch
+    # get_batch's calls: the evaluation at 0 (train, then val), steps 0 and 1, the evaluation at 2, steps 2 and 3, ...
+    for at, nth_call in ((2, 5), (2, 6), (4, 9)):  # during the evaluation at 2 (its train, its val batches), at 4
+        out, calls = tmp_path / f"{at}-{nth_call}", []
+
+        def get_batch_then_signal(*args, calls=calls, nth_call=nth_call):
+            calls.append(1)
+            if len(calls) == nth_call:
+                signal.raise_signal(signal.SIGTERM)
+            return get_batch(*args)
+        monkeypatch.setattr(data, "get_batch", get_batch_then_signal)
+        args = [f"--{k}={v}" for k, v in run_config(train_data_dir, out, **config).items()]
+        assert train.main(args) == 143
+        monkeypatch.undo()
+        assert f"stopped by SIGTERM at iteration {at}: saved" in capsys.readouterr().out
+        meta = outdir.read_checkpoint_meta(out / "ckpt.safetensors")
+        assert (meta["iter"], meta["eval_pending"]) == (at, True)
+        assert [r[0] for r in scores(out)] == [i for i in (0, 2) if i < at]  # the cut evaluation recorded nothing
+        assert train.main(args) == 0
+        assert scores(out) == scores(tmp_path / "straight")
+        meta = outdir.read_checkpoint_meta(out / "ckpt.safetensors")
+        assert (meta["iter"], meta["eval_pending"]) == (4, False)
+        assert meta["best_val_loss"] == min(e["val_loss"] for e in straight["evals"])
+        assert (out / "params.safetensors").read_bytes() == (tmp_path / "straight" / "params.safetensors").read_bytes()
+        assert train.main(args) == 0 and "this run has finished" in capsys.readouterr().err
 
 
 @pytest.mark.slow

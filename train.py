@@ -347,6 +347,7 @@ class Start:
     opt_state: object = None  # a resumed run's optimizer state; None: made fresh
     iter: int = 0             # the first iteration to run
     best_val_loss: float = float("inf")  # the best val loss so far
+    eval_pending: bool = False  # a stop cut short the evaluation due at iter: it runs first
 
 
 def starting_point(config, out_dir):
@@ -394,8 +395,9 @@ def finished_before(config) -> bool:  # auto_resume finding its run's checkpoint
     if not (config["auto_resume"] and config["init_from"] == "resume") or config["eval_only"]:
         return False
     checkpoint = Path(config["out_dir"]) / outdir.CKPT_NAME
-    it = outdir.read_checkpoint_meta(checkpoint)["iter"]
-    if it < config["max_iters"]:
+    meta = outdir.read_checkpoint_meta(checkpoint)
+    it = meta["iter"]
+    if it < config["max_iters"] or meta["eval_pending"]:  # a stop during the final evaluation: not finished
         return False
     print(f"{checkpoint} is at iteration {it} of max_iters={config['max_iters']}: this run has finished, nothing to do",
           file=sys.stderr, flush=True)
@@ -407,11 +409,11 @@ def resumed_state(config, out_dir):
     metadata) of out_dir's checkpoint. LoRA's base is found again (never downloaded: --lora_base points at a moved
     one) and must be the very model the adapters were trained on."""
     params, opt_state, meta = outdir.load_checkpoint(out_dir / outdir.CKPT_NAME, lambda p: make_optimizer(config, p))
-    if meta["iter"] >= config["max_iters"] and not config["eval_only"]:
+    if meta["iter"] >= config["max_iters"] and not (config["eval_only"] or meta["eval_pending"]):
         raise cli.UsageError(f"{out_dir}'s checkpoint is at iteration {meta['iter']} and max_iters is "
                              f"{config['max_iters']}: nothing to train; give a larger --max_iters")
     saved = {"opt_state": opt_state, "iter": meta["iter"], "best_val_loss": meta["best_val_loss"],
-             "run_id": meta["run_id"]}
+             "run_id": meta["run_id"], "eval_pending": meta["eval_pending"]}
     if meta["base"] is None:
         return meta["hparams"], params, {}, saved, meta
     base = config["lora_base"] or meta["base"]
@@ -517,7 +519,7 @@ def training(start, writes):
     best_val_loss, losses, history, t_start = start.best_val_loss, {}, [], time.perf_counter()
     pending = None  # (iteration, loss still on the device) of the step dispatched last: read one step late, so that
     # the host prepares the next batch while the device computes
-    it, stopped, last_save = start.iter, None, time.monotonic()
+    it, stopped, eval_cut, last_save = start.iter, None, False, time.monotonic()
     progress = Progress(config, start.iter, run.flops_per_iter, run.plan, run.show)
     trackers = tracking.trackers(config, out_dir, start.record["run_id"], start.iter) if writes else []
     with progress, stop_requests(progress.write, out_dir) as stop, tracking.closing(trackers):
@@ -526,26 +528,29 @@ def training(start, writes):
                 if pending is not None:
                     losses[pending[0]], pending = progress.step_done(*pending), None
                 estimate = estimate_losses(run.evaluate, params, frozen, start, run.mesh, it, stop, run.show)
-                if estimate is not None:
-                    history.append(metrics_record(it, estimate, config, progress, t_start))
-                    progress.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
-                    if not all(map(math.isfinite, estimate.values())):
-                        raise FloatingPointError(f"the estimated loss is not finite at iteration {it}: training "
-                                                 f"stopped and nothing was saved ({last_checkpoint(out_dir)}); lower "
-                                                 f"learning_rate")
-                    if writes:  # before the checkpoint: a resume drops the records after its checkpoint
-                        outdir.append_metrics(out_dir, history[-1])
-                        tracking.log(trackers, it, tracked_values(history[-1]))
-                    if config["eval_only"]:
-                        break
-                    if it > start.iter or it == max_iters:  # max_iters=0: the model as it starts
-                        improved = estimate["val"] < best_val_loss
-                        best_val_loss = min(best_val_loss, estimate["val"])
-                        save(start, params, opt_state, frozen, it, best_val_loss,
-                             improved or config["always_save_checkpoint"])
-                        last_save = time.monotonic()
-                    if writes:  # after the checkpoint: a picture must not stand in the way of the state
-                        outdir.plot_losses(out_dir)
+                if estimate is None:  # a stop during the evaluation: saved below with the evaluation still to do
+                    stopped, eval_cut = stop.signum or signal.SIGTERM, True
+                    break
+                history.append(metrics_record(it, estimate, config, progress, t_start))
+                progress.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
+                if not all(map(math.isfinite, estimate.values())):
+                    raise FloatingPointError(f"the estimated loss is not finite at iteration {it}: training stopped "
+                                             f"and nothing was saved ({last_checkpoint(out_dir)}); lower learning_rate")
+                if writes:  # before the checkpoint: a resume drops the records after its checkpoint
+                    outdir.append_metrics(out_dir, history[-1])
+                    tracking.log(trackers, it, tracked_values(history[-1]))
+                if config["eval_only"]:
+                    break
+                # judged and saved: what trained since the start; with max_iters=0 the model as it starts; after a
+                # resume, the model whose evaluation a stop had cut short
+                if it > start.iter or it == max_iters or start.eval_pending:
+                    improved = estimate["val"] < best_val_loss
+                    best_val_loss = min(best_val_loss, estimate["val"])
+                    save(start, params, opt_state, frozen, it, best_val_loss,
+                         improved or config["always_save_checkpoint"])
+                    last_save = time.monotonic()
+                if writes:  # after the checkpoint: a picture must not stand in the way of the state
+                    outdir.plot_losses(out_dir)
                 progress.pause()  # the evaluation's time is not the steps'
             if it == max_iters:
                 break
@@ -566,7 +571,7 @@ def training(start, writes):
         if pending is not None:
             losses[pending[0]] = progress.step_done(*pending)
         if stopped and it > start.iter and not config["eval_only"]:
-            save(start, params, opt_state, frozen, it, best_val_loss, False)
+            save(start, params, opt_state, frozen, it, best_val_loss, False, eval_pending=eval_cut)
             progress.write(f"stopped by {signal_name(stopped)} at iteration {it}: saved {out_dir / outdir.CKPT_NAME}; "
                            f"continue with --init_from=resume --out_dir={out_dir}")
         elif stopped:
@@ -641,12 +646,13 @@ def tracked_values(record):  # a metrics.jsonl record -> what the trackers chart
 
 def evaluation_due(it, start):
     """Evaluate (and checkpoint) every eval_interval iterations and at the last one, but not at the first iteration
-    of a resumed run (its checkpoint was written right after that evaluation); eval_only evaluates at once."""
+    of a resumed run (its checkpoint was written right after that evaluation) unless a stop cut that evaluation short;
+    eval_only evaluates at once."""
     config = start.config
     if config["eval_only"]:
         return True
     if start.kind == "resume" and it == start.iter:
-        return False
+        return start.eval_pending
     return it % config["eval_interval"] == 0 or it == config["max_iters"]
 
 
@@ -668,7 +674,7 @@ def estimate_losses(evaluate, params, frozen, start, mesh, it, stop, show):
             for i in range(n):  # a batch at a time: progress shows, and Ctrl-C is heard between batches
                 total += float(ready(evaluate(params, x[i:i + 1], y[i:i + 1], frozen)))
                 bar.update(1)
-                if stop.is_set():
+                if agreed(stop.is_set())[0]:  # every process stops at the same batch
                     return None
             losses[split] = total / n
     return losses
@@ -682,13 +688,14 @@ def metrics_record(it, estimate, config, progress, t_start):  # one line of metr
             "peak_memory_gb": round(used / GB, 3) if used else None}
 
 
-def save(start, params, opt_state, frozen, it, best_val_loss, as_model):
+def save(start, params, opt_state, frozen, it, best_val_loss, as_model, eval_pending=False):
     """The checkpoint, and (as_model, or when out_dir has no model yet) params.safetensors: with LoRA, the base model
-    with the adapters merged. Non-finite params are never saved."""
+    with the adapters merged. Non-finite params are never saved. eval_pending: see outdir.save_checkpoint."""
     out_dir = Path(start.config["out_dir"])
     if not bool(ready(all_finite(params))):
         raise FloatingPointError(f"the params are not finite at iteration {it}; nothing was saved")
-    outdir.save_checkpoint(out_dir, params, opt_state, it, best_val_loss, start.config, start.hparams, start.record)
+    outdir.save_checkpoint(out_dir, params, opt_state, it, best_val_loss, start.config, start.hparams, start.record,
+                           eval_pending)
     if as_model or not (out_dir / "params.safetensors").is_file():
         model = params if frozen is None else merged(frozen, params, scale=lora_scale(start.config))
         outdir.save_model(out_dir, start.hparams, model)
