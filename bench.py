@@ -90,23 +90,29 @@ def read_bandwidth():  # bytes per second that XLA reads from memory with all it
     return max(x.nbytes / median_time(lambda: total(x).block_until_ready(), 1) for _ in range(5))
 
 
-def depth_rows(layers, hparams, batches, depths, repeats, n_steps=32):
+def depth_rows(layers, hparams, batches, depths, repeats, kv_dtypes=(None,), n_steps=32):
     """Decoding after depth cached positions: ms per step from generate's time for 1 + n_steps and 1 new tokens (the
     prompt's prefill cancels out), the bytes a step must read (the weights once, each row's K and V of depth + n_steps
-    / 2 positions) and that as a % of what the read bandwidth allows."""
+    / 2 positions) and that as a % of what the read bandwidth allows; for each KV cache dtype (None: the compute
+    dtype's), timed in turns."""
     bandwidth, rows = read_bandwidth(), []
-    kv_bytes = 2 * hparams["n_layer"] * hparams["n_embd"] * gpt.dtype(layers).itemsize
     for depth in depths:
         for b in batches:
             prompts = [list((np.arange(depth) + 7 * r) % 50000) for r in range(b)]
-            runs = [partial(sampling.generate, layers, hparams, prompts, n, greedy=True) for n in (1, 1 + n_steps)]
+            runs = [partial(sampling.generate, layers, hparams, prompts, n, greedy=True, kv_dtype=kv_dtype)
+                    for kv_dtype in kv_dtypes for n in (1, 1 + n_steps)]
             for run in runs:
                 run()
-            short, long = interleaved_medians(runs, repeats)
-            step = (long - short) / n_steps
-            read = weight_bytes_per_token(layers) + kv_bytes * (depth + n_steps / 2) * b
-            rows.append((f"decode after {depth} cached positions, batch {b}: ms/step; MB read/step; % of floor",
-                         f"{1e3 * step:.2f}; {read / 1e6:.0f}; {100 * read / bandwidth / step:.0f}%", ""))
+            times = interleaved_medians(runs, repeats)
+            for i, kv_dtype in enumerate(kv_dtypes):
+                step = (times[2 * i + 1] - times[2 * i]) / n_steps
+                itemsize = jnp.dtype(kv_dtype or gpt.dtype(layers)).itemsize
+                read = weight_bytes_per_token(layers) + 2 * hparams["n_layer"] * hparams["n_embd"] * itemsize * (
+                    depth + n_steps / 2) * b
+                cache = f", {kv_dtype} KV cache" if kv_dtype else ""
+                rows.append((f"decode after {depth} cached positions, batch {b}{cache}: ms/step; MB read/step; % of "
+                             f"floor", f"{1e3 * step:.2f}; {read / 1e6:.0f}; {100 * read / bandwidth / step:.0f}%",
+                             ""))
     return rows, bandwidth
 
 
@@ -580,6 +586,8 @@ def parse_args(argv):
     gen.add_argument("--skip_compile", action="store_true", help="skip the cold/warm compile-time probes")
     gen.add_argument("--depths", default="8,256,880", type=batch_sizes, help="cached positions to decode after "
                                                                               "(comma separated; the floor rows)")
+    gen.add_argument("--kv_cache", choices=["float32", "bfloat16"], help="also time the decode-after-depth rows with "
+                                                                         "this KV cache dtype, in turns")
     tr = commands.add_parser("train", help="training ms/iter, in turns with the peers")
     tr.add_argument("--vs_hf", action="store_true", help="also train the same models with HF transformers")
     tr.add_argument("--configs", default=",".join(TRAIN_CONFIGS), help="config files to time")
@@ -854,7 +862,8 @@ def generate_table(args):
             if b == 1:
                 rows.append(("batch 1: % of weight-read floor " f"({floor_tok_s:.1f} tok/s)",
                              f"{100 * tok_s[0] / floor_tok_s:.0f}%", ""))
-        depth, bandwidth = depth_rows(layers, hparams, args.batches, args.depths, args.repeats)
+        kv_dtypes = (None, args.kv_cache) if args.kv_cache else (None,)  # the cache in turns with the default one
+        depth, bandwidth = depth_rows(layers, hparams, args.batches, args.depths, args.repeats, kv_dtypes)
         rows += depth
         n_prefill = hparams["n_ctx"] - 1  # plus the one token it generates: a full context
         fns = [gptjax_prefill(layers, hparams, n_prefill)] + ([hf_prefill(hf, n_prefill)] if hf is not None else [])

@@ -6,6 +6,7 @@
     cli.setup()                            # main.py, eval.py: the compile cache and malloc tuning
     cli.setup(training=True)               # train.py, bench.py's training modes: also the XLA:CPU flag
     cli.initialize_distributed()           # train.run: join the other processes of a multi-host launch
+    args = cli.parse_args(parser, argv)    # argparse, with a did-you-mean for a mistyped flag (exit 2)
 
 Exit codes, the same for main.py, train.py, data.py, weights.py and bench.py:
     0    done
@@ -17,7 +18,9 @@ Exit codes, the same for main.py, train.py, data.py, weights.py and bench.py:
          SIGTERM (143), SIGUSR1 (138) or SIGHUP (129) of a scheduler
 Every error is printed as one line, "error: ...", on stderr: no traceback.
 """
+import argparse
 import ctypes
+import difflib
 import os
 import platform
 import sys
@@ -52,6 +55,19 @@ def run(body, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"error: {str(e) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
         return getattr(e, "code", INTERRUPTED)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser.parse_args(argv), naming the closest flag when one is mistyped (--promt, --top-k): argparse's own
+    message, exit code 2, and a did-you-mean as train.py gives for its config keys."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].partition("=")[0]
+        flags = [option for action in parser._actions for option in action.option_strings]  # argparse keeps no other
+        close = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), flags, n=1, cutoff=0.7)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close
+                                                                       else ""))
+    return args
 
 
 def setup(training: bool = False) -> None:

@@ -626,7 +626,7 @@ def main(argv=None):
                                                             "llm.c token shards")
     parser.add_argument("--skip_bad", action="store_true", help="leave out documents that are not UTF-8 text (they "
                                                                 "are counted) instead of stopping")
-    return cli.run(lambda argv: prepare_and_report(parser.parse_args(argv)), argv)
+    return cli.run(lambda argv: prepare_and_report(cli.parse_args(parser, argv)), argv)
 
 
 def prepare_and_report(args):  # python data.py DATASET ...: prepare it and print its size

@@ -34,7 +34,7 @@ def parse_args(argv):
     ap.add_argument("--output_path", help="write the results as JSON to this file")
     ap.add_argument("--seed", type=int, default=0, help="seed of the harness's few-shot sampling and shuffling")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the weights and compute")
-    return ap.parse_args(argv)
+    return cli.parse_args(ap, argv)
 
 
 def evaluate(args):

@@ -29,6 +29,10 @@ How it runs:
     request of many rows (num_samples 10,000) as batches that fit in memory, each row keeping its index and padded
     shapes: the tokens are those of one batch.
   - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `forward_rows`.
+  - The KV cache is in the compute dtype, or in kv_dtype="bfloat16": half the memory (a batch holds twice the rows),
+    faster where the hardware reads bfloat16 natively; on XLA:CPU slower at long contexts, since it widens the cache
+    in a slow loop inside attention (bench.py generate --kv_cache bfloat16: 124M int8 after 880 cached positions,
+    batch 8, 46 -> 109 ms a step).
 """
 import math
 from functools import partial
@@ -169,11 +173,11 @@ def forward_rows(params: dict, ids: Int[Array, "batch n_seq"], n_head: int, cach
     return gpt.layer_norm(x, **params["ln_f"]), None if caches is None else out
 
 
-def empty_caches(params: dict, batch: int, n_head: int, cache_len: int) -> list:
+def empty_caches(params: dict, batch: int, n_head: int, cache_len: int, kv_dtype: str | None = None) -> list:
     # forward_rows's caches: per layer, gpt.init_cache with n_layer 1 for each of batch rows:
-    # {"k", "v": [batch, 1, n_head, cache_len, head_dim]}
+    # {"k", "v": [batch, 1, n_head, cache_len, head_dim]}, in kv_dtype (None: the compute dtype)
     cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": params["wpe"].shape[1]}, cache_len,
-                           gpt.dtype(params))
+                           kv_dtype or gpt.dtype(params))
     return [jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache) for _ in params["h"]]
 
 
@@ -210,13 +214,13 @@ def sample(state: dict, logits: Float[Array, "batch n_vocab"], controls: dict, g
     return state
 
 
-@partial(jax.jit, static_argnames=("n_head", "cache_len", "greedy"))
+@partial(jax.jit, static_argnames=("n_head", "cache_len", "greedy", "kv_dtype"))
 def prefill(params: dict, ids: Int[Array, "batch prompt_bucket"], lengths: Int[Array, " batch"], controls: dict, *,
-            n_head: int, cache_len: int, greedy: bool) -> dict:
-    # right-padded prompts and their lengths -> the decoding state, holding the KV cache and each row's first new
-    # token
+            n_head: int, cache_len: int, greedy: bool, kv_dtype: str | None = None) -> dict:
+    # right-padded prompts and their lengths -> the decoding state, holding the KV cache (in kv_dtype; None: the
+    # compute dtype) and each row's first new token
     batch = ids.shape[0]
-    x, caches = forward_rows(params, ids, n_head, empty_caches(params, batch, n_head, cache_len), 0)
+    x, caches = forward_rows(params, ids, n_head, empty_caches(params, batch, n_head, cache_len, kv_dtype), 0)
     logits = unembed_rows(params, x[jnp.arange(batch), lengths - 1])  # [batch, n_vocab]: last real positions only
     # each row's next token goes at its own position (pos) but, for all rows, into slot max(lengths), then the next
     # slots: a row's past skips the slots between its prompt and the longest one (padding)
@@ -342,13 +346,15 @@ def request_controls(hparams, n_rows, *, greedy=False, temperature=1.0, top_k=No
     return controls
 
 
-def generate_stream(params, hparams, prompts, n_tokens, *, eot_token=None, first_row=0, shapes=None, **options):
+def generate_stream(params, hparams, prompts, n_tokens, *, eot_token=None, first_row=0, shapes=None, kv_dtype=None,
+                    **options):
     """Generate n_tokens new tokens after each prompt (a list of token id lists), yielding them as they come: per
     chunk, one list of new ids per prompt. options: request_controls's. With eot_token, a row stops at that token
     (which is not yielded). A caller may end rows early by sending their indices (`chunks.send([row, ...])`, as
     text_stream does at a stop string): they yield nothing more, and once all have ended the generation stops.
-    batch_streams passes first_row (the index of prompts[0] in its whole request, which picks the random stream)
-    and shapes (the padded prompt and cache lengths) when it splits a request into batches."""
+    kv_dtype: the KV cache's ("bfloat16" halves its memory; None: the compute dtype). batch_streams passes first_row
+    (the index of prompts[0] in its whole request, which picks the random stream) and shapes (the padded prompt and
+    cache lengths) when it splits a request into batches."""
     check_request(hparams, prompts, n_tokens, **options)
     params, lengths = unstack_layers(params), [len(p) for p in prompts]
     prompt_len, cache_len = shapes or padded_lengths(hparams, prompts, n_tokens)
@@ -357,7 +363,8 @@ def generate_stream(params, hparams, prompts, n_tokens, *, eot_token=None, first
         ids[row, :len(prompt)] = prompt
     controls = request_controls(hparams, len(prompts), eot_token=eot_token, first_row=first_row, **options)
     static = {"n_head": hparams["n_head"], "greedy": options.get("greedy", False)}
-    state = prefill(params, ids, np.array(lengths, np.int32), controls, cache_len=cache_len, **static)
+    state = prefill(params, ids, np.array(lengths, np.int32), controls, cache_len=cache_len, kv_dtype=kv_dtype,
+                    **static)
     finished = [False] * len(prompts)
     chunk, remaining = state["token"][:, None], n_tokens - 1  # the first token comes alone, as soon as it can
     while True:
@@ -389,11 +396,12 @@ def cut_finished_rows(rows, finished, eot_token):  # each row's tokens before it
     return out
 
 
-def generate(params, hparams, prompts, n_tokens, *, max_rows=None, **options):
+def generate(params, hparams, prompts, n_tokens, *, max_rows=None, kv_dtype=None, **options):
     """generate_stream's chunks joined: a list with the list of new token ids of each prompt (batch_streams's
     batches, one after the other)."""
     out = []
-    for _, stream in batch_streams(params, hparams, prompts, n_tokens, max_rows=max_rows, **options):
+    for _, stream in batch_streams(params, hparams, prompts, n_tokens, max_rows=max_rows, kv_dtype=kv_dtype,
+                                   **options):
         rows = None
         for chunk in stream:
             rows = rows or [[] for _ in chunk]
@@ -403,7 +411,8 @@ def generate(params, hparams, prompts, n_tokens, *, max_rows=None, **options):
     return out
 
 
-def batch_streams(params, hparams, prompts, n_tokens, *, samples=1, max_rows=None, eot_token=None, **options):
+def batch_streams(params, hparams, prompts, n_tokens, *, samples=1, max_rows=None, eot_token=None, kv_dtype=None,
+                  **options):
     """-> (the rows it generates for, their generate_stream) per batch, to be run one after the other. The request's
     rows are each prompt `samples` times (row i: prompts[i // samples]), made batch by batch: 10^8 samples take the
     memory of one batch. A request of more rows than fit in memory at once (max_rows; by default what BATCH_BYTES
@@ -411,12 +420,12 @@ def batch_streams(params, hparams, prompts, n_tokens, *, samples=1, max_rows=Non
     so that the batches give the tokens of one."""
     check_request(hparams, prompts, n_tokens, **options)
     shapes = padded_lengths(hparams, prompts, n_tokens)
-    max_rows = max_rows or rows_that_fit(hparams, *shapes, gpt.dtype(params).itemsize)
+    max_rows = max_rows or rows_that_fit(hparams, *shapes, jnp.dtype(kv_dtype or gpt.dtype(params)).itemsize)
     n_rows = len(prompts) * samples
     for first in range(0, n_rows, max_rows):
         rows = range(first, min(first + max_rows, n_rows))
         yield rows, generate_stream(params, hparams, [prompts[row // samples] for row in rows], n_tokens,
-                                    eot_token=eot_token, first_row=first, shapes=shapes, **options)
+                                    eot_token=eot_token, first_row=first, shapes=shapes, kv_dtype=kv_dtype, **options)
 
 
 # ------------------------------------------------------------------------------------------------ text

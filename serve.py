@@ -62,10 +62,10 @@ log = logging.getLogger("gptjax.serve")
 # ------------------------------------------------------------------------------------------------ the jitted parts
 
 
-def empty_state(params: dict, hparams: dict, n_slots: int, slot_ctx: int) -> dict:
+def empty_state(params: dict, hparams: dict, n_slots: int, slot_ctx: int, kv_dtype: str | None = None) -> dict:
     """sampling.decode's state for n_slots idle rows (done), with everything the server's controls use."""
     n_vocab = hparams["n_vocab"]
-    caches = sampling.empty_caches(params, n_slots, hparams["n_head"], slot_ctx)
+    caches = sampling.empty_caches(params, n_slots, hparams["n_head"], slot_ctx, kv_dtype)
     return {"caches": jax.tree.map(jnp.array, caches), "pos": jnp.zeros(n_slots, jnp.int32),
             "past": jnp.zeros((n_slots, slot_ctx), bool), "slot": jnp.int32(0), "done": jnp.ones(n_slots, bool),
             "step": jnp.zeros(n_slots, jnp.int32), "token": jnp.zeros(n_slots, jnp.int32),
@@ -137,8 +137,8 @@ class Engine:
     """The decoding loop (run, on its own thread), its rows and its queue; submit() is called by the HTTP handlers.
     A class: the loop's state (the device state, the rows' jobs, the queue) lives as long as the server."""
 
-    def __init__(self, params, hparams, encoder, n_slots, slot_ctx, max_queue, metrics):
-        self.params, self.hparams, self.encoder = params, hparams, encoder
+    def __init__(self, params, hparams, encoder, n_slots, slot_ctx, max_queue, metrics, kv_dtype=None):
+        self.params, self.hparams, self.encoder, self.kv_dtype = params, hparams, encoder, kv_dtype
         self.n_slots, self.slot_ctx, self.max_queue, self.metrics = n_slots, slot_ctx, max_queue, metrics
         self.rows = [None] * n_slots  # the Job each row serves
         self.waiting = deque()
@@ -169,7 +169,7 @@ class Engine:
     def run(self):
         # committed to the device as the programs' outputs are, so that warm-up compiles for the arguments of later
         # calls (a jit program is specialised on whether its arguments are committed)
-        self.state = jax.device_put(empty_state(self.params, self.hparams, self.n_slots, self.slot_ctx),
+        self.state = jax.device_put(empty_state(self.params, self.hparams, self.n_slots, self.slot_ctx, self.kv_dtype),
                                     jax.devices()[0])
         self.warm_up()
         self.ready.set()
@@ -720,9 +720,11 @@ def parse_args(argv):
     ap.add_argument("--slots", type=int, default=8, help="requests (choices) decoded together")
     ap.add_argument("--slot_ctx", type=int, help="positions each slot holds, prompt + max_tokens (default: the "
                                                  "model's n_ctx); every step reads them all")
+    ap.add_argument("--kv_cache", choices=["float32", "bfloat16"], help="the KV cache's dtype (default: float32): "
+                    "bfloat16 halves its memory, so twice the slots or --slot_ctx fit; on a CPU slower (README: Speed)")
     ap.add_argument("--max_queue", type=int, default=256, help="choices that may wait for a slot; beyond, HTTP 429")
     ap.add_argument("--name", help="the model's id in the API (default: the model's size or folder name)")
-    return ap.parse_args(argv)
+    return cli.parse_args(ap, argv)
 
 
 def run(args):
@@ -747,7 +749,7 @@ def run(args):
         raise UsageError("this model's vocabulary has no <|endoftext|> token, which ends a completion")
     name = args.name or (os.path.basename(os.path.normpath(args.model_dir)) if args.model_dir else args.model_type)
     engine = Engine(sampling.unstack_layers(params), hparams, encoder, args.slots, slot_ctx, args.max_queue,
-                    new_metrics())
+                    new_metrics(), args.kv_cache)
     host, port = sock.getsockname()[:2]
 
     def serve_engine():
@@ -759,7 +761,9 @@ def run(args):
 
     def announce():
         engine.ready.wait()
-        print(f"serving {name} at http://{host}:{port}/v1 ({args.slots} slots of {slot_ctx} positions)",
+        kv_dtype = engine.state["caches"][0]["k"].dtype  # as built
+        print(f"serving {name} at http://{host}:{port}/v1 ({args.slots} slots of {slot_ctx} positions, {kv_dtype} "
+              f"KV cache)",
               file=sys.stderr, flush=True)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -1696,6 +1696,52 @@ def test_long_decoding_of_rows_of_different_lengths_follows_the_model(tiny_tf):
         assert np.all(chosen >= logits.max(-1) - 1e-4), np.flatnonzero(chosen < logits.max(-1) - 1e-4)
 
 
+def test_a_bfloat16_kv_cache_holds_half_the_bytes_and_decodes_as_the_model(tiny_tf, monkeypatch, main_inprocess,
+                                                                           capsys):
+    # kv_dtype="bfloat16": the keys and values are kept in bfloat16 (half the memory, so a batch holds more rows) and
+    # read back into float32; the log probabilities of 30 decoding steps after prompts of different lengths stay
+    # within bfloat16's rounding (2^-9 of the values) of the float64 model's, as a float32 cache's stay within 1e-5
+    hparams, params = tiny_tf
+    layers, flat, n_steps = sampling.unstack_layers(params), reference_params(), 30
+    prompts = [PROMPTS[0]["ids"], PROMPTS[1]["ids"][:5]]
+    ids = np.zeros((2, 16), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+    controls = sampling.request_controls(hparams, 2, greedy=True)
+    for kv_dtype, dtype, atol in ((None, np.float32, 1e-5), ("bfloat16", jnp.bfloat16, 5e-3)):
+        state = sampling.prefill(layers, ids, np.array([len(p) for p in prompts], np.int32), controls,
+                                 n_head=hparams["n_head"], cache_len=64, greedy=True, kv_dtype=kv_dtype)
+        assert {c[name].dtype for c in state["caches"] for name in "kv"} == {np.dtype(dtype)}
+        first = np.asarray(state["token"])
+        state = {**state, "logprob": jnp.zeros(2), "top_logprobs": jnp.zeros((2, 5)),
+                 "top_ids": jnp.zeros((2, 5), jnp.int32)}
+        out, _ = sampling.decode(layers, state, np.int32(n_steps), controls, n_head=hparams["n_head"], chunk=32,
+                                 greedy=True, n_logprobs=5)
+        for row, prompt in enumerate(prompts):
+            text = list(prompt) + [int(first[row])] + np.asarray(out["token"][row, :n_steps]).tolist()
+            logits = numpy_gpt2(flat, np.array(text[:-1]), hparams["n_head"])[len(prompt):]
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            np.testing.assert_allclose(np.asarray(out["top_logprobs"][row, :n_steps]), -np.sort(-logp, -1)[:, :5],
+                                       atol=atol, err_msg=str(kv_dtype))
+    # generate, batch_streams and main.py --kv_cache pass it on; a batch's rows are counted with its bytes
+    asked, prefill = [], sampling.prefill
+
+    def recording_prefill(*args, kv_dtype=None, **kwargs):
+        asked.append(kv_dtype)
+        return prefill(*args, kv_dtype=kv_dtype, **kwargs)
+    monkeypatch.setattr(sampling, "prefill", recording_prefill)
+    assert sampling.generate(params, hparams, prompts, 3, greedy=True, kv_dtype="bfloat16")
+    assert main_inprocess("--model_dir", TINY["tf"], "--prompt", "Hello", "--greedy", "--n_tokens_to_generate", 2,
+                          "--kv_cache", "bfloat16") == 0
+    assert asked == ["bfloat16", "bfloat16"], asked
+    sizes, rows_that_fit = [], sampling.rows_that_fit
+    monkeypatch.setattr(sampling, "rows_that_fit", lambda *args: sizes.append(args[-1]) or rows_that_fit(*args))
+    for kv_dtype in (None, "bfloat16"):
+        next(sampling.batch_streams(params, hparams, prompts, 3, kv_dtype=kv_dtype))
+    assert sizes == [4, 2], sizes  # the bytes of a cached value
+
+
 def test_cache_lengths_between_the_buckets_decode_as_the_model(tiny_tf, monkeypatch):
     # cache lengths step by CACHE_STEP (8 here), finer than the prompt's power-of-two bucket: a prompt of 20 tokens
     # (bucket 32) and 3 new ones (cache_length 24) still get a cache that holds the padded prompt; 30 + 15 tokens a
@@ -1970,6 +2016,21 @@ def test_main_errors(main_inprocess, capsys, tmp_path, monkeypatch):
         assert main_inprocess(*args) == code, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and str(words) in err, (args, err)
+
+
+def test_mistyped_flags_get_a_did_you_mean(capsys):
+    # as train.py's config keys do: argparse's usage error (exit 2) naming the closest flag, a hyphen for an
+    # underscore included; a flag close to none gets none
+    import serve
+    cases = [(main.main, ["--promt", "hi"], "--prompt"), (main.main, ["--prompt", "x", "--top-k", "3"], "--top_k"),
+             (serve.main, ["--slot_ctxx", "3"], "--slot_ctx"), (data.main, ["x", "--num-proc", "2"], "--num_proc"),
+             (eval_cli.main, ["--tasks", "x", "--limitt", "3"], "--limit"), (main.main, ["--zzzzz"], None)]
+    for entry, argv, closest in cases:
+        with pytest.raises(SystemExit) as e:
+            entry(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "unrecognized arguments" in err, (argv, err)
+        assert (f"(did you mean {closest}?)" in err) if closest else "did you mean" not in err, (argv, err)
 
 
 def test_main_prompt_file_and_interactive(main_inprocess, capsys, tmp_path, monkeypatch):
@@ -3866,9 +3927,10 @@ def test_server_compiled_nothing_after_warm_up(server):  # runs after the tests 
 @pytest.mark.slow
 def test_server_queue_bound_and_sigterm_drain(tmp_path):
     # 1 slot, 1 place in the queue: of 12 requests sent at once some are answered 429 (rate_limit_error), the others
-    # in full; SIGTERM while a stream runs lets it finish, then the server exits 0
+    # in full; SIGTERM while a stream runs lets it finish, then the server exits 0. Its KV cache is bfloat16's
     import httpx
-    proc, url = start_server(tmp_path / "serve.log", "--slots", "1", "--max_queue", "1")
+    proc, url = start_server(tmp_path / "serve.log", "--slots", "1", "--max_queue", "1", "--kv_cache", "bfloat16")
+    assert "(1 slots of 64 positions, bfloat16 KV cache)" in (tmp_path / "serve.log").read_text()
     try:
         with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=20)) as http:
             answers = [None] * 12
