@@ -2828,21 +2828,31 @@ def test_train_ctrl_c_is_acknowledged_and_a_second_one_stops_at_once(train_data_
     out = tmp_path / "out"
     train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     good = (out / "ckpt.safetensors").read_bytes()
-    get_batch, calls = data.get_batch, []
+    get_batch, calls, said = data.get_batch, [], []
 
     def get_batch_then_two_ctrl_c(*args):
         calls.append(1)
         if len(calls) == 3:  # iteration 3's batch
             signal.raise_signal(signal.SIGINT)
-            assert "Ctrl-C: stopping after this step" in capsys.readouterr().out  # said at once
+            said.append(capsys.readouterr())
+            assert "Ctrl-C: stopping after this step" in said[-1].out  # said at once
             signal.raise_signal(signal.SIGINT)
         return get_batch(*args)
     monkeypatch.setattr(data, "get_batch", get_batch_then_two_ctrl_c)
     code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=50", "--eval_interval=50"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 130 and err[-1].startswith("error: stopped at once by a second Ctrl-C; nothing was saved"), err
+    assert f"resuming from iteration 2 of {out / 'ckpt.safetensors'}\n" in said[0].err
+    assert code == 130 and err[-1] == (f"error: stopped at once by a second Ctrl-C; nothing was saved (the last good "
+                                       f"checkpoint is {out / 'ckpt.safetensors'})"), err
     assert not [line for line in err if "Traceback" in line]
     assert (out / "ckpt.safetensors").read_bytes() == good
+    calls.clear()  # a new run stopped so before its first checkpoint claims none
+    fresh = tmp_path / "fresh"
+    assert train.main([f"--{k}={v}" for k, v in run_config(train_data_dir, fresh, max_iters=50).items()]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("nothing was saved (no checkpoint had been saved yet)"), err
+    assert "resuming" not in said[-1].err
+    assert not (fresh / "ckpt.safetensors").exists()
 
 
 def test_train_eval_only_and_bias(train_data_dir, tmp_path):
@@ -3191,6 +3201,15 @@ def test_train_checks_memory_before_making_a_new_model(train_data_dir, tmp_path,
     monkeypatch.setattr(train, "init_params", lambda *a: pytest.fail("the model was made before the memory check"))
     code = train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={train_data_dir}", "--max_iters=2"])
     assert code == 1 and "this machine has 1 MB" in capsys.readouterr().err
+    # --overwrite of a trained run with a run that does not fit: refused before the old run is cleared
+    out = tmp_path / "trained"
+    monkeypatch.undo()
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    before = folder_state(out)
+    monkeypatch.setattr(train, "available_memory", lambda: (10**6, "this machine has"))
+    args = [f"--{k}={v}" for k, v in run_config(train_data_dir, out, max_iters=2, overwrite=True).items()]
+    assert train.main(args) == 1 and "this machine has 1 MB" in capsys.readouterr().err
+    assert folder_state(out) == before
 
 
 def test_train_an_unwritable_out_dir_fails_at_start(train_data_dir, tmp_path, monkeypatch, capsys):
@@ -3305,6 +3324,8 @@ def test_train_a_stop_during_an_evaluation_saves_and_the_resume_redoes_it(train_
         assert (meta["iter"], meta["eval_pending"]) == (at, True)
         assert [r[0] for r in scores(out)] == [i for i in (0, 2) if i < at]  # the cut evaluation recorded nothing
         assert train.main(args) == 0
+        said = f"resuming from iteration {at} of {out / 'ckpt.safetensors'}, redoing its evaluation at iteration {at}"
+        assert said in capsys.readouterr().err
         assert scores(out) == scores(tmp_path / "straight")
         meta = outdir.read_checkpoint_meta(out / "ckpt.safetensors")
         assert (meta["iter"], meta["eval_pending"]) == (4, False)

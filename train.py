@@ -112,10 +112,7 @@ def run(config):  # a resolved config -> train()'s result
         return {"losses": {}, "evals": [], "iter": config["max_iters"], "interrupted": False, "signal": None}
     writes = jax.process_index() == 0 and not config["eval_only"]  # eval_only writes nothing at all
     with outdir.claimed_out_dir(config) if writes else contextlib.nullcontext():
-        start = starting_point(config, Path(config["out_dir"]))
-        if writes and start.kind != "resume":
-            outdir.clear_previous_run(config["out_dir"])
-        return training(start, writes)
+        return training(starting_point(config, Path(config["out_dir"])), writes)
 
 
 # -------------------------------------------------------------------------------------------------------- the step
@@ -508,12 +505,18 @@ def training(start, writes):
     config = start.config
     out_dir, max_iters = Path(config["out_dir"]), config["max_iters"]
     run, params, opt_state, frozen = compiled_run(start)
+    if run.show and start.kind == "resume" and not config["eval_only"]:
+        redo = f", redoing its evaluation at iteration {start.iter} first" if start.eval_pending else ""
+        print(f"resuming from iteration {start.iter} of {out_dir / outdir.CKPT_NAME}{redo}", file=sys.stderr,
+              flush=True)
     if config["quantize"]:  # eval_only (train_config): the model evaluated as main.py --quantize runs it
         if frozen is not None:
             raise cli.UsageError(f"quantize=int8 evaluates a whole model, and {out_dir} holds LoRA adapters: evaluate "
                                  f"their merged model: --init_from={out_dir} --out_dir=<another folder> --eval_only "
                                  f"--quantize=int8")
         params = jax.device_put(quant.quantize_params(params))
+    if writes and start.kind != "resume":  # now that every check (the memory plan's too) has let the run start
+        outdir.clear_previous_run(out_dir)
     if writes:
         outdir.write_vocabulary(out_dir, start.dataset_dir)
     best_val_loss, losses, history, t_start = start.best_val_loss, {}, [], time.perf_counter()
@@ -792,8 +795,8 @@ def stop_requests(say, out_dir):
     def on_signal(signum, frame):
         name = signal_name(signum)
         if stop.is_set():
-            raise cli.Interrupted(f"stopped at once by a second {name}; nothing was saved (the last checkpoint in "
-                                  f"{out_dir} is intact)", 128 + signum)
+            raise cli.Interrupted(f"stopped at once by a second {name}; nothing was saved ({last_checkpoint(out_dir)})",
+                                  128 + signum)
         stop.signum = signum
         say(f"{name}: stopping after this step and saving what it trained ({name} again: stop now, save nothing)")
 
