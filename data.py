@@ -85,10 +85,11 @@ def load_split(folder: Path, split: str, n_vocab: int | None = None):
     """-> the split's tokens: a [n_tokens] uint16 memmap, or the ShardedTokens of an llm.c shard folder; every id
     checked to be < n_vocab (when given)."""
     path = Path(folder) / f"{split}.bin"
-    if not path.is_file() and shard_paths(folder, split):
-        tokens = ShardedTokens([read_shard(p) for p in shard_paths(folder, split)])
+    if not path.is_file() and is_shard_folder(folder):
+        paths = shards_of(folder)[split]
+        tokens = ShardedTokens([read_shard(p) for p in paths])
         if n_vocab is not None:
-            for shard, shard_path in zip(tokens.shards, shard_paths(folder, split)):
+            for shard, shard_path in zip(tokens.shards, paths):
                 check_token_ids(shard, n_vocab, shard_path)
         return tokens
     if not path.is_file():
@@ -173,14 +174,43 @@ def get_batch(data, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
 SHARD_TOKENS = 100_000_000  # per shard written by write_shards, as llm.c's FineWeb shards
+SHARD_NAME = re.compile(r"^(?P<name>.+)_(?P<split>train|val)_(?P<index>\d+)\.bin$")
+SHARDS_WRITTEN = ".gptjax-shards"  # in a --to_shards folder: the names of the shards data.py wrote there
 
 
-def shard_paths(folder, split):
-    return sorted(Path(folder).glob(f"*_{split}_*.bin"))
+def shard_files(folder) -> list[tuple[str, str, int, Path]]:  # (NAME, split, number, path) of each shard in folder
+    if not Path(folder).is_dir():
+        return []
+    return [(m["name"], m["split"], int(m["index"]), path) for path in sorted(Path(folder).iterdir())
+            if (m := SHARD_NAME.match(path.name))]
 
 
 def is_shard_folder(folder):
-    return Path(folder).is_dir() and all(shard_paths(folder, split) for split in SPLITS)
+    return bool(shard_files(folder))
+
+
+def shards_of(folder) -> dict[str, list[Path]]:
+    """{split: its shard paths in order} of an llm.c shard folder, which must hold one dataset whole: one NAME (no
+    shards of another dataset beside it), both splits, and each split's numbers without a gap (llm.c's fineweb.py
+    numbers val 0 and train from 1; data.py --to_shards numbers each split from 0)."""
+    found = shard_files(folder)
+    names = sorted({name for name, *_ in found})
+    if len(names) > 1:
+        raise ValueError(f"{folder} holds the shards of {len(names)} datasets ({', '.join(names)}): a shard folder "
+                         f"is one dataset; move the others to folders of their own")
+    out = {}
+    for split in SPLITS:
+        numbered = sorted((index, path) for _, s, index, path in found if s == split)
+        if not numbered:
+            raise ValueError(f"{folder} holds {names[0]}'s llm.c token shards but no {split} shard "
+                             f"({names[0]}_{split}_NNNNNN.bin): add it, or give a whole shard folder")
+        numbers = [index for index, _ in numbered]
+        for expected, index in zip(range(numbers[0], numbers[0] + len(numbers)), numbers):
+            if index != expected:
+                raise ValueError(f"{folder} lacks {names[0]}_{split}_{expected:06d}.bin between its shards "
+                                 f"{numbers[0]:06d} and {numbers[-1]:06d}: a shard folder must be whole")
+        out[split] = [path for _, path in numbered]
+    return out
 
 
 def read_shard(path: Path) -> np.memmap:  # -> [n_tokens] uint16 memmap of one shard's tokens, its header checked
@@ -224,21 +254,36 @@ class ShardedTokens:
 
 def write_shards(folder, dest, name, shard_tokens=None):
     """A prepared dataset of GPT-2 tokens -> dest/NAME_{val,train}_NNNNNN.bin in llm.c's format, each shard written
-    atomically, so that llm.c and modded-nanogpt train on gptjax's data (and gptjax on theirs)."""
+    atomically, so that llm.c and modded-nanogpt train on gptjax's data (and gptjax on theirs). dest holds this
+    dataset only: the shards an earlier --to_shards wrote there (listed in dest/.gptjax-shards) are replaced, and a
+    folder holding shards that data.py did not write is refused."""
     if read_meta(folder)["kind"] != "gpt2":
         raise ValueError(f"{folder} holds character tokens; llm.c's shards hold GPT-2 tokens: prepare it with "
                          f"--tokens=gpt2")
     shard_tokens = shard_tokens or SHARD_TOKENS
-    Path(dest).mkdir(parents=True, exist_ok=True)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = dest / SHARDS_WRITTEN
+    ours = set(json.loads(written.read_text())) if written.is_file() else set()
+    theirs = [path.name for *_, path in shard_files(dest) if path.name not in ours]
+    if theirs:
+        raise FileExistsError(f"{dest} holds shards that data.py did not write ({theirs[0]}): give an empty folder "
+                              f"to --to_shards")
+    counts = {split: -(-len(load_split(folder, split)) // shard_tokens) for split in SPLITS}
+    names = [f"{name}_{split}_{i:06d}.bin" for split in SPLITS for i in range(counts[split])]
+    write_atomic(written, json.dumps(sorted(ours | set(names))).encode())  # before any shard: a crash leaves them ours
+    for old in ours - set(names):
+        (dest / old).unlink(missing_ok=True)
     for split in SPLITS:
         tokens = load_split(folder, split)
         for i, start in enumerate(range(0, len(tokens), shard_tokens)):
             part = np.asarray(tokens[start:start + shard_tokens])
             header = np.zeros(256, "<i4")
             header[:3] = SHARD_MAGIC, SHARD_VERSION, len(part)
-            with files.atomic_write(Path(dest) / f"{name}_{split}_{i:06d}.bin") as f:
+            with files.atomic_write(dest / f"{name}_{split}_{i:06d}.bin") as f:
                 f.write(header.tobytes())
                 f.write(part.astype("<u2").tobytes())
+    write_atomic(written, json.dumps(names).encode())
 
 
 # ----------------------------------------------------------------------------------------------------- writing

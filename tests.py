@@ -3504,6 +3504,51 @@ def test_train_on_llmc_token_shards_in_place(tmp_path, capsys):
         assert np.array_equal(np.concatenate(read), data.load_split(folder, split)), split
 
 
+def test_a_shard_folder_is_one_whole_dataset(tmp_path, capsys):
+    # shards of another dataset beside them, a shard missing from the numbering, a missing val split: refused in one
+    # line naming what is wrong (each was read silently, or the folder taken for text); llm.c's own numbering (val 0,
+    # train from 1) is whole
+    shards = tmp_path / "fineweb10B"
+    shards.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"):
+        write_llmc_shard(shards / name, rng.integers(0, 50257, 1000))
+    assert len(data.load_split(shards, "train")) == 2000
+    (shards / "notes.txt").write_text("not a shard")  # other files are left alone
+    for planted, removed, words in (("edu_train_000000.bin", None, "holds the shards of 2 datasets (edu, fineweb)"),
+                                    ("fineweb_train_000004.bin", None, "lacks fineweb_train_000003.bin between its "
+                                                                       "shards 000001 and 000004"),
+                                    (None, "fineweb_val_000000.bin", "holds fineweb's llm.c token shards but no val "
+                                                                     "shard (fineweb_val_NNNNNN.bin)")):
+        folder = tmp_path / f"case-{planted or removed}"
+        shutil.copytree(shards, folder)
+        if planted:
+            write_llmc_shard(folder / planted, rng.integers(0, 50257, 1000))
+        else:
+            (folder / removed).unlink()
+        code = train.main([f"--dataset={folder}", f"--out_dir={tmp_path / 'out'}", "--max_iters=1"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and words in err, err
+    # --to_shards writes a folder that is its dataset's only: an earlier, larger preparation's extra shards go, and
+    # a folder holding shards data.py did not write is refused, untouched
+    data_dir, dest = tmp_path / "data", tmp_path / "shards"
+    args = [str(SHAKESPEARE), "--tokens=gpt2", f"--data_dir={data_dir}", f"--to_shards={dest}"]
+    folder = data.prepare(str(SHAKESPEARE), data_dir, "gpt2")
+    data.write_shards(folder, dest, "older", shard_tokens=30000)  # an earlier preparation: more shards, another name
+    assert len(data.shards_of(dest)["train"]) > 1
+    assert data.main(args) == 0
+    assert sorted(p.name for p in dest.glob("*.bin")) == [f"{folder.name}_train_000000.bin",
+                                                          f"{folder.name}_val_000000.bin"]
+    for split in data.SPLITS:
+        assert np.array_equal(data.load_split(dest, split).windows([0], 100)[0], data.load_split(folder, split)[:100])
+    capsys.readouterr()
+    assert data.main(args[:-1] + [f"--to_shards={shards}"]) == 1
+    err = capsys.readouterr().err
+    assert "holds shards that data.py did not write (fineweb_train_000001.bin)" in err and err.count("\n") == 1
+    assert sorted(p.name for p in shards.iterdir()) == ["fineweb_train_000001.bin", "fineweb_train_000002.bin",
+                                                        "fineweb_val_000000.bin", "notes.txt"]
+
+
 def test_misuse_gets_one_line_not_a_traceback(train_data_dir, tmp_path, monkeypatch, capsys):
     # a GPT-2-token folder given by name trains from scratch in its own vocabulary (it once raised KeyError 'chars')
     data.prepare(str(SHAKESPEARE), tmp_path / "data", "gpt2")
