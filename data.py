@@ -214,6 +214,9 @@ def shards_of(folder) -> dict[str, list[Path]]:
 
 
 def read_shard(path: Path) -> np.memmap:  # -> [n_tokens] uint16 memmap of one shard's tokens, its header checked
+    if (size := Path(path).stat().st_size) <= SHARD_HEADER_BYTES:
+        raise ValueError(f"{path} is empty ({size:,} bytes: no tokens after llm.c's {SHARD_HEADER_BYTES:,}-byte "
+                         f"header): write it again, or remove it")
     header = np.fromfile(path, "<i4", 256)
     if len(header) < 256 or header[0] != SHARD_MAGIC:
         raise ValueError(f"{path} is not an llm.c token shard (magic {header[0] if len(header) else None}, not "

@@ -3515,6 +3515,9 @@ def test_a_shard_folder_is_one_whole_dataset(tmp_path, capsys):
         write_llmc_shard(shards / name, rng.integers(0, 50257, 1000))
     assert len(data.load_split(shards, "train")) == 2000
     (shards / "notes.txt").write_text("not a shard")  # other files are left alone
+    (tmp_path / "empty_train_000000.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty_train_000000.bin is empty \(0 bytes: no tokens"):
+        data.read_shard(tmp_path / "empty_train_000000.bin")
     for planted, removed, words in (("edu_train_000000.bin", None, "holds the shards of 2 datasets (edu, fineweb)"),
                                     ("fineweb_train_000004.bin", None, "lacks fineweb_train_000003.bin between its "
                                                                        "shards 000001 and 000004"),
