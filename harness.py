@@ -105,7 +105,8 @@ class GptjaxLM(TemplateLM):
             chosen = order[first:first + self.batch_size]
             length = bucket(max(len(rows[i][0]) for i in chosen) - 1, self.max_length)
             n_scored = bucket(max(rows[i][1] for i in chosen), length, smallest=1)
-            ids, positions, targets, mask = padded_batch([rows[i] for i in chosen], self.batch_size, length, n_scored)
+            n_rows = bucket(len(chosen), self.batch_size, smallest=1)  # a last, short batch is not padded to full
+            ids, positions, targets, mask = padded_batch([rows[i] for i in chosen], n_rows, length, n_scored)
             logprobs, greedy = map(np.asarray, target_scores(self.params, ids, positions, targets, mask,
                                                              n_head=self.hparams["n_head"]))
             for row, i in enumerate(chosen):
@@ -188,7 +189,7 @@ def bucket(n, n_max, smallest=MIN_BUCKET):
 def padded_batch(rows, batch_size, length, n_scored):
     """rows [(ids, n_scored)] -> ids [batch_size, length] and, for the last n_scored positions of each row, their
     positions, targets and whether each is scored, [batch_size, n_scored]. Rows past the last are all padding
-    (static shapes: one compiled program per pair of buckets)."""
+    (static shapes: one compiled program per bucket of rows, length and n_scored)."""
     ids = np.zeros((batch_size, length), np.int32)
     positions = np.zeros((batch_size, n_scored), np.int32)
     targets = np.zeros((batch_size, n_scored), np.int32)
@@ -204,10 +205,10 @@ def padded_batch(rows, batch_size, length, n_scored):
 
 
 def shared_batch(pairs, batch_size, n_ctx):
-    """[(context, continuation)] -> the arrays of shared_prefix_scores: the distinct contexts' prefixes [batch_size,
-    Lp], each row's context index and position (its prefix's length), its tail (the context's last token and the
-    continuation but its last) [batch_size, Lk] with its targets (the continuation) and their mask, and the KV cache
-    length (a bucket; at least Lp, and every row's position + Lk fits n_ctx)."""
+    """[(context, continuation)] -> the arrays of shared_prefix_scores: the distinct contexts' prefixes [G, Lp], each
+    row's context index and position (its prefix's length), its tail (the context's last token and the continuation
+    but its last) [B, Lk] with its targets (the continuation) and their mask, and the KV cache length (a bucket; at
+    least Lp, and every row's position + Lk fits n_ctx). G and B: the contexts and pairs, bucketed, <= batch_size."""
     contexts = list(dict.fromkeys(tuple(context) for context, _ in pairs))
     n_prefix = bucket(max(len(c) - 1 for c in contexts), n_ctx, smallest=1)
     n_tail = min(-(-max(len(continuation) for _, continuation in pairs) // 4) * 4, n_ctx)  # multiples of 4: tails
@@ -215,9 +216,10 @@ def shared_batch(pairs, batch_size, n_ctx):
     prefixes = np.zeros((bucket(len(contexts), batch_size, smallest=1), n_prefix), np.int32)  # a few row counts
     for g, context in enumerate(contexts):
         prefixes[g, :len(context) - 1] = context[:-1]
-    group, pos = np.zeros(batch_size, np.int32), np.zeros(batch_size, np.int32)
-    tails, targets = np.zeros((batch_size, n_tail), np.int32), np.zeros((batch_size, n_tail), np.int32)
-    mask = np.zeros((batch_size, n_tail), bool)
+    n_rows = bucket(len(pairs), batch_size, smallest=1)  # as many rows as pairs, bucketed: a short batch stays short
+    group, pos = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int32)
+    tails, targets = np.zeros((n_rows, n_tail), np.int32), np.zeros((n_rows, n_tail), np.int32)
+    mask = np.zeros((n_rows, n_tail), bool)
     for row, (context, continuation) in enumerate(pairs):
         group[row], pos[row] = contexts.index(tuple(context)), len(context) - 1
         tail = [context[-1]] + continuation[:-1]

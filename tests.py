@@ -3753,6 +3753,22 @@ def test_harness_requests_directly(monkeypatch):
     assert out == [prompt["greedy_text"][:prompt["greedy_text"].index(stop)]]
 
 
+def test_harness_batches_hold_no_more_rows_than_their_requests(monkeypatch):
+    # three requests at --batch_size 64 are scored as 3 rows, not padded to 64 (the same scores as at batch size 8)
+    rows = []
+    for name, arg in (("target_scores", 1), ("shared_prefix_scores", 4)):  # ids, tails: [rows, ...]
+        monkeypatch.setattr(harness, name, partial(lambda f, arg, *a, **k: rows.append(a[arg].shape[0]) or f(*a, **k),
+                                                   getattr(harness, name), arg))
+    whole = [(list(range(1, 10 + i)), 3) for i in range(3)]
+    shared = [(list(range(1, 12)), continuation) for continuation in ([5, 6], [7], [8, 9, 10])]
+    scores = {}
+    for batch_size in (64, 8):
+        lm = harness.GptjaxLM(str(TINY["tf"]), batch_size=batch_size)
+        scores[batch_size] = lm.score_rows(whole, True) + lm.score_shared(shared, True)
+    assert rows == [3, 3, 3, 3], rows
+    np.testing.assert_allclose([s for s, _ in scores[64]], [s for s, _ in scores[8]], atol=1e-5)
+
+
 def test_eval_cli_runs_a_local_task_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(HERE)
     output = tmp_path / "results.json"
@@ -3761,13 +3777,39 @@ def test_eval_cli_runs_a_local_task_and_refuses_bad_input(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "tiny_choice" in out and "acc_norm" in out
     assert json.loads(output.read_text())["results"]["tiny_choice"]["acc,none"] >= 0
+    # into a folder: the harness's results_<date>.json there
+    assert eval_cli.main(["--model_dir", str(TINY["tf"]), "--tasks", "tiny_choice", "--include_path", str(EVAL_TASKS),
+                          "--limit", "2", "--output_path", str(tmp_path)]) == 0
+    written = list(tmp_path.glob("results_*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["results"]["tiny_choice"]["acc,none"] >= 0
+    assert f"wrote {written[0]}" in capsys.readouterr().out
+    missing = tmp_path / "tasks"  # a local task whose data file is not there
+    missing.mkdir()
+    task = (EVAL_TASKS / "tiny_choice.yaml").read_text().replace("task: tiny_choice", "task: tiny_missing")
+    task = task.replace("testdata/eval/tiny_choice.jsonl", str(tmp_path / "no.jsonl"))
+    (missing / "tiny_missing.yaml").write_text(task)
+    (tmp_path / "victim.json").write_text("someone else's")
+    (tmp_path / "link.json").symlink_to(tmp_path / "victim.json")
+    model = ["--model_dir", str(TINY["tf"]), "--include_path", str(EVAL_TASKS)]
     for args, code, words in ((["--tasks", "no_such_task"], 2, "unknown task 'no_such_task'"),
-                              (["--tasks", "tiny_choice", "--limit", "0"], 2, "--limit must be positive"),
+                              (["--tasks", "tiny_choice", "--limit", "0"], 2, "--limit must be a positive number"),
+                              (["--tasks", "tiny_choice", "--limit", "nan"], 2, "--limit must be a positive number"),
+                              (["--tasks", "tiny_choice", "--limit", "inf"], 2, "--limit must be a positive number"),
+                              (["--tasks", "tiny_choice", "--limit", "2.5"], 2, "give a whole number"),
+                              (["--tasks", "tiny_choice", "--num_fewshot", "-1"], 2, "--num_fewshot must be 0 or"),
+                              (["--tasks", "tiny_choice", "--batch_size", "0"], 2, "--batch_size must be at least 1"),
+                              (["--tasks", "tiny_choice", "--output_path", str(tmp_path / "no" / "r.json")], 2,
+                               f"{tmp_path / 'no'} is not a folder"),
+                              (["--tasks", "tiny_choice", "--output_path", str(tmp_path / "link.json")], 1,
+                               "is a symbolic link"),
                               (["--tasks", "tiny_choice", "--model_dir", str(tmp_path / "nowhere")], 2,
-                               "not a folder")):
-        assert eval_cli.main(["--model_dir", str(TINY["tf"]), "--include_path", str(EVAL_TASKS), *args]) == code
+                               "not a folder"),
+                              (["--tasks", "tiny_missing", "--include_path", str(missing)], 1,
+                               f"a task's data file is missing (Unable to find '{tmp_path / 'no.jsonl'}')")):
+        assert eval_cli.main([*model, *args]) == code, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert (tmp_path / "victim.json").read_text() == "someone else's"
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
