@@ -956,6 +956,14 @@ def test_weights_cache_is_written_used_and_invalidated(tmp_path, monkeypatch):
     write_bundle(folder / "model.ckpt", tf_tensors(doubled))
     _, params = weights.load_hparams_and_params(folder)
     assert_params_equal(params, doubled)
+    # new weights of the same size with the old time (cp -p, an archive, a sync) are noticed too
+    data_file = folder / DATA_FILE
+    old = data_file.stat()
+    write_bundle(folder / "model.ckpt", tf_tensors(expected))
+    os.utime(data_file, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert data_file.stat().st_size == old.st_size and data_file.stat().st_mtime_ns == old.st_mtime_ns
+    _, params = weights.load_hparams_and_params(folder)
+    assert_params_equal(params, expected)
 
 
 def test_weights_damaged_cache_is_remade(tmp_path):
@@ -1095,13 +1103,31 @@ def test_weights_load_encoder_hparams_and_params_finds_the_vocabulary(tmp_path, 
     assert_params_equal(params, reference_params())
 
 
-def test_weights_unwritable_cache_still_loads(tmp_path):
+def test_weights_unwritable_cache_still_loads(tmp_path, monkeypatch):
     folder = copy_folder(tmp_path, TINY_TF)
     weights.cache_path(folder).mkdir(parents=True)  # the cache cannot be put in place
-    with pytest.warns(UserWarning, match="converted on every load"):
+    with pytest.warns(UserWarning, match="converted on every load; set GPTJAX_CACHE to a writable folder"):
         _, params = weights.load_hparams_and_params(folder)
     assert_params_equal(params, reference_params())
     assert not list(weights.cache_path(folder).parent.glob(".*part"))
+    # GPTJAX_CACHE naming a file, and a link planted where gptjax's own cache folders go: converted in memory, with
+    # one warning, nothing written through the link
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "a-file"))
+    with pytest.warns(UserWarning, match=f"cannot be written \\({tmp_path / 'a-file'}: File exists\\)"):
+        _, params = weights.load_hparams_and_params(folder)
+    assert_params_equal(params, reference_params())
+    monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "cache"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for planted in (weights.cache_path(folder).parent.parent, weights.cache_path(folder).parent):
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.symlink_to(elsewhere, target_is_directory=True)
+        with pytest.warns(UserWarning, match="is a symbolic link, which gptjax never writes through"):
+            _, params = weights.load_hparams_and_params(folder)
+        assert_params_equal(params, reference_params())
+        assert list(elsewhere.iterdir()) == []
+        planted.unlink()
 
 
 def test_weights_end_to_end_hf_folder_with_gpt2_tokenizer(tmp_path, release_server):

@@ -391,7 +391,19 @@ def model_sources(folder):  # -> (reader, hparams, the files the weights are mad
 
 
 def sources_stamp(paths):  # identifies the versions of the source files, to tell when the cache is stale
-    return json.dumps({p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}, sort_keys=True)
+    return json.dumps({p.name: [p.stat().st_size, p.stat().st_mtime_ns, sampled_digest(p)] for p in paths},
+                      sort_keys=True)
+
+
+def sampled_digest(path, n_samples=16, sample_bytes=1 << 16):
+    """A hash of 16 blocks of 64 KiB spread over the file, its first and last included: new weights copied in with
+    the same size and time (cp -p, an archive, a sync) change it, for reading ~1 MB instead of the whole file."""
+    size, digest = path.stat().st_size, hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for i in range(n_samples):
+            f.seek(max(0, size - sample_bytes) * i // (n_samples - 1))
+            digest.update(f.read(sample_bytes))
+    return digest.hexdigest()
 
 
 def cache_is_current(cache, stamp):
@@ -480,6 +492,16 @@ def cache_path(folder: Path, name: str = CACHE_NAME) -> Path:
     return root / f"{folder.resolve().name}-{key}" / name
 
 
+def make_cache_folder(cache: Path) -> None:
+    """Create the folders of a cache_path: the cache's root as the user set it (a link there is the user's choice),
+    gptjax's own converted/ and model folders below it, never through a link planted in their place."""
+    converted, model = cache.parent.parent, cache.parent
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    for path in (converted, model):
+        files.refuse_link(path)
+        path.mkdir(exist_ok=True)
+
+
 def load_hparams_and_params(model_dir: str | Path, dtype=None, quantize: str | None = None) -> tuple[dict, dict]:
     """hparams and params (jax arrays of dtype, float32 by default) of the model in folder model_dir: OpenAI's or
     Hugging Face's layout, converted on the first load and then read from gptjax's cache (cache_path), or gptjax's
@@ -493,13 +515,15 @@ def load_hparams_and_params(model_dir: str | Path, dtype=None, quantize: str | N
         cache = folder / CACHE_NAME if read_source is None else cache_path(folder)
     stamp = sources_stamp(sources)
     if read_source is not None and not cache_is_current(cache, stamp):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        files.remove_stale_temporaries(cache.parent)  # what a load killed while writing its cache left behind
         flat = read_source(folder, hparams)
         try:
+            make_cache_folder(cache)
+            files.remove_stale_temporaries(cache.parent)  # what a load killed while writing its cache left behind
             write_safetensors(cache, flat, params_metadata(hparams, flat, sources=stamp))
-        except OSError as e:  # a read-only cache, a full disk: the model still loads, converted anew each time
-            warnings.warn(f"{e.strerror or e}; the weights will be converted on every load", stacklevel=2)
+        except OSError as e:  # a read-only cache, a full disk, a link: the model still loads, converted anew each time
+            reason = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e.strerror or e
+            warnings.warn(f"the conversion cache cannot be written ({reason}): the weights will be converted on "
+                          f"every load; set GPTJAX_CACHE to a writable folder", stacklevel=2)
             return hparams, unflatten({name: to_device(x, dtype) for name, x in flat.items()})
         del flat  # read the cache back rather than convert these: one copy of the weights in memory, not two
     try:
