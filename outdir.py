@@ -21,6 +21,7 @@ In a run of several processes, process 0 writes them all.
 """
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ CKPT_NAME = "ckpt.safetensors"
 CKPT_FORMAT = "gptjax-train-1"
 VOCABULARY_FILES = ("meta.json", "encoder.json", "vocab.bpe")  # characters, or GPT-2's BPE
 RUN_FILES = (CKPT_NAME, "params.safetensors", "metrics.jsonl", "loss.png", *VOCABULARY_FILES)  # what a run writes
+TRACKER_FOLDERS = ("tensorboard", "wandb")  # tracking.py's, in out_dir: cleared with an earlier run's files
 MARKER = ".gptjax-run"  # written into an out_dir when a run claims it: RUN_FILES there are train.py's to replace
 
 
@@ -95,10 +97,15 @@ def claimed_out_dir(config):
 
 
 def clear_previous_run(out_dir):
-    """Remove an earlier run's files (check_out_dir made sure they are train.py's), so that none mixes with this
-    run's. Called once the new run has its model and data: a run that cannot start leaves the old one intact."""
+    """Remove an earlier run's files (check_out_dir made sure they are train.py's) and its trackers' folders
+    (tensorboard/, wandb/), so that none mixes with this run's. Called once the new run has passed every check: a run
+    that cannot start leaves the old one intact. A file or link in a tracker folder's place is not ours: left alone."""
     for name in RUN_FILES:
         (Path(out_dir) / name).unlink(missing_ok=True)
+    for name in TRACKER_FOLDERS:
+        path = Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints

@@ -3480,6 +3480,51 @@ def test_train_logs_to_wandb_and_tensorboard_across_a_resume(train_data_dir, tmp
     assert 'wandb_log needs wandb: pip install -e ".[track]"' in capsys.readouterr().err
 
 
+def test_trackers_that_cannot_start_warn_and_the_run_goes_on(train_data_dir, tmp_path, capsys):
+    # W&B online without an API key (a fresh process: wandb keeps its settings in the process), a file or a link
+    # where TensorBoard's folder goes: one warning line each, naming the tracker, and the run trains and saves;
+    # nothing is written through the link
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+           "WANDB_SILENT": "true"}
+    out = tmp_path / "file"
+    out.mkdir()
+    (out / "tensorboard").write_text("mine")
+    args = run_config(train_data_dir, out, max_iters=2, eval_interval=2, wandb_log=True, tensorboard_log=True)
+    proc = run_train_cli(*[f"--{k}={v}" for k, v in args.items()], env=env)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert proc.returncode == 0 and len(warnings) == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert warnings[0] == ("warning: wandb could not start (No API key configured. Use `wandb login` to log in.); "
+                           "training goes on without it")
+    assert warnings[1].startswith("warning: tensorboard could not start (") and "Not a directory" in warnings[1]
+    assert (out / "tensorboard").read_text() == "mine"
+    elsewhere, out = tmp_path / "elsewhere", tmp_path / "link"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "tensorboard").symlink_to(elsewhere)
+    args = run_config(train_data_dir, out, max_iters=2, eval_interval=2, tensorboard_log=True)
+    assert train.main([f"--{k}={v}" for k, v in args.items()]) == 0
+    assert f"warning: tensorboard could not start ({out / 'tensorboard'} is a symbolic link" in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == []
+    for out in (tmp_path / "file", tmp_path / "link"):
+        assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 2
+
+
+def test_trackers_keep_to_wandb_dir_and_overwrite_clears_their_folders(train_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    tracked = run_config(train_data_dir, out, max_iters=2, eval_interval=2, wandb_log=True, tensorboard_log=True)
+    train.train(tracked)
+    assert (out / "wandb").is_dir() and list((out / "tensorboard").iterdir())
+    # --overwrite: a new run, without the old run's charts mixed into its folders
+    train.train({**tracked, "overwrite": True, "wandb_log": False, "tensorboard_log": False})
+    assert not (out / "wandb").exists() and not (out / "tensorboard").exists()
+    # WANDB_DIR, when set, is where W&B writes
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    train.train({**tracked, "overwrite": True, "tensorboard_log": False})
+    assert list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")) and not (out / "wandb").exists()
+
+
 def write_llmc_shard(path, tokens):  # llm.c's dev/data/data_common.py write_datafile, written out independently
     header = np.zeros(256, dtype=np.int32)
     header[0], header[1], header[2] = 20240520, 1, len(tokens)

@@ -523,8 +523,8 @@ def training(start, writes):
     pending = None  # (iteration, loss still on the device) of the step dispatched last: read one step late, so that
     # the host prepares the next batch while the device computes
     it, stopped, eval_cut, last_save = start.iter, None, False, time.monotonic()
-    progress = Progress(config, start.iter, run.flops_per_iter, run.plan, run.show)
     trackers = tracking.trackers(config, out_dir, start.record["run_id"], start.iter) if writes else []
+    progress = Progress(config, start.iter, run.flops_per_iter, run.plan, run.show)  # after the trackers' warnings
     with progress, stop_requests(progress.write, out_dir) as stop, tracking.closing(trackers):
         for it in range(start.iter, max_iters + 1):
             if evaluation_due(it, start):
