@@ -2752,6 +2752,31 @@ def test_train_lora_trains_adapters_only_resumes_bitwise_and_merges_into_out_dir
     assert capsys.readouterr().out.strip()
 
 
+def test_train_finetunes_a_character_model_in_its_own_vocabulary(train_data_dir, tmp_path, capsys):
+    # a character model of train.py's, given as --init_from=FOLDER: its vocabulary is read from the folder (it was
+    # taken for GPT-2's tokens and refused); the finetune starts from its weights and stays a character model
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    train.train(run_config(train_data_dir, base, max_iters=2, eval_interval=2))
+    result = train.train(run_config(train_data_dir, tuned, init_from=str(base), max_iters=2, eval_interval=2))
+    base_hparams, _ = weights.load_hparams_and_params(base)
+    hparams, _ = weights.load_hparams_and_params(tuned)
+    assert hparams == base_hparams and json.loads((tuned / "meta.json").read_text()) == json.loads(
+        (base / "meta.json").read_text())
+    # from the base model's weights, not new ones: its first evaluation is the base model's
+    base_eval = train.train({"init_from": str(base), "out_dir": str(tmp_path / "e"), "eval_only": True,
+                             "data_dir": str(train_data_dir), "eval_iters": TINY_RUN["eval_iters"],
+                             "batch_size": TINY_RUN["batch_size"], "block_size": TINY_RUN["block_size"]})
+    assert result["evals"][0]["val_loss"] == base_eval["evals"][0]["val_loss"]
+    # text of other characters: refused in one line
+    (tmp_path / "other.txt").write_text("0123456789 " * 400)
+    capsys.readouterr()
+    code = train.main([f"--init_from={base}", f"--out_dir={tmp_path / 'o'}", f"--data_dir={tmp_path / 'data'}",
+                       f"--dataset={tmp_path / 'other.txt'}", "--max_iters=1"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "another character vocabulary (11 characters) than the model (65)" in err
+
+
 def test_train_finetune_gpt2_fixture_lowers_the_loss(tmp_path):
     model = tmp_path / "gpt2-tiny"
     shutil.copytree(TINY_TF, model)  # weights.py writes its converted cache beside the checkpoint

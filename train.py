@@ -360,9 +360,10 @@ def starting_point(config, out_dir):
         vocab_dir = None  # GPT-2's, shipped with gptjax
         if kind == "pretrained":
             hparams, params, lora, vocab_dir = pretrained_state(config, out_dir)
+            model_vocab = model_vocabulary(vocab_dir)  # a character model of train.py's, or GPT-2's tokens
         tokens = config["tokens"]
         if tokens == "auto":
-            tokens = data.NAMED.get(config["dataset"]) or ("char" if kind == "scratch" else "gpt2")
+            tokens = data.NAMED.get(config["dataset"]) or ("char" if kind == "scratch" else model_vocab["kind"])
         dataset_dir = data.prepare(config["dataset"], config["data_dir"], tokens, vocab_dir)
     config = {**config, "tokens": tokens}
     vocab = data.read_meta(dataset_dir)
@@ -460,8 +461,13 @@ def check_vocabulary(config, hparams, model_vocab, vocab):
                          f"{vocab['kind']} tokens: prepare it with --tokens={model_vocab['kind']}{hint}")
     if vocab["kind"] == "char" and (vocab["chars"] != model_vocab.get("chars", vocab["chars"])
                                     or len(vocab["chars"]) != hparams["n_vocab"]):
-        raise ValueError(f"dataset {config['dataset']} has another character vocabulary than the model being "
-                         f"resumed: resume on the dataset it was trained on")
+        raise ValueError(f"dataset {config['dataset']} has another character vocabulary ({len(vocab['chars'])} "
+                         f"characters) than the model ({hparams['n_vocab']}): train it on text of the same characters, "
+                         f"as the dataset it was trained on")
+
+
+def model_vocabulary(vocab_dir):  # a model folder's vocabulary as check_vocabulary compares it: meta.json, or GPT-2
+    return data.read_meta(vocab_dir) if (Path(vocab_dir) / "meta.json").is_file() else {"kind": "gpt2"}
 
 
 def legacy_vocabulary(out_dir, tokens):  # a checkpoint from before checkpoints named their vocabulary
