@@ -25,8 +25,6 @@ import os
 import platform
 import sys
 
-import jax
-
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 
 
@@ -81,6 +79,7 @@ def setup(training: bool = False) -> None:
 def enable_compilation_cache(path=None):
     """Keep compiled programs on disk, so a new process skips most of the compile time of generation and training.
     path defaults to $GPTJAX_COMPILATION_CACHE, else ~/.cache/gptjax/jax."""
+    import jax  # here, not at the top: data.py's worker processes import this module and need no jax (~200 MB each)
     path = path or os.environ.get("GPTJAX_COMPILATION_CACHE") or os.path.expanduser("~/.cache/gptjax/jax")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -114,6 +113,7 @@ def prefer_eigen_dots_on_cpu():
 def initialize_distributed():
     """jax.distributed.initialize() when this process is one of several: SLURM or Open MPI with more than one task
     (detected by jax), or JAX_COORDINATOR_ADDRESS set with JAX_NUM_PROCESSES and JAX_PROCESS_ID. Once a process."""
+    import jax
     env = os.environ
     if jax.distributed.is_initialized():
         return

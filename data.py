@@ -458,6 +458,7 @@ def single_text(path):  # the pieces of the one document of path
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".xz", ".tar.bz2")
 WORKER = {}  # each encoding process's tokenizer
+WORKER_BYTES = 256 << 20  # a worker's memory: GPT-2's tokenizer (~80 MB measured) and the documents it encodes
 
 
 def text_sources(root):
@@ -574,6 +575,7 @@ def encode_parts(sources, parts, tokens, vocab, skip_bad, num_proc):
                disable=len(sources) < 100)
     # spawned, not forked: a fork of a process whose threads (jax's) hold locks can hang in the child
     spawn = multiprocessing.get_context("spawn")
+    num_proc = worker_count(num_proc, len(todo))
     with bar, concurrent.futures.ProcessPoolExecutor(num_proc, spawn, init_worker, (tokens, vocab, skip_bad)) as pool:
         jobs = {pool.submit(encode_source, sources[i], parts / f"{i:07d}.bin"): i for i in todo}
         try:
@@ -582,14 +584,32 @@ def encode_parts(sources, parts, tokens, vocab, skip_bad, num_proc):
                 bar.update(1)
         except BrokenProcessPool:
             raise ValueError(f"a process encoding the documents died (killed, perhaps by the system for lack of "
-                             f"memory); run the same command again to go on from the {bar.n:,} of {len(sources):,} "
-                             f"files encoded") from None
+                             f"memory: {num_proc} ran); run the same command again, with a lower --num_proc if memory "
+                             f"is short, to go on from the {bar.n:,} of {len(sources):,} files encoded") from None
         except BaseException:
             for job in jobs:
                 job.cancel()
             raise
     if skipped:
         print(f"skipped {len(skipped)} documents that are not UTF-8, e.g. {skipped[0]}", file=sys.stderr)
+
+
+def worker_count(num_proc, n_sources):
+    """--num_proc, at most one process per source and as many as the available memory holds (WORKER_BYTES each)."""
+    available = available_bytes()
+    fit = max(1, available // WORKER_BYTES) if available else num_proc
+    if fit < min(num_proc, n_sources):
+        print(f"note: --num_proc {num_proc}: {fit} processes of ~{WORKER_BYTES >> 20} MB fit in the "
+              f"{available / 2**30:.1f} GB of memory available; using {fit}", file=sys.stderr, flush=True)
+    return max(1, min(num_proc, n_sources, fit))
+
+
+def available_bytes():  # the memory the system can give without swapping (Linux's MemAvailable), or None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------- preparing
@@ -678,6 +698,8 @@ def main(argv=None):
 
 
 def prepare_and_report(args):  # python data.py DATASET ...: prepare it and print its size
+    if args.num_proc < 1:
+        raise cli.UsageError(f"--num_proc must be at least 1, got {args.num_proc}")
     folder = prepare(args.dataset, args.data_dir, args.tokens, args.vocab_dir, args.source, args.num_proc,
                      args.skip_bad)
     meta = read_meta(folder)

@@ -2284,6 +2284,7 @@ def test_data_a_dead_worker_stops_the_preparation_which_then_goes_on(tmp_path):
     out, err = proc.communicate(timeout=60)  # it stops, not hangs
     assert proc.returncode == 1 and err.strip().splitlines()[-1].startswith("error: a process encoding the documents "
                                                                            "died"), err[-2000:]
+    assert "memory: 2 ran); run the same command again, with a lower --num_proc" in err
     done = len(list(parts.glob("*.bin")))
     assert 0 < done < len(texts)
     # the same command goes on from the files encoded, and the tokens are tiktoken's, document after document
@@ -2296,6 +2297,21 @@ def test_data_a_dead_worker_stops_the_preparation_which_then_goes_on(tmp_path):
         want = [i for t, text in enumerate(texts) if (t in val) == (split == "val")
                 for i in enc.encode_ordinary(text) + [50256]]
         assert np.array_equal(data.load_split(tmp_path / "data" / "docs_gpt2", split), want), split
+
+
+def test_data_workers_are_lean_and_as_many_as_memory_holds(monkeypatch, capsys):
+    # the encoding processes import data.py, which must not bring jax in (~200 MB a process); --num_proc is capped by
+    # the sources and by the memory available, with a note, and must be at least 1
+    code = "import sys, data; print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout[:500] + proc.stderr[-500:]
+    monkeypatch.setattr(data, "available_bytes", lambda: 3 * data.WORKER_BYTES + 1)
+    assert data.worker_count(16, 100) == 3 and "note: --num_proc 16: 3 processes" in capsys.readouterr().err
+    assert data.worker_count(16, 2) == 2 and data.worker_count(2, 100) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setattr(data, "available_bytes", lambda: None)  # not Linux: no cap but the sources
+    assert data.worker_count(16, 100) == 16
+    assert data.main([str(SHAKESPEARE), "--num_proc=0"]) == 2
+    assert "--num_proc must be at least 1, got 0" in capsys.readouterr().err
 
 
 def child_pids(pid):
