@@ -53,10 +53,13 @@ def check_out_dir(config):
     if not str(config["out_dir"]).strip():
         raise UsageError("out_dir is empty: give the folder for the run's checkpoints and model, e.g. --out_dir=out")
     out_dir = Path(config["out_dir"])
-    present = [name for name in RUN_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    present = sorted(p.name for p in out_dir.iterdir() if p.name != ".lock") if out_dir.is_dir() else []
+    if config["init_from"] == "resume" or config["eval_only"]:  # they need out_dir's checkpoint, or write nothing
+        present = [name for name in present if name in RUN_FILES]
     if present and not is_run_folder(out_dir):
-        raise FileExistsError(f"{out_dir} holds {', '.join(present)}, which train.py did not write: give a new or "
-                              f"empty --out_dir (a run replaces only the files of an earlier run)")
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise FileExistsError(f"{out_dir} holds {shown}, which train.py did not write: give a new or empty --out_dir "
+                              f"(a run replaces only the files of an earlier run)")
     if config["init_from"] == "resume" or config["overwrite"]:
         return
     for name in (CKPT_NAME, "params.safetensors"):

@@ -3116,11 +3116,15 @@ def test_train_leaves_alone_files_it_did_not_write(train_data_dir, tmp_path, mon
     for name in ("encoder.json", "vocab.bpe", "notes.txt"):
         (mine / name).write_text(name)
     before = folder_state(mine)
-    for out_dir, words in ((mine, "which train.py did not write"), ("", "out_dir is empty"), (" ", "out_dir is empty")):
+    checkout_like = tmp_path / "testdata"  # files of any name, as testdata/ or corpora/ of the checkout
+    (checkout_like / "eval").mkdir(parents=True)
+    (checkout_like / "README.md").write_text("mine")
+    for out_dir, words in ((mine, "which train.py did not write"), ("", "out_dir is empty"), (" ", "out_dir is empty"),
+                           (checkout_like, "holds README.md, eval, which train.py did not write")):
         code = train.main([f"--out_dir={out_dir}", f"--data_dir={train_data_dir}", "--max_iters=1", "--overwrite"])
         err = capsys.readouterr().err
         assert code in (1, 2) and err.count("\n") == 1 and words in err, err
-    assert folder_state(mine) == before
+    assert folder_state(mine) == before and sorted(p.name for p in checkout_like.iterdir()) == ["README.md", "eval"]
     out = tmp_path / "out"
     train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     model = folder_state(out)
