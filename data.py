@@ -658,7 +658,7 @@ def prepare(dataset: str, data_dir: str | Path = "data", tokens: str | None = No
         folder = Path(data_dir) / dataset
         if is_prepared(folder):
             return folder
-        raise FileNotFoundError(f"no dataset {dataset!r}: give shakespeare_char, shakespeare, openwebtext, a folder "
+        raise cli.UsageError(f"no dataset {dataset!r}: give shakespeare_char, shakespeare, openwebtext, a folder "
                                 f"prepared under {data_dir}/, or the path of a text file or folder")
     if is_shard_folder(path):  # llm.c's token shards: trained on in place
         return path

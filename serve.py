@@ -735,6 +735,8 @@ def run(args):
         raise UsageError("--slots and --max_queue must be at least 1")
     if args.model_dir is not None and not os.path.isdir(args.model_dir):
         raise UsageError(f"--model_dir {args.model_dir} is not a folder: give a model folder, or --model_type")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be from 0 (any free port) to 65535, got {args.port}")
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:

@@ -2059,6 +2059,21 @@ def test_mistyped_flags_get_a_did_you_mean(capsys):
         assert (f"(did you mean {closest}?)" in err) if closest else "did you mean" not in err, (argv, err)
 
 
+def test_usage_mistakes_exit_2_everywhere(tmp_path, capsys):
+    # a path that is not there, a port out of range: the command line's mistakes, exit 2 and one line, in every tool
+    import serve
+    cases = [(weights.main, ["to_hf", str(tmp_path / "nowhere"), str(tmp_path / "hf")], "is neither a GPT-2 size"),
+             (weights.main, ["quantize", str(tmp_path / "nowhere"), str(tmp_path / "q")], "is neither a GPT-2 size"),
+             (data.main, [str(tmp_path / "nowhere")], "no dataset"),
+             (serve.main, ["--port", "99999", "--model_dir", str(TINY["tf"])], "--port must be from 0"),
+             (eval_cli.main, ["--tasks", "x", "--batch_size", "0"], "--batch_size must be at least 1")]
+    for entry, argv, words in cases:
+        assert entry(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (argv, err)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "q").exists()
+
+
 def test_main_prompt_file_and_interactive(main_inprocess, capsys, tmp_path, monkeypatch):
     p1, p2 = PROMPTS[0], PROMPTS[1]
     (tmp_path / "prompts.txt").write_text(f"{p1['text']}\n\n{p2['text']}\n")
@@ -2182,7 +2197,7 @@ def test_train_prepare_errors(tmp_path):
     bad.write_bytes(b"caf\xe9")
     with pytest.raises(ValueError, match="not UTF-8"):
         data.prepare(str(bad), tmp_path / "data", "char")
-    with pytest.raises(FileNotFoundError, match="no dataset 'nothing'"):
+    with pytest.raises(cli.UsageError, match="no dataset 'nothing'"):
         data.prepare("nothing", tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="OpenWebText is not downloaded"):
         data.prepare("openwebtext", tmp_path / "data")
@@ -3129,7 +3144,7 @@ def test_train_leaves_alone_files_it_did_not_write(train_data_dir, tmp_path, mon
     train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     model = folder_state(out)
     code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--overwrite", "--dataset=shakespear_char"])
-    assert code == 1 and "no dataset 'shakespear_char'" in capsys.readouterr().err
+    assert code == 2 and "no dataset 'shakespear_char'" in capsys.readouterr().err
     assert folder_state(out) == model
 
 

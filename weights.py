@@ -707,6 +707,8 @@ def main(argv=None):
 
 
 def export(args):  # python weights.py to_hf|quantize SRC DEST
+    if args.src not in MODEL_SIZES and not Path(args.src).is_dir():
+        raise cli.UsageError(f"{args.src} is neither a GPT-2 size ({', '.join(MODEL_SIZES)}) nor a model folder")
     if args.command == "quantize":
         quantize_model(args.src, args.dest, args.models_dir)
         print(f"wrote {args.dest} with int8 weights: python main.py --model_dir {args.dest} --prompt TEXT")
