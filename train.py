@@ -531,7 +531,8 @@ def training(start, writes):
     it, stopped, eval_cut, last_save = start.iter, None, False, time.monotonic()
     trackers = tracking.trackers(config, out_dir, start.record["run_id"], start.iter) if writes else []
     progress = Progress(config, start.iter, run.flops_per_iter, run.plan, run.show)  # after the trackers' warnings
-    with progress, stop_requests(progress.write, out_dir) as stop, tracking.closing(trackers):
+    # stop_requests outermost: its handler stays until the progress bar and the trackers are closed
+    with stop_requests(progress.write, out_dir) as stop, progress, tracking.closing(trackers):
         for it in range(start.iter, max_iters + 1):
             if evaluation_due(it, start):
                 if pending is not None:
@@ -579,8 +580,11 @@ def training(start, writes):
             pending = (it, loss)
         if pending is not None:
             losses[pending[0]] = progress.step_done(*pending)
-        if stopped and it > start.iter and not config["eval_only"]:
+        saved_on_stop = stopped and it > start.iter and not config["eval_only"]
+        if saved_on_stop:
             save(start, params, opt_state, frozen, it, best_val_loss, False, eval_pending=eval_cut)
+        stop.loop_ended = True  # everything is saved: the rest is reporting and closing the bar and the trackers
+        if saved_on_stop:
             progress.write(f"stopped by {signal_name(stopped)} at iteration {it}: saved {out_dir / outdir.CKPT_NAME}; "
                            f"continue with --init_from=resume --out_dir={out_dir}")
         elif stopped:
@@ -782,10 +786,12 @@ def signal_name(signum):
 
 
 class StopRequest:
-    """Set by the first of STOP_SIGNALS: the loop stops after the current step and saves a checkpoint."""
+    """Set by the first of STOP_SIGNALS: the loop stops after the current step and saves a checkpoint. Once the loop
+    has ended (saved), there is nothing left to stop: a further signal is let pass while the process closes."""
 
     def __init__(self):
         self.signum = None
+        self.loop_ended = False
 
     def is_set(self):
         return self.signum is not None
@@ -800,6 +806,8 @@ def stop_requests(say, out_dir):
 
     def on_signal(signum, frame):
         name = signal_name(signum)
+        if stop.loop_ended:  # the state is saved and the process is closing: an exception now would only print a
+            return           # traceback from wherever it lands (tqdm's clean-up, say)
         if stop.is_set():
             raise cli.Interrupted(f"stopped at once by a second {name}; nothing was saved ({last_checkpoint(out_dir)})",
                                   128 + signum)
