@@ -112,17 +112,21 @@ def prefer_eigen_dots_on_cpu():
 
 def initialize_distributed():
     """jax.distributed.initialize() when this process is one of several: SLURM or Open MPI with more than one task
-    (detected by jax), or JAX_COORDINATOR_ADDRESS set with JAX_NUM_PROCESSES and JAX_PROCESS_ID. Once a process."""
+    (detected by jax), or JAX_COORDINATOR_ADDRESS set with JAX_NUM_PROCESSES and JAX_PROCESS_ID. Once a process.
+    GPTJAX_HEARTBEAT_TIMEOUT (seconds, jax's default 100) is how long the others wait on a process that stopped
+    answering before they stop too."""
     import jax
     env = os.environ
     if jax.distributed.is_initialized():
         return
     try:
+        timeout = {"heartbeat_timeout_seconds": int(env["GPTJAX_HEARTBEAT_TIMEOUT"])} \
+            if env.get("GPTJAX_HEARTBEAT_TIMEOUT") else {}
         if "JAX_COORDINATOR_ADDRESS" in env:
             jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                                       int(env["JAX_PROCESS_ID"]))
+                                       int(env["JAX_PROCESS_ID"]), **timeout)
         elif int(env.get("SLURM_NTASKS", 1)) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
-            jax.distributed.initialize()
+            jax.distributed.initialize(**timeout)
     except (KeyError, ValueError, RuntimeError) as e:
         raise ValueError(f"cannot join the other processes of this launch ({e}): set JAX_COORDINATOR_ADDRESS, "
                          f"JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run a single process") from None
