@@ -2451,6 +2451,7 @@ def test_train_cli_errors_are_one_line(tmp_path):
     for args, needle in [(["--n_layr=3"], "did you mean n_layer"), ([str(tmp_path / "bad.toml")], "not valid TOML"),
                          (["--init_from=resume", f"--out_dir={tmp_path}"], "cannot resume"),
                          (["--seed=-1"], "seed must be from 0 to 2**63 - 1, got -1"),
+                         (["--beta1=1"], "beta1 must be in [0, 1), got 1"), (["--beta2=1"], "beta2 must be in [0, 1)"),
                          ([f"--seed={2**63}"], f"seed must be from 0 to 2**63 - 1, got {2**63}"),
                          (["--lora_rank=-1"], "lora_rank must be 0 (no adapters) or a positive rank, got -1"),
                          (["--lora_rank=8"], "lora_rank adapts a pretrained model"),
@@ -3456,6 +3457,14 @@ def test_train_checkpoints_by_time_between_evaluations(train_data_dir, tmp_path,
     train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 9, "eval_interval": 100,
                  "checkpoint_interval_minutes": 0})
     assert saved == [9]
+    # the interval is in minutes, and its clock restarts at each checkpoint: a clock read once before the loop, once
+    # an iteration and once after each checkpoint, 40 s apart, with 1 minute between checkpoints -> every other step
+    saved.clear()
+    seconds = iter(range(0, 10**6, 40))
+    monkeypatch.setattr(train, "CLOCK", lambda: next(seconds))
+    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 15, "eval_interval": 100,
+                 "checkpoint_interval_minutes": 1})
+    assert saved == [10, 12, 14, 15], saved  # 15: the final evaluation's
 
 
 def test_train_auto_resume_continues_this_run_and_refuses_another(train_data_dir, tmp_path, capsys):
@@ -3675,6 +3684,16 @@ def test_a_shard_folder_is_one_whole_dataset(tmp_path, capsys):
                                                           f"{folder.name}_val_000000.bin"]
     for split in data.SPLITS:
         assert np.array_equal(data.load_split(dest, split).windows([0], 100)[0], data.load_split(folder, split)[:100])
+    several = tmp_path / "several"  # a split written as several shards reads back whole, each header its own count
+    data.write_shards(folder, several, "t", shard_tokens=30000)
+    for split in data.SPLITS:
+        tokens = data.load_split(several, split, 50257)
+        assert len(data.shards_of(several)[split]) == -(-len(data.load_split(folder, split)) // 30000)
+        assert np.array_equal(tokens.windows([0], len(tokens))[0], data.load_split(folder, split))
+    ids = np.array([5, 50257, 7], np.uint16)  # an id equal to n_vocab is past the vocabulary's end
+    with pytest.raises(ValueError, match="holds token id 50257, but the model's vocabulary has 50257 tokens"):
+        data.check_token_ids(ids, 50257, "x.bin")
+    data.check_token_ids(ids[[0, 2]], 50257, "x.bin")
     capsys.readouterr()
     assert data.main(args[:-1] + [f"--to_shards={shards}"]) == 1
     err = capsys.readouterr().err
@@ -3882,6 +3901,22 @@ def test_harness_requests_directly(monkeypatch):
     out = lm.generate_until([Instance("generate_until", {}, (prompt["text"], {"until": [stop], "max_gen_toks": 20}),
                                       0)], disable_tqdm=True)
     assert out == [prompt["greedy_text"][:prompt["greedy_text"].index(stop)]]
+    # several stop strings: cut before the earliest in the text, whatever their order in the list
+    text = prompt["greedy_text"]
+    stops = [text[12:16], text[5:8], text[15:19]]
+    out = lm.generate_until([Instance("generate_until", {}, (prompt["text"], {"until": stops, "max_gen_toks": 20}),
+                                      0)], disable_tqdm=True)
+    assert out == [text[:min(text.index(s) for s in stops)]]
+    # a context longer than n_ctx - max_gen_toks keeps its tail: the continuation of the last 64 - 20 tokens
+    long_ids = lm.tok_encode(SHAKESPEARE.read_text(encoding="utf-8")[:1000])[:60]
+    head, tail = long_ids[:64 - 20], long_ids[-(64 - 20):]
+    want, other = (lm.tok_decode(sampling.generate(lm.params, lm.hparams, [ids], 20, greedy=True)[0])
+                   for ids in (tail, head))
+    assert want != other  # the two ends of the context continue differently
+    out = lm.generate_until([Instance("generate_until", {}, (lm.tok_decode(long_ids),
+                                                             {"until": ["never said"], "max_gen_toks": 20}), 0)],
+                            disable_tqdm=True)
+    assert lm.tok_encode(lm.tok_decode(long_ids)) == long_ids and out == [want]
 
 
 def test_harness_batches_hold_no_more_rows_than_their_requests(monkeypatch):
@@ -3910,9 +3945,10 @@ def test_eval_cli_runs_a_local_task_and_refuses_bad_input(tmp_path, monkeypatch,
     assert json.loads(output.read_text())["results"]["tiny_choice"]["acc,none"] >= 0
     # into a folder: the harness's results_<date>.json there
     assert eval_cli.main(["--model_dir", str(TINY["tf"]), "--tasks", "tiny_choice", "--include_path", str(EVAL_TASKS),
-                          "--limit", "2", "--output_path", str(tmp_path)]) == 0
+                          "--limit", "2", "--output_path", str(tmp_path), "--num_fewshot", "2"]) == 0
     written = list(tmp_path.glob("results_*.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["results"]["tiny_choice"]["acc,none"] >= 0
+    assert json.loads(written[0].read_text())["n-shot"] == {"tiny_choice": 2}  # --num_fewshot reached the harness
     assert f"wrote {written[0]}" in capsys.readouterr().out
     missing = tmp_path / "tasks"  # a local task whose data file is not there
     missing.mkdir()

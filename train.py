@@ -73,6 +73,7 @@ from train_config import NANOGPT_NAMES, lora_targets
 
 GPT2_VOCAB = 50257
 GB = 1e9
+CLOCK = time.monotonic  # the checkpoint timer's clock, in seconds (a test steps it by hand)
 # Dense bfloat16 peak FLOP/s of one device, by a substring of jax's device_kind (checked in this order).
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
               "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "TPU v4": 275e12,
@@ -528,7 +529,7 @@ def training(start, writes):
     best_val_loss, losses, history, t_start = start.best_val_loss, {}, [], time.perf_counter()
     pending = None  # (iteration, loss still on the device) of the step dispatched last: read one step late, so that
     # the host prepares the next batch while the device computes
-    it, stopped, eval_cut, last_save = start.iter, None, False, time.monotonic()
+    it, stopped, eval_cut, last_save = start.iter, None, False, CLOCK()
     trackers = tracking.trackers(config, out_dir, start.record["run_id"], start.iter) if writes else []
     progress = Progress(config, start.iter, run.flops_per_iter, run.plan, run.show)  # after the trackers' warnings
     # stop_requests outermost: its handler stays until the progress bar and the trackers are closed
@@ -558,7 +559,7 @@ def training(start, writes):
                     best_val_loss = min(best_val_loss, estimate["val"])
                     save(start, params, opt_state, frozen, it, best_val_loss,
                          improved or config["always_save_checkpoint"])
-                    last_save = time.monotonic()
+                    last_save = CLOCK()
                 if writes:  # after the checkpoint: a picture must not stand in the way of the state
                     outdir.plot_losses(out_dir)
                 progress.pause()  # the evaluation's time is not the steps'
@@ -570,7 +571,7 @@ def training(start, writes):
                 break
             if checkpoint_now:  # by time, between evaluations: a preempted run loses minutes, not an interval
                 save(start, params, opt_state, frozen, it, best_val_loss, False)
-                last_save = time.monotonic()
+                last_save = CLOCK()
                 progress.pause()
             x, y = device_batches(start.splits["train"], "train", it, config["gradient_accumulation_steps"], config,
                                   run.mesh)
@@ -640,7 +641,7 @@ def compiled_run(start):
 
 def checkpoint_due(config, last_save):  # checkpoint_interval_minutes have passed since the last checkpoint
     minutes = config["checkpoint_interval_minutes"]
-    return bool(minutes) and time.monotonic() - last_save >= 60 * minutes
+    return bool(minutes) and CLOCK() - last_save >= 60 * minutes
 
 
 def agreed(*flags):
