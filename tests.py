@@ -1203,6 +1203,16 @@ def test_weights_to_hf_writes_what_transformers_writes(tmp_path, capsys):
     assert weights.main(["to_hf", str(TINY_TF), str(dest)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already holds config.json" in err
+    # nor one of any other layout: OpenAI's (its weights alone, too) or gptjax's own
+    for name, files_there in (("openai", ["hparams.json", DATA_FILE, "model.ckpt.index"]), ("openai-weights",
+                              [DATA_FILE]), ("gptjax", ["params.safetensors"])):
+        other = tmp_path / name
+        other.mkdir()
+        for file in files_there:
+            (other / file).write_bytes(b"someone's")
+        assert weights.main(["to_hf", str(TINY_TF), str(other)]) == 2, name
+        assert "already holds" in capsys.readouterr().err
+        assert sorted(p.name for p in other.iterdir()) == sorted(files_there)
 
 
 def test_weights_to_hf_loads_in_transformers(tmp_path):
@@ -2981,6 +2991,14 @@ def test_train_refuses_to_replace_a_trained_model(train_data_dir, tmp_path, caps
         assert all(w in err for w in ("already holds a trained model", "--init_from=resume", "--out_dir",
                                       "--overwrite"))
     assert folder_state(out) == before
+    # a run's folder holding its model but no checkpoint (removed to save space, say) is a trained model all the same
+    model_only = tmp_path / "model-only"
+    shutil.copytree(out, model_only)
+    (model_only / "ckpt.safetensors").unlink()
+    kept = folder_state(model_only)
+    assert train.main([f"--out_dir={model_only}", f"--data_dir={train_data_dir}"]) == 1
+    assert "already holds a trained model (params.safetensors)" in capsys.readouterr().err
+    assert folder_state(model_only) == kept
     # asked to, a new run replaces the old one whole: none of its files mixes with the new run's
     (out / "loss.png").write_bytes(b"the old run's plot")
     result = train.train(run_config(train_data_dir, out, max_iters=1, eval_interval=1, overwrite=True, seed=7))

@@ -631,7 +631,8 @@ def checked_destination(dest: str | Path) -> Path:
     if not str(dest).strip():
         raise cli.UsageError("the destination is empty: give the folder to write the model into")
     dest = Path(dest)
-    taken = [name for name in (*HF_FILES, *TOKENIZER_FILES, CACHE_NAME, "hparams.json") if (dest / name).exists()]
+    taken = [name for name in dict.fromkeys((*HF_FILES, *TOKENIZER_FILES, CACHE_NAME, *RELEASE_FILES))
+             if (dest / name).exists() or (dest / name).is_symlink()]
     if taken:
         raise cli.UsageError(f"{dest} already holds {taken[0]}: give a new folder as the destination (a model's files "
                              f"are never written over someone's)")
