@@ -2294,6 +2294,24 @@ def write_documents(folder, n, words=3000, seed=0):  # n text files of random Sh
     return texts
 
 
+def test_data_an_edited_source_is_encoded_again(tmp_path):
+    # an unfinished preparation's parts are kept only for the very sources they were encoded from: a source edited
+    # since then is encoded again (its stale part, planted here, must not reach the dataset)
+    texts = write_documents(tmp_path / "docs", 4, words=50)
+    folder = data.dataset_folder(str(tmp_path / "docs"), tmp_path / "data", "gpt2")
+    sources = data.text_sources(tmp_path / "docs")
+    parts = data.part_folder(folder, sources, "gpt2", str(encoder.GPT2_VOCAB), False)
+    (parts / "0000000.bin").write_bytes(np.array([1, 2, 3], np.uint16).tobytes())  # as if encoded before the edit
+    texts[0] += " and edited"
+    pathlib.Path(sources[0]).write_text(texts[0], encoding="utf-8")
+    data.prepare(str(tmp_path / "docs"), tmp_path / "data", "gpt2")
+    enc, val = tiktoken_gpt2(), data.val_sources(len(texts), data.VAL_FRACTION)
+    for split in data.SPLITS:
+        want = [i for t, text in enumerate(texts) if (t in val) == (split == "val")
+                for i in enc.encode_ordinary(text) + [50256]]
+        assert np.array_equal(data.load_split(folder, split), want), split
+
+
 def test_data_a_dead_worker_stops_the_preparation_which_then_goes_on(tmp_path):
     texts = write_documents(tmp_path / "docs", 120, words=20_000)
     command = [sys.executable, str(HERE / "data.py"), str(tmp_path / "docs"), "--tokens=gpt2", "--num_proc=2",
@@ -3501,6 +3519,15 @@ def test_train_auto_resume_continues_this_run_and_refuses_another(train_data_dir
     assert train.main([*command, "--max_iters=12", "--learning_rate=0.01"]) == 2
     err = capsys.readouterr().err
     assert "is of another run (learning_rate=0.003 there, 0.01 here)" in err and err.count("\n") == 1, err
+    # a finetune of a model folder, requeued with the same command line, continues too (not a new finetune)
+    model = copy_folder(tmp_path, TINY_TF)
+    tuned = tmp_path / "tuned"
+    command = [f"--init_from={model}", f"--out_dir={tuned}", f"--data_dir={train_data_dir}", "--dataset=shakespeare",
+               "--batch_size=2", "--block_size=32", "--eval_interval=2", "--eval_iters=2", "--auto_resume"]
+    assert train.main([*command, "--max_iters=2"]) == 0
+    assert train.main([*command, "--max_iters=4"]) == 0
+    assert f"resuming from iteration 2 of {tuned / 'ckpt.safetensors'}" in capsys.readouterr().err
+    assert [r["iter"] for r in outdir.read_metrics(tuned)] == [0, 2, 4]
 
 
 def tensorboard_scalars(logdir, tag):  # (step, value) pairs, read by TensorBoard's own reader
