@@ -964,6 +964,13 @@ def test_weights_cache_is_written_used_and_invalidated(tmp_path, monkeypatch):
     assert data_file.stat().st_size == old.st_size and data_file.stat().st_mtime_ns == old.st_mtime_ns
     _, params = weights.load_hparams_and_params(folder)
     assert_params_equal(params, expected)
+    # a change near the end of the file alone (same size, same time) is noticed too: read again, its checksums fail
+    blob = bytearray(data_file.read_bytes())
+    blob[-8:] = bytes(8 - i for i in range(8))
+    data_file.write_bytes(bytes(blob))
+    os.utime(data_file, ns=(old.st_atime_ns, old.st_mtime_ns))
+    with pytest.raises(ValueError, match="damaged|checksum|crc"):
+        weights.load_hparams_and_params(folder)
 
 
 def test_weights_damaged_cache_is_remade(tmp_path):
@@ -3703,6 +3710,9 @@ def test_a_shard_folder_is_one_whole_dataset(tmp_path, capsys):
     (tmp_path / "empty_train_000000.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty_train_000000.bin is empty \(0 bytes: no tokens"):
         data.read_shard(tmp_path / "empty_train_000000.bin")
+    write_llmc_shard(tmp_path / "header_train_000000.bin", [])  # a header and no tokens is empty too
+    with pytest.raises(ValueError, match=r"header_train_000000.bin is empty \(1,024 bytes: no tokens"):
+        data.read_shard(tmp_path / "header_train_000000.bin")
     for planted, removed, words in (("edu_train_000000.bin", None, "holds the shards of 2 datasets (edu, fineweb)"),
                                     ("fineweb_train_000004.bin", None, "lacks fineweb_train_000003.bin between its "
                                                                        "shards 000001 and 000004"),
