@@ -2973,6 +2973,37 @@ def test_train_ctrl_c_is_acknowledged_and_a_second_one_stops_at_once(train_data_
     assert not (fresh / "ckpt.safetensors").exists()
 
 
+def test_train_a_ctrl_c_after_the_save_is_let_pass(train_data_dir, tmp_path):
+    # train.py as users run it: Ctrl-C, and again as soon as it says it saved: the run closes as it was closing
+    # (exit 130, the checkpoint whole), without a traceback from wherever the second one landed (tqdm's clean-up)
+    args = [f"--{k}={v}" for k, v in run_config(train_data_dir, tmp_path / "out", max_iters=10**6,
+                                                  eval_interval=10**6).items()]
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def read_until(words, out, pause):  # stdout so far, read without blocking, until it holds words
+        while words not in out and time.monotonic() < deadline:
+            try:
+                out += os.read(proc.stdout.fileno(), 1 << 16).decode()
+            except BlockingIOError:
+                time.sleep(pause)
+        return out
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+        deadline = time.monotonic() + 120
+        out = read_until("after the first step", "", 0.05)  # training has begun
+        proc.send_signal(signal.SIGINT)
+        out = read_until("saved", out, 0.0005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        err = err.decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "stopped by Ctrl-C" in out, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+    assert outdir.read_checkpoint_meta(tmp_path / "out" / "ckpt.safetensors")["iter"] > 0
+
+
 def test_train_eval_only_and_bias(train_data_dir, tmp_path):
     out = tmp_path / "e"
     with pytest.raises(ValueError, match="eval_only evaluates a trained model: add --init_from=resume"):

@@ -91,7 +91,7 @@ def command(argv):  # the command line -> exit code (cli.py's convention)
         print(train_config.help_text())
         return cli.OK
     cli.setup(training=True)
-    result = run(train_config.resolve_config(train_config.parse_args(argv)))
+    result = run(train_config.resolve_config(train_config.parse_args(argv)), ending=True)
     return 128 + result["signal"] if result["signal"] else cli.OK  # stopped by a signal: not finished
 
 
@@ -102,7 +102,7 @@ def train(overrides: dict) -> dict:
     return run(train_config.resolve_config(overrides))
 
 
-def run(config):  # a resolved config -> train()'s result
+def run(config, ending=False):  # a resolved config -> train()'s result; ending: see training
     tracking.check_installed(config)
     cli.initialize_distributed()
     if config["eval_only"] and config["init_from"] == "scratch":
@@ -113,7 +113,7 @@ def run(config):  # a resolved config -> train()'s result
         return {"losses": {}, "evals": [], "iter": config["max_iters"], "interrupted": False, "signal": None}
     writes = jax.process_index() == 0 and not config["eval_only"]  # eval_only writes nothing at all
     with outdir.claimed_out_dir(config) if writes else contextlib.nullcontext():
-        return training(starting_point(config, Path(config["out_dir"])), writes)
+        return training(starting_point(config, Path(config["out_dir"])), writes, ending)
 
 
 # -------------------------------------------------------------------------------------------------------- the step
@@ -506,9 +506,10 @@ def check_splits(splits, dataset_dir, block_size):  # every split must hold at l
 
 # -------------------------------------------------------------------------------------------------------- the loop
 
-def training(start, writes):
+def training(start, writes, ending=False):
     """The loop: steps, evaluations, checkpoints (at evaluations, every checkpoint_interval_minutes, and when a signal
-    stops it), metrics, trackers and the progress bar, from a Start. writes: whether this process writes out_dir."""
+    stops it), metrics, trackers and the progress bar, from a Start. writes: whether this process writes out_dir.
+    ending: the process ends with the run (train.py's command line), so its stop signals stay handled to the end."""
     config = start.config
     out_dir, max_iters = Path(config["out_dir"]), config["max_iters"]
     run, params, opt_state, frozen = compiled_run(start)
@@ -533,7 +534,7 @@ def training(start, writes):
     trackers = tracking.trackers(config, out_dir, start.record["run_id"], start.iter) if writes else []
     progress = Progress(config, start.iter, run.flops_per_iter, run.plan, run.show)  # after the trackers' warnings
     # stop_requests outermost: its handler stays until the progress bar and the trackers are closed
-    with stop_requests(progress.write, out_dir) as stop, progress, tracking.closing(trackers):
+    with stop_requests(progress.write, out_dir, keep=ending) as stop, progress, tracking.closing(trackers):
         for it in range(start.iter, max_iters + 1):
             if evaluation_due(it, start):
                 if pending is not None:
@@ -799,10 +800,11 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_requests(say, out_dir):
+def stop_requests(say, out_dir, keep=False):
     """-> a StopRequest that SIGINT (Ctrl-C), SIGTERM, SIGUSR1 or SIGHUP (a scheduler's warning before it kills a
     job: SLURM, Kubernetes, spot machines) sets. A second signal stops at once, saving nothing (cli.Interrupted, exit
-    128 + the signal). say(text) acknowledges the first."""
+    128 + the signal). say(text) acknowledges the first. keep: once the loop has ended, the handler stays (for a
+    process that ends with the run: the default handler would raise inside whatever clean-up a late signal meets)."""
     stop = StopRequest()
 
     def on_signal(signum, frame):
@@ -821,7 +823,8 @@ def stop_requests(say, out_dir):
         yield stop
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            if not (keep and stop.loop_ended):
+                signal.signal(signum, handler)
 
 
 def ready(x):
