@@ -272,13 +272,13 @@ def write_shards(folder, dest, name, shard_tokens=None):
     if theirs:
         raise FileExistsError(f"{dest} holds shards that data.py did not write ({theirs[0]}): give an empty folder "
                               f"to --to_shards")
-    counts = {split: -(-len(load_split(folder, split)) // shard_tokens) for split in SPLITS}
-    names = [f"{name}_{split}_{i:06d}.bin" for split in SPLITS for i in range(counts[split])]
+    splits = {split: load_split(folder, split) for split in SPLITS}
+    names = [f"{name}_{split}_{i:06d}.bin" for split, tokens in splits.items()
+             for i in range(-(-len(tokens) // shard_tokens))]
     write_atomic(written, json.dumps(sorted(ours | set(names))).encode())  # before any shard: a crash leaves them ours
     for old in ours - set(names):
         (dest / old).unlink(missing_ok=True)
-    for split in SPLITS:
-        tokens = load_split(folder, split)
+    for split, tokens in splits.items():
         for i, start in enumerate(range(0, len(tokens), shard_tokens)):
             part = np.asarray(tokens[start:start + shard_tokens])
             header = np.zeros(256, "<i4")

@@ -60,10 +60,10 @@ def start_wandb(config, out_dir, run_id, first_iter):
 
 def start_tensorboard(config, out_dir, run_id, first_iter):
     import tensorboardX  # optional extra: imported only when asked for
+    files.refuse_link(Path(out_dir) / "tensorboard")  # its events would land wherever the link points
     # a resumed run repeats what came after its checkpoint's iteration: TensorBoard drops those events
     # tensorboardX names an event file by the second and the host alone: a run resumed within the same second
     # would write over the first one's file. The suffix (nanoseconds, fixed width) keeps them apart, in order.
-    files.refuse_link(Path(out_dir) / "tensorboard")  # its events would land wherever the link points
     writer = tensorboardX.SummaryWriter(str(Path(out_dir) / "tensorboard"),
                                         purge_step=first_iter + 1 if first_iter else None,
                                         filename_suffix=f".{time.time_ns()}")

@@ -486,7 +486,8 @@ def read_params(path, hparams, dtype=None):
 def cache_path(folder: Path, name: str = CACHE_NAME) -> Path:
     """Where the converted weights of an OpenAI or HF folder are kept: in gptjax's own cache ($GPTJAX_CACHE, else
     ~/.cache/gptjax), keyed by the folder's absolute path, never in the folder (a user's, maybe shared or read-only:
-    the cache is the model's size, 6 GB for 1558M). The cache records its sources' sizes and times (sources_stamp)."""
+    the cache is the model's size, 6 GB for 1558M). The cache records its sources' sizes, times and sampled digests
+    (sources_stamp)."""
     root = Path(os.environ.get("GPTJAX_CACHE") or Path.home() / ".cache" / "gptjax") / "converted"
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
     return root / f"{folder.resolve().name}-{key}" / name
@@ -513,7 +514,7 @@ def load_hparams_and_params(model_dir: str | Path, dtype=None, quantize: str | N
         read_source, cache = read_quantized, cache_path(folder, f"params-{quantize}.safetensors")
     else:
         cache = folder / CACHE_NAME if read_source is None else cache_path(folder)
-    stamp = sources_stamp(sources)
+    stamp = sources_stamp(sources) if read_source is not None else None  # gptjax's own folder: read as it is
     if read_source is not None and not cache_is_current(cache, stamp):
         flat = read_source(folder, hparams)
         try:
