@@ -13,6 +13,7 @@
     python bench.py generate --dtype int8     # the same with int8 weights (quant.py)
     python bench.py llamacpp --peer_script ../shared/peers/llamacpp.sh --peer_python PY   # main.py beside llama.cpp
     python bench.py serve                     # serve.py's 8 streaming clients beside one batch-8 generate call
+    python bench.py recipes                   # iterations to val loss 1.909 (small config): AdamW, WSD, Muon; 3 seeds
 
 With no --model_dir the weights are random with GPT-2 124M's shapes (no download). Timings are medians of repeated runs
 after a warm-up; compile times are measured in fresh processes, cold (empty compilation cache) and warm. Peers are
@@ -28,6 +29,7 @@ import argparse
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -43,6 +45,8 @@ import numpy as np
 import cli
 import data
 import gpt
+import optim
+import outdir
 import quant
 import sampling
 import train
@@ -203,7 +207,7 @@ def gptjax_trainer(config):
     driven as train.py's loop drives it (each loss is read on the host one step late, so the next batch is made while
     the device computes), each timed from one loss read to the next. Compiled here, before any timing."""
     params = train.init_params(config, train.scratch_hparams(config, 65))  # 65: tiny Shakespeare's characters
-    optimizer = train.make_optimizer(config, params)
+    optimizer = optim.make_optimizer(config, params)
     state = {"params": params, "opt_state": jax.jit(optimizer.init)(params), "it": 0}
     step = jax.jit(train.step_function(config, optimizer, config["n_head"]), donate_argnums=(0, 1))
     shape = (config["gradient_accumulation_steps"], config["batch_size"], config["block_size"])
@@ -247,7 +251,7 @@ def finetune_probe(spec):
     if lora:  # the random weights are the frozen base; the adapters train
         frozen = gpt.cast(params, jnp.dtype(config["lora_base_dtype"]))
         params = gpt.init_adapters(jax.random.PRNGKey(0), frozen, 16)
-    optimizer = train.make_optimizer(config, params)
+    optimizer = optim.make_optimizer(config, params)
     mesh = train.Mesh(np.array(jax.devices()[:1]), ("data",))
     step, plan, _ = train.compiled_step(config, optimizer, hparams["n_head"], mesh, params, frozen)
     result = {"plan_gb": plan["total"] / 1e9, "step_gb": plan["step"] / 1e9, "fits": True}
@@ -434,6 +438,58 @@ def full_run_table(args):
           f"{losses['nanoGPT']:.4f} | {ours / theirs:.2f} (gptjax / nanoGPT) |")
 
 
+RECIPES = {"adamw, cosine": ("configs/shakespeare_char_small.toml", {}),  # name: (config file, overrides)
+           "adamw, wsd": ("configs/shakespeare_char_small.toml", {"lr_schedule": "wsd"}),
+           "muon, wsd": ("configs/shakespeare_char_small_muon.toml", {})}
+
+
+def recipe_evals(config_file, overrides, seed, eval_interval, data_dir):  # train.py's evaluations of one whole run
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = [f"--{k}={v}" for k, v in {**overrides, "seed": seed, "eval_interval": eval_interval,
+                                             "out_dir": f"{tmp}/out", "data_dir": data_dir}.items()]
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), config_file, *flags],
+                              capture_output=True, text=True, cwd=HERE)
+        if proc.returncode:
+            raise ValueError(f"train.py {config_file} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return outdir.read_metrics(pathlib.Path(tmp) / "out")
+
+
+def recipes_table(args):
+    """Iterations each recipe needs to reach a validation loss (default: 1.909, AdamW's at 2,000 iterations of the
+    small config), seed by seed: the first evaluation (every --eval_interval) at or below it; then the step time of
+    each optimizer, timed in turns. Iterations do not depend on the machine's speed; step times are ratios."""
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for name, (config_file, overrides) in RECIPES.items():
+        reached, finals = [], []
+        for seed in seeds:
+            evals = recipe_evals(config_file, overrides, seed, args.eval_interval, args.data_dir)
+            reached.append(next((e["iter"] for e in evals if e["val_loss"] <= args.target), None))
+            finals.append(evals[-1]["val_loss"])
+        config = train_config.resolve_config({**train_config.read_config_file(os.path.join(HERE, config_file)),
+                                                **overrides})
+        hits = [r for r in reached if r is not None]
+        mean = f"{np.mean(hits):,.0f}" + ("" if len(hits) == len(seeds) else f" ({len(hits)} of {len(seeds)})")
+        rows.append([name, f"{config['max_iters']:,}", ", ".join("-" if r is None else f"{r:,}" for r in reached),
+                     mean if hits else "-", ", ".join(f"{v:.4f}" for v in finals)])
+    trainers = {name: gptjax_trainer(train_config.resolve_config(
+        {**train_config.read_config_file(os.path.join(HERE, RECIPES[name][0])), **RECIPES[name][1]}))
+        for name in ("adamw, cosine", "muon, wsd")}
+    times = {name: [] for name in trainers}
+    for _ in range(args.rounds):
+        for name, run in trainers.items():
+            times[name] += run(args.step_iters)
+    ms = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+    print(f"\ndevice: {jax.devices()[0].device_kind} ({jax.device_count()} x {jax.default_backend()}), jax "
+          f"{jax.__version__}, {os.cpu_count()} CPUs; seeds {args.seeds}; evaluations every {args.eval_interval}")
+    print(f"| recipe | max_iters | iterations to val loss <= {args.target} (by seed) | mean | final val loss |\n"
+          "|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"step time (medians of {args.rounds} rounds in turns): adamw {ms['adamw, cosine']:.1f} ms, muon "
+          f"{ms['muon, wsd']:.1f} ms: {ms['muon, wsd'] / ms['adamw, cosine']:.2f}x")
+
+
 def data_table(args):
     """python data.py on one text of each size, in a fresh process each: its peak RSS (the whole process, jax's import
     included) and its speed, beside the tokenizer's own speed on one 8 MB piece of the same text in this process."""
@@ -463,43 +519,82 @@ def data_table(args):
     print("\n".join(rows))
 
 
+EVAL_SHAPES = {  # name: (words of context, words of each ending) of a synthetic multiple-choice task, 4 endings each
+    "shared_context": (60, 12),  # HellaSwag's shape: a long context shared by four short endings
+    "long_endings": (6, 60),     # a short question with four long answers: little to share
+}
+
+
+def shaped_requests(shape, n_questions=30):  # four loglikelihood requests per question, words of tiny Shakespeare
+    from lm_eval.api.instance import Instance
+    context_words, ending_words = EVAL_SHAPES[shape]
+    words = open(data.SHAKESPEARE, encoding="utf-8").read().split()
+    rng = np.random.default_rng(0)
+
+    def text(n):
+        start = int(rng.integers(0, len(words) - n))
+        return " ".join(words[start:start + n])
+    requests = []
+    for _ in range(n_questions):
+        context = text(context_words)
+        for _choice in range(4):
+            requests.append(Instance("loglikelihood", {}, (context, " " + text(ending_words)), len(requests)))
+    return requests
+
+
 def eval_table(args):
-    """The requests of testdata/eval's multiple-choice task (120 loglikelihoods), scored by gptjax's lm_eval backend
-    and, with --vs_hf, by the harness's own HF backend on the same random 124M-shaped weights (exported with
-    weights.to_hf), in turns, after a warm-up round; then each backend's accuracy on the task through simple_evaluate,
-    which must agree."""
+    """Loglikelihood requests scored by gptjax's lm_eval backend and, with --vs_hf, by the harness's own HF backend on
+    the same random 124M-shaped weights (exported with weights.to_hf), in turns, after a warm-up round, at each
+    batch size. Task shapes: tiny_choice (testdata/eval's 120 requests; each backend's accuracy on it through
+    simple_evaluate, which must agree) and EVAL_SHAPES' synthetic ones (the backends' log-likelihoods must agree)."""
     import lm_eval  # the eval extra, and (--vs_hf) the bench extra: imported only for this mode
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
     import harness
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         weights.save_params(os.path.join(tmp, "own"), GPT2_124M, random_params(GPT2_124M))
         weights.to_hf(os.path.join(tmp, "own"), os.path.join(tmp, "hf"))
-        backends = {"gptjax": harness.GptjaxLM(os.path.join(tmp, "own"), batch_size=args.batch_size)}
-        if args.vs_hf:
-            backends["HF (lm_eval --model hf)"] = get_model("hf")(pretrained=os.path.join(tmp, "hf"), device="cpu",
-                                                                  batch_size=args.batch_size, dtype="float32")
-        manager = TaskManager(include_path=os.path.join(HERE, "testdata", "eval"))
-        cwd = os.getcwd()
-        os.chdir(HERE)  # the task names its data relative to the checkout
-        try:
-            task = lm_eval.tasks.get_task_dict(["tiny_choice"], manager)["tiny_choice"]
-            task.build_all_requests(limit=None, rank=0, world_size=1)
-            requests = [instance for instance in task.instances]
-            accuracy = {name: lm_eval.simple_evaluate(model=lm, tasks=["tiny_choice"], task_manager=manager,
-                                                      log_samples=False)["results"]["tiny_choice"]["acc,none"]
-                        for name, lm in backends.items()}
-        finally:
-            os.chdir(cwd)
-        fns = [lambda lm=lm: lm.loglikelihood(requests, disable_tqdm=True) for lm in backends.values()]
-        seconds = interleaved_medians(fns, args.rounds)
-    print(f"\ndevice: {jax.devices()[0].device_kind}, jax {jax.__version__}, {os.cpu_count()} CPUs; "
-          f"{len(requests)} loglikelihood requests of testdata/eval/tiny_choice, batch {args.batch_size}, float32, "
-          f"medians of {args.rounds} rounds in turns")
-    print("| backend | requests/s | acc on the task | speed-up of gptjax |\n|---|---|---|---|")
-    for (name, _), s in zip(backends.items(), seconds):
-        print(f"| {name} | {len(requests) / s:.1f} | {accuracy[name]:.4f} | {s / seconds[0]:.2f}x |")
+        for batch_size in args.batch_sizes:
+            backends = {"gptjax": harness.GptjaxLM(os.path.join(tmp, "own"), batch_size=batch_size)}
+            if args.vs_hf:
+                backends["HF"] = get_model("hf")(pretrained=os.path.join(tmp, "hf"), device="cpu",
+                                                 batch_size=batch_size, dtype="float32")
+            for shape in args.shapes:
+                if shape == "tiny_choice":
+                    requests, agree = tiny_choice_requests(lm_eval, TaskManager, backends)
+                else:
+                    requests = shaped_requests(shape)
+                    scores = [np.array([ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)])
+                              for lm in backends.values()]
+                    agree = f"max diff {np.abs(scores[-1] - scores[0]).max():.1e}" if args.vs_hf else ""
+                fns = [lambda lm=lm, r=requests: lm.loglikelihood(r, disable_tqdm=True) for lm in backends.values()]
+                seconds = interleaved_medians(fns, args.rounds)
+                cells = [f"{len(requests) / s:.1f}" for s in seconds] + [""]
+                ratio = f"{seconds[1] / seconds[0]:.2f}x" if args.vs_hf else ""
+                rows.append(f"| {shape} | {batch_size} | {cells[0]} | {cells[1]} | {ratio} | {agree} |")
+    print(f"\ndevice: {jax.devices()[0].device_kind}, jax {jax.__version__}, {os.cpu_count()} CPUs; 124M-shaped "
+          f"random weights, float32, medians of {args.rounds} rounds in turns; shapes (context / ending words, 4 "
+          f"endings): " + ", ".join(f"{name} {c} / {e}" for name, (c, e) in EVAL_SHAPES.items()))
+    print("| task shape | batch | gptjax requests/s | HF requests/s | gptjax / HF | agreement |\n"
+          "|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def tiny_choice_requests(lm_eval, TaskManager, backends):  # -> testdata/eval's requests, the backends' accuracies
+    manager = TaskManager(include_path=os.path.join(HERE, "testdata", "eval"))
+    cwd = os.getcwd()
+    os.chdir(HERE)  # the task names its data relative to the checkout
+    try:
+        task = lm_eval.tasks.get_task_dict(["tiny_choice"], manager)["tiny_choice"]
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        accuracy = [lm_eval.simple_evaluate(model=lm, tasks=["tiny_choice"], task_manager=manager,
+                                            log_samples=False)["results"]["tiny_choice"]["acc,none"]
+                    for lm in backends.values()]
+    finally:
+        os.chdir(cwd)
+    return list(task.instances), "acc " + " / ".join(f"{a:.4f}" for a in accuracy)
 
 
 def compile_probe(spec):
@@ -566,6 +661,15 @@ def positive(text):  # an argparse type: a whole number of at least 1
     return value
 
 
+def task_shapes(text):  # an argparse type: "tiny_choice,long_endings" -> the names, each known
+    names = text.split(",")
+    for name in names:
+        if name != "tiny_choice" and name not in EVAL_SHAPES:
+            raise argparse.ArgumentTypeError(f"unknown task shape {name!r}: choose from tiny_choice, "
+                                             + ", ".join(EVAL_SHAPES))
+    return names
+
+
 def batch_sizes(text):  # "1,8" -> [1, 8]
     return [positive(size) for size in text.split(",")]
 
@@ -608,7 +712,9 @@ def parse_args(argv):
     ev = commands.add_parser("eval", help="lm-evaluation-harness requests/s on 124M-shaped weights and a local "
                                           "multiple-choice task, beside the harness's HF backend")
     ev.add_argument("--vs_hf", action="store_true", help="also run the harness's own HF backend (torch)")
-    ev.add_argument("--batch_size", type=positive, default=8)
+    ev.add_argument("--batch_sizes", type=batch_sizes, default="1,8", help="comma separated")
+    ev.add_argument("--shapes", default="tiny_choice,shared_context,long_endings", type=task_shapes,
+                    help="task shapes, comma separated: tiny_choice (testdata/eval), " + ", ".join(EVAL_SHAPES))
     ev.add_argument("--rounds", type=positive, default=3)
     lc = commands.add_parser("llamacpp", help="main.py's decoding (float32 and int8, as whole processes) in turns "
                                               "with llama.cpp (F32 and Q8_0) on the same 124M-shaped weights")
@@ -624,6 +730,14 @@ def parse_args(argv):
     sv.add_argument("--n_prompt", type=positive, default=32)
     sv.add_argument("--n_new", type=positive, default=128)
     sv.add_argument("--rounds", type=positive, default=3)
+    rc = commands.add_parser("recipes", help="iterations to a validation loss on the small config: AdamW cosine and "
+                                             "WSD, Muon WSD, over seeds; Muon's step time beside AdamW's")
+    rc.add_argument("--seeds", default="1337,1338,1339", help="comma separated")
+    rc.add_argument("--target", type=float, default=1.909, help="the validation loss to reach")
+    rc.add_argument("--eval_interval", type=positive, default=50)
+    rc.add_argument("--data_dir", default="data", help="where tiny Shakespeare is prepared")
+    rc.add_argument("--rounds", type=positive, default=3, help="rounds of step timing in turns")
+    rc.add_argument("--step_iters", type=positive, default=30, help="timed iterations per round")
     commands.add_parser("finetune", help="memory and step time of finetuning GPT-2 124M and 1558M shapes at block "
                                          "1024, with and without remat and LoRA (each in a fresh process)")
     probe = commands.add_parser("probe")  # internal: see "Probes" above
@@ -646,7 +760,8 @@ def main(argv=None):
 
 def run(args):
     mode = args.kind if args.command == "probe" else args.command
-    cli.setup(training=mode in ("train", "full_run", "finetune"))  # as main.py, or as train.py runs its steps
+    # as main.py, or as train.py runs its steps
+    cli.setup(training=mode in ("train", "full_run", "finetune", "recipes"))
     if args.command == "probe":
         probes = {"compile": compile_probe, "load": load_probe, "finetune": finetune_probe, "data": data_probe}
         return probes[args.kind](args.arg)
@@ -662,6 +777,8 @@ def run(args):
         return eval_table(args)
     if args.command == "full_run":
         return full_run_table(args)
+    if args.command == "recipes":
+        return recipes_table(args)
     if args.command == "train":
         return train_table(args)
     return generate_table(args)

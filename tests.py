@@ -51,6 +51,7 @@ import files
 import gpt
 import harness
 import main
+import optim
 import outdir
 import quant
 import sampling
@@ -2518,13 +2519,13 @@ def test_train_learning_rate_schedule_matches_formula():
             return 6e-5
         return 6e-5 + 0.5 * (1 + math.cos(math.pi * (it - 10) / 40)) * (6e-4 - 6e-5)
     iters = np.array([0, 1, 5, 9, 10, 11, 25, 30, 49, 50, 51, 100])
-    in_optimizer = jax.jit(jax.vmap(lambda it: train.learning_rate(it, config)))(iters)  # as optax calls it
+    in_optimizer = jax.jit(jax.vmap(lambda it: optim.learning_rate(it, config)))(iters)  # as optax calls it
     for it, traced in zip(iters, np.asarray(in_optimizer)):
         assert traced == pytest.approx(reference(it), rel=1e-6), it
-        assert float(train.learning_rate(it, config, np)) == pytest.approx(reference(it), rel=1e-6), it
-    assert train.learning_rate(30, config, np) == pytest.approx((6e-4 + 6e-5) / 2)  # half way down the cosine
+        assert float(optim.learning_rate(it, config, np)) == pytest.approx(reference(it), rel=1e-6), it
+    assert optim.learning_rate(30, config, np) == pytest.approx((6e-4 + 6e-5) / 2)  # half way down the cosine
     constant = {**config, "decay_lr": False}
-    assert float(train.learning_rate(0, constant, np)) == float(train.learning_rate(10**6, constant, np)) == \
+    assert float(optim.learning_rate(0, constant, np)) == float(optim.learning_rate(10**6, constant, np)) == \
         pytest.approx(6e-4)
 
 
@@ -2534,7 +2535,7 @@ def test_train_weight_decay_only_on_matrices_and_embeddings():
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: 1 + rng.random(s.shape, np.float32), shapes)
     config = train_config.resolve_config({"learning_rate": 0.1, "weight_decay": 0.5, "decay_lr": False})
-    optimizer = train.make_optimizer(config, params)
+    optimizer = optim.make_optimizer(config, params)
 
     def zero_grad_update(params):  # Adam's step is 0 for zero gradients: what moves is the decay alone
         zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -2562,7 +2563,7 @@ def test_train_optimizer_is_nanogpts_clip_then_adamw():
                                                                         "b": rng.normal(size=6)}}}}
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     decayed = {"wte", "h/attn/c_attn/w"}
-    optimizer = train.make_optimizer(config, params)
+    optimizer = optim.make_optimizer(config, params)
     state, update = optimizer.init(params), jax.jit(optimizer.update)
     ref = {name: np.asarray(p, np.float64) for name, p in outdir.flat_names(params, "").items()}
     m = {name: np.zeros_like(p) for name, p in ref.items()}
@@ -2583,6 +2584,122 @@ def test_train_optimizer_is_nanogpts_clip_then_adamw():
             ref[name] = ref[name] - lr * (step + (0.1 * ref[name] if name in decayed else 0))
         for name, p in outdir.flat_names(params, "").items():
             np.testing.assert_allclose(p, ref[name], rtol=1e-5, atol=1e-6, err_msg=f"{name} at step {it}")
+
+
+def newton_schulz(x, steps=5, coeffs=(3.4445, -4.775, 2.0315)):  # float64 numpy: Muon's orthogonalisation of one matrix
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (np.linalg.norm(x) + 1e-8)
+    for _ in range(steps):
+        a = x @ x.T
+        x = coeffs[0] * x + (coeffs[1] * a + coeffs[2] * a @ a) @ x
+    return x.T if tall else x
+
+
+def test_newton_schulz_reference_orthogonalises():  # the reference itself: singular values pulled towards 1
+    x = np.random.default_rng(0).normal(size=(6, 16)) * 1e-3
+    s = np.linalg.svd(newton_schulz(x), compute_uv=False)
+    assert s.min() > 0.6 and s.max() < 1.25  # the quintic's band (Keller Jordan's notes: ~[0.7, 1.2])
+    assert np.linalg.svd(x / np.linalg.norm(x), compute_uv=False).max() < 0.6  # where it started
+
+
+def test_optim_muon_is_newton_schulz_of_the_momentum_layer_by_layer():
+    # make_optimizer(optimizer=muon) over steps of a wsd schedule, against float64 numpy: gradients clipped by their
+    # global norm; on each block matrix [n_layer, n_in, n_out] optax's Nesterov momentum (bias-corrected), each LAYER
+    # orthogonalised on its own, scaled by sqrt(max(1, n_out / n_in)), plus decoupled decay, times Muon's learning
+    # rate; AdamW (beta1, beta2, learning_rate) on the rest, decaying only wte
+    config = train_config.resolve_config({
+        "optimizer": "muon", "learning_rate": 1e-2, "muon_learning_rate": 0.05, "min_lr": 1e-3, "warmup_iters": 2,
+        "lr_decay_iters": 6, "lr_schedule": "wsd", "decay_fraction": 0.5, "beta1": 0.9, "beta2": 0.95,
+        "muon_momentum": 0.9, "weight_decay": 0.1, "grad_clip": 1.0})
+    rng = np.random.default_rng(0)
+    params = {"wte": rng.normal(size=(5, 4)), "h": {"ln_1": {"g": 1 + rng.normal(size=(2, 4))},
+                                                    "attn": {"c_attn": {"w": rng.normal(size=(2, 4, 12)),
+                                                                        "b": rng.normal(size=(2, 12))}},
+                                                    "mlp": {"c_proj": {"w": rng.normal(size=(2, 16, 4))}}}}
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    muon = {"h/attn/c_attn/w", "h/mlp/c_proj/w"}
+    optimizer = optim.make_optimizer(config, params)
+    state, update = optimizer.init(params), jax.jit(optimizer.update)
+    ref = {name: np.asarray(p, np.float64) for name, p in outdir.flat_names(params, "").items()}
+    m = {name: np.zeros_like(p) for name, p in ref.items()}
+    v = {name: np.zeros_like(p) for name, p in ref.items()}
+    for it, scale in enumerate([10.0, 0.1, 3.0, 0.5, 2.0, 0.01, 5.0, 1.0]):  # global norms above and below the clip
+        grads = jax.tree.map(lambda p, s=scale: jnp.asarray(s * rng.normal(size=p.shape), jnp.float32), params)
+        updates, state = update(grads, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        g = {name: np.asarray(x, np.float64) for name, x in outdir.flat_names(grads, "").items()}
+        norm = math.sqrt(sum((x ** 2).sum() for x in g.values()))
+        # wsd: warmup over 2, constant to 3, linear to min_lr at 6, both learning rates in proportion
+        lr = 1e-2 * (it + 1) / 3 if it < 2 else 1e-2 - min(max(it - 3, 0) / 3, 1) * (1e-2 - 1e-3)
+        t = it + 1
+        for name in ref:
+            clipped = g[name] * min(1.0, 1.0 / norm)
+            if name in muon:
+                b = 0.9
+                m[name] = b * m[name] + (1 - b) * clipped
+                nesterov = b * m[name] / (1 - b ** (t + 1)) + (1 - b) * clipped / (1 - b ** t)
+                ortho = np.stack([newton_schulz(layer) for layer in nesterov])
+                n_in, n_out = ortho.shape[1:]
+                step = ortho * max(1.0, n_out / n_in) ** 0.5
+                ref[name] = ref[name] - 5 * lr * (step + 0.1 * ref[name])
+                continue
+            m[name] = 0.9 * m[name] + 0.1 * clipped
+            v[name] = 0.95 * v[name] + 0.05 * clipped ** 2
+            step = (m[name] / (1 - 0.9 ** t)) / (np.sqrt(v[name] / (1 - 0.95 ** t)) + 1e-8)
+            ref[name] = ref[name] - lr * (step + (0.1 * ref[name] if name == "wte" else 0))
+        for name, p in outdir.flat_names(params, "").items():
+            np.testing.assert_allclose(p, ref[name], rtol=1e-4, atol=1e-5, err_msg=f"{name} at step {it}")
+
+
+def test_optim_muon_trains_the_blocks_matrices_and_adamw_the_rest():
+    # the partition, written out: a model with biases, and LoRA's adapters (what a LoRA run optimizes)
+    hparams = {"n_vocab": 11, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 2}
+    params = jax.eval_shape(lambda: gpt.init_params(jax.random.PRNGKey(0), hparams))
+    labels = outdir.flat_names(optim.muon_labels(params), "")
+    assert {name for name, label in labels.items() if label == "muon"} == {
+        "h/attn/c_attn/w", "h/attn/c_proj/w", "h/mlp/c_fc/w", "h/mlp/c_proj/w"}
+    assert {name for name, label in labels.items() if label == "adamw"} == {
+        "wte", "wpe", "ln_f/g", "ln_f/b", "h/ln_1/g", "h/ln_1/b", "h/ln_2/g", "h/ln_2/b", "h/attn/c_attn/b",
+        "h/attn/c_proj/b", "h/mlp/c_fc/b", "h/mlp/c_proj/b"}
+    adapters = jax.eval_shape(lambda: gpt.init_adapters(jax.random.PRNGKey(0), gpt.init_params(
+        jax.random.PRNGKey(0), hparams), 2, ("attn/c_attn", "mlp/c_proj")))
+    assert outdir.flat_names(optim.muon_labels(adapters), "") == {
+        "h/attn/c_attn/lora_a": "muon", "h/attn/c_attn/lora_b": "muon", "h/mlp/c_proj/lora_a": "muon",
+        "h/mlp/c_proj/lora_b": "muon"}
+
+
+def test_optim_wsd_schedule_at_its_corners():
+    config = train_config.resolve_config({"lr_schedule": "wsd", "learning_rate": 1e-2, "min_lr": 1e-3,
+                                          "muon_learning_rate": 0.04, "warmup_iters": 10, "lr_decay_iters": 50,
+                                          "decay_fraction": 0.2})
+    corners = {0: 1e-2 / 11, 9: 1e-2 * 10 / 11, 10: 1e-2, 25: 1e-2, 40: 1e-2, 45: 5.5e-3, 49: 1e-2 - 0.9 * 9e-3,
+               50: 1e-3, 1000: 1e-3}
+    traced = jax.jit(jax.vmap(lambda it: optim.learning_rate(it, config)))(np.array(list(corners)))
+    for (it, want), got in zip(corners.items(), np.asarray(traced)):
+        assert got == pytest.approx(want, rel=1e-6), it
+        assert float(optim.learning_rate(it, config, np)) == pytest.approx(want, rel=1e-6), it
+        assert float(optim.muon_learning_rate(it, config, np)) == pytest.approx(4 * want, rel=1e-6), it
+    whole = {**config, "decay_fraction": 1.0}  # the decay starts where the warmup ends
+    assert float(optim.learning_rate(30, whole, np)) == pytest.approx(1e-2 - 0.5 * 9e-3, rel=1e-6)
+    assert float(optim.muon_learning_rate(7, {**config, "learning_rate": 0.0}, np)) == pytest.approx(0.04 * 8 / 11)
+
+
+def test_train_muon_resumes_bitwise_and_keeps_its_optimizer(train_data_dir, tmp_path):
+    # Muon with gradient accumulation and a wsd schedule: a run stopped at 4 and resumed equals one that never
+    # stopped, its momentum included; the checkpoint's optimizer cannot be swapped on resume
+    extra = {"eval_interval": 4, "optimizer": "muon", "lr_schedule": "wsd", "muon_learning_rate": 0.02,
+             "lr_decay_iters": 8}
+    straight = train.train(run_config(train_data_dir, tmp_path / "a", max_iters=8, **extra))
+    train.train(run_config(train_data_dir, tmp_path / "b", max_iters=4, **extra))
+    with pytest.raises(cli.UsageError, match="optimizer=adamw differs from the checkpoint's muon"):
+        train.train({"init_from": "resume", "out_dir": str(tmp_path / "b"), "max_iters": 8, "optimizer": "adamw"})
+    train.train({"init_from": "resume", "out_dir": str(tmp_path / "b"), "max_iters": 8})
+    a, b = ckpt_tensors(tmp_path / "a"), ckpt_tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and any(".mu" in name for name in a)  # Muon's momentum is saved
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert straight["losses"][7] < straight["losses"][0]
 
 
 def test_train_step_draws_each_micro_batch_and_step_its_own_dropout_masks():
@@ -2650,7 +2767,7 @@ def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, m
                                           "gradient_accumulation_steps": 1})
     params = gpt.init_params(jax.random.PRNGKey(0), hparams)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    optimizer = train.make_optimizer(config, params)
+    optimizer = optim.make_optimizer(config, params)
     mesh = train.Mesh(np.array(jax.devices()[:1]), ("data",))
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_shardings = train.tree_shardings(mesh, opt_shapes, False)
@@ -2711,8 +2828,9 @@ def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_
 
 
 @pytest.mark.slow
-def test_train_four_devices_match_one(train_data_dir, tmp_path):
-    config = run_config(train_data_dir, tmp_path / "one", max_iters=6, eval_interval=6)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon's orthogonalisation of sharded matrices
+def test_train_four_devices_match_one(train_data_dir, tmp_path, optimizer):
+    config = run_config(train_data_dir, tmp_path / "one", max_iters=6, eval_interval=6, optimizer=optimizer)
     one = train.train(config)
     one = [one["losses"][i] for i in range(6)]
     proc = run_program("train_four_devices.py", json.dumps({**config, "out_dir": str(tmp_path / "four")}),

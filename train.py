@@ -13,9 +13,8 @@ out_dir (checkpoints, the model, metrics.jsonl, loss.png) is outdir.py's; the da
 
 What a step does. batch_size * gradient_accumulation_steps sequences of block_size + 1 tokens are drawn at random
 offsets of train.bin (data.get_batch). One jitted function runs the micro-batches under lax.scan, summing gradients,
-and applies AdamW: warmup then cosine decay of the learning rate to min_lr (nanoGPT's get_lr), gradients clipped to
-global norm grad_clip, weight decay on matrices and embeddings only (not on biases and LayerNorm gains; nanoGPT's
-rule, ">= 2 dimensions" before gpt.py stacks the layers). The params and optimizer state are donated, so they are
+and applies the optimizer (optim.py): AdamW with nanoGPT's warmup and cosine decay by default, or Muon on the blocks'
+matrices, and a warmup-stable-decay schedule. The params and optimizer state are donated, so they are
 updated in place. Master weights are float32; dtype=bfloat16 computes the forward and backward passes in bfloat16
 (dtype=auto: bfloat16 on GPU and TPU, float32 on CPU). Dropout masks come from explicit PRNG keys.
 
@@ -64,6 +63,7 @@ from tqdm import tqdm
 import cli
 import data
 import gpt
+import optim
 import outdir
 import quant
 import tracking
@@ -117,33 +117,6 @@ def run(config, ending=False):  # a resolved config -> train()'s result; ending:
 
 
 # -------------------------------------------------------------------------------------------------------- the step
-
-def decay_mask(params):  # weight decay on matrices and embeddings ("w", wte, wpe); not on biases and LayerNorm gains
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("w", "wte", "wpe"), params)
-
-
-def learning_rate(it, config: dict, xp=jnp):
-    """The learning rate at iteration it: nanoGPT's get_lr. Linear warmup to learning_rate over warmup_iters, cosine
-    decay to min_lr at lr_decay_iters, then min_lr; constant when decay_lr is false. xp=jnp inside the optimizer (it
-    is a traced count there), numpy for the logs."""
-    lr, min_lr = config["learning_rate"], config["min_lr"]
-    warmup, decay = config["warmup_iters"], config["lr_decay_iters"]
-    if not config["decay_lr"]:
-        return xp.asarray(lr, xp.float32)
-    it = xp.asarray(it, xp.float32)
-    ratio = xp.clip((it - warmup) / max(decay - warmup, 1), 0.0, 1.0)
-    cosine = min_lr + 0.5 * (1.0 + xp.cos(xp.pi * ratio)) * (lr - min_lr)
-    return xp.where(it < warmup, lr * (it + 1) / (warmup + 1), cosine)
-
-
-def make_optimizer(config: dict, params: dict) -> optax.GradientTransformation:
-    # the clip is always in the chain (at an infinite norm when disabled) so the state's layout does not depend on it
-    max_norm = config["grad_clip"] or float("inf")
-    return optax.chain(
-        optax.clip_by_global_norm(max_norm),
-        optax.adamw(partial(learning_rate, config=config), b1=config["beta1"], b2=config["beta2"], eps=1e-8,
-                    weight_decay=config["weight_decay"], mask=decay_mask(params)))
-
 
 def compute_dtype(config):
     if config["dtype"] == "auto":
@@ -407,7 +380,8 @@ def resumed_state(config, out_dir):
     """(hparams, params, LoRA's {"frozen", "base", "base_fingerprint"} or {}, the saved loop state, the checkpoint's
     metadata) of out_dir's checkpoint. LoRA's base is found again (never downloaded: --lora_base points at a moved
     one) and must be the very model the adapters were trained on."""
-    params, opt_state, meta = outdir.load_checkpoint(out_dir / outdir.CKPT_NAME, lambda p: make_optimizer(config, p))
+    optimizer_for = partial(optim.make_optimizer, config)
+    params, opt_state, meta = outdir.load_checkpoint(out_dir / outdir.CKPT_NAME, optimizer_for)
     if meta["iter"] >= config["max_iters"] and not (config["eval_only"] or meta["eval_pending"]):
         raise cli.UsageError(f"{out_dir}'s checkpoint is at iteration {meta['iter']} and max_iters is "
                              f"{config['max_iters']}: nothing to train; give a larger --max_iters")
@@ -622,7 +596,7 @@ def compiled_run(start):
     if abstract is None:
         abstract = jax.eval_shape(partial(new_params, config, hparams), jax.random.PRNGKey(0))
     shardings = tree_shardings(mesh, abstract, config["fsdp"])
-    optimizer = make_optimizer(config, abstract)
+    optimizer = optim.make_optimizer(config, abstract)
     if frozen is not None:
         frozen = jax.device_put(frozen, tree_shardings(mesh, frozen, config["fsdp"]))
     placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
@@ -698,7 +672,8 @@ def estimate_losses(evaluate, params, frozen, start, mesh, it, stop, show):
 def metrics_record(it, estimate, config, progress, t_start):  # one line of metrics.jsonl
     used = peak_memory()
     return {"iter": it, "train_loss": estimate["train"], "val_loss": estimate["val"],
-            "lr": float(learning_rate(it, config, np)), "tokens_per_s": progress.tokens_per_s, "mfu": progress.mfu,
+            "lr": float(optim.learning_rate(it, config, np)), "tokens_per_s": progress.tokens_per_s,
+            "mfu": progress.mfu,
             "elapsed_s": round(time.perf_counter() - t_start, 3),
             "peak_memory_gb": round(used / GB, 3) if used else None}
 

@@ -51,10 +51,18 @@ CONFIG = {
     "beta1": (0.9, "AdamW beta1"),
     "beta2": (0.99, "AdamW beta2"),
     "grad_clip": (1.0, "clip gradients to this global norm; 0 disables"),
+    "optimizer": ("adamw", "adamw, or muon: Muon on the blocks' matrices, AdamW (learning_rate, beta1, beta2) on "
+                           "embeddings, biases and LayerNorms (optim.py)"),
+    "muon_learning_rate": (0.02, "Muon: peak learning rate of the blocks' matrices (on the same schedule)"),
+    "muon_momentum": (0.95, "Muon: Nesterov momentum of the gradients before orthogonalisation"),
+    "muon_ns_steps": (5, "Muon: Newton-Schulz iterations that orthogonalise each update"),
     "decay_lr": (True, "warm up then decay the learning rate; false keeps it at learning_rate"),
+    "lr_schedule": ("cosine", "cosine (nanoGPT's), or wsd: warmup, constant, then a linear decay over the last "
+                              "decay_fraction of lr_decay_iters"),
+    "decay_fraction": (0.2, "wsd: the fraction of lr_decay_iters that the linear decay takes"),
     "warmup_iters": (100, "iterations of linear warmup"),
-    "lr_decay_iters": (2000, "iteration where the cosine decay reaches min_lr (about max_iters, per Chinchilla)"),
-    "min_lr": (1e-4, "learning rate after the decay (about learning_rate / 10)"),
+    "lr_decay_iters": (2000, "iteration where the decay reaches min_lr (about max_iters, per Chinchilla)"),
+    "min_lr": (1e-4, "learning rate after the decay (about learning_rate / 10; Muon's in proportion)"),
     "dtype": ("auto", "compute dtype: float32, bfloat16, or auto (bfloat16 on GPU/TPU, float32 on CPU); weights and "
                       "optimizer state stay float32"),
     "fsdp": (False, "shard params and optimizer state across devices, not only the batch"),
@@ -181,19 +189,26 @@ def parse_args(argv: list[str]) -> dict:
 
 def check_config(config):
     positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                "block_size", "n_layer", "n_head", "n_embd")
+                "block_size", "n_layer", "n_head", "n_embd", "muon_ns_steps")
     for name in positive:
         if config[name] < 1:
             raise UsageError(f"{name} must be at least 1, got {config[name]}")
     for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
         if config[name] < 0:
             raise UsageError(f"{name} must not be negative, got {config[name]}")
-    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops", "checkpoint_interval_minutes"):
+    for name in ("learning_rate", "muon_learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops",
+                 "checkpoint_interval_minutes"):
         if config[name] < 0:
             raise UsageError(f"{name} must not be negative, got {config[name]}")
     if not 0 <= config["dropout"] < 1:
         raise UsageError(f"dropout must be in [0, 1), got {config['dropout']}")
-    for name in ("beta1", "beta2"):
+    if config["optimizer"] not in ("adamw", "muon"):
+        raise UsageError(f"optimizer must be adamw or muon, not {config['optimizer']!r}")
+    if config["lr_schedule"] not in ("cosine", "wsd"):
+        raise UsageError(f"lr_schedule must be cosine or wsd, not {config['lr_schedule']!r}")
+    if not 0 < config["decay_fraction"] <= 1:
+        raise UsageError(f"decay_fraction must be in (0, 1], got {config['decay_fraction']}")
+    for name in ("beta1", "beta2", "muon_momentum"):
         if not 0 <= config[name] < 1:
             raise UsageError(f"{name} must be in [0, 1), got {config[name]}")
     if config["n_embd"] % config["n_head"]:
@@ -252,6 +267,10 @@ def resolve_config(overrides: dict) -> dict:
             if name in overrides and overrides[name] != saved[name]:
                 raise UsageError(f"{name}={overrides[name]} differs from the checkpoint's {saved[name]}: a resumed run "
                                  f"keeps its model; drop the flag or start a new run")
+        saved_optimizer = saved.get("optimizer", DEFAULTS["optimizer"])
+        if overrides.get("optimizer", saved_optimizer) != saved_optimizer:
+            raise UsageError(f"optimizer={overrides['optimizer']} differs from the checkpoint's {saved_optimizer}: a "
+                             f"resumed run keeps its optimizer's state; drop the flag or start a new run")
         config = {**DEFAULTS, **{k: v for k, v in saved.items() if k in CONFIG}, **overrides}
     return check_config(config)
 
