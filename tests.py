@@ -2482,6 +2482,31 @@ def test_train_config_file_and_flags(tmp_path):
             train_config.resolve_config(overrides)
 
 
+def test_train_config_keys_have_a_role_and_their_rules_are_checked():
+    # each key's rule refuses the first value outside it, naming the key; each choice key refuses another word
+    outside = {">= 1": 0, ">= 0": -1, "[0, 1)": 1, "(0, 1]": 0}
+    for name, (default, role, rule, _) in train_config.CONFIG.items():
+        assert role in train_config.ROLES, name
+        if rule is None:
+            continue
+        bad = "nonsense" if isinstance(rule, tuple) else type(default)(outside[rule])
+        with pytest.raises(cli.UsageError, match=f"^{name} must "):
+            train_config.check_config({**train_config.DEFAULTS, name: bad})
+    # a resume keeps the model's shape; a requeued run may change only where it writes, reports and tracks
+    assert set(train_config.MODEL_KEYS) == {"n_layer", "n_head", "n_embd", "bias", "lora_rank", "lora_alpha",
+                                            "lora_targets"}
+    assert {"max_iters", "out_dir", "eval_interval", "wandb_log", "lora_base"} <= train_config.RUN_CONTROL_KEYS
+    assert not {"dataset", "learning_rate", "optimizer", "dropout", "seed", "batch_size"} & \
+        train_config.RUN_CONTROL_KEYS
+    # --help lists the keys under their roles, in ROLES' order
+    text = train_config.help_text()
+    headings = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith((" ", "usage"))
+                and ":" in line and line.split(":")[0] in train_config.ROLES]
+    assert headings == list(train_config.ROLES)
+    model_part = text[text.index("\nmodel:"):text.index("\ntraining:")]
+    assert "--n_layer=4" in model_part and "--learning_rate" not in model_part
+
+
 def test_train_cli_errors_are_one_line(tmp_path):
     (tmp_path / "bad.toml").write_text("[[[")
     for args, needle in [(["--n_layr=3"], "did you mean n_layer"), ([str(tmp_path / "bad.toml")], "not valid TOML"),
@@ -2489,7 +2514,7 @@ def test_train_cli_errors_are_one_line(tmp_path):
                          (["--seed=-1"], "seed must be from 0 to 2**63 - 1, got -1"),
                          (["--beta1=1"], "beta1 must be in [0, 1), got 1"), (["--beta2=1"], "beta2 must be in [0, 1)"),
                          ([f"--seed={2**63}"], f"seed must be from 0 to 2**63 - 1, got {2**63}"),
-                         (["--lora_rank=-1"], "lora_rank must be 0 (no adapters) or a positive rank, got -1"),
+                         (["--lora_rank=-1"], "lora_rank must not be negative, got -1"),
                          (["--lora_rank=8"], "lora_rank adapts a pretrained model"),
                          (["--lora_base_dtype=float16"], "lora_base_dtype must be float32 or bfloat16"),
                          (["--init_from=124M", "--lora_rank=8", "--lora_targets=attn.c_atn"],
@@ -4539,3 +4564,35 @@ def test_property_kv_cache_decoding_follows_the_model(tiny_tf, lengths, n_new, s
         logits = numpy_gpt2(flat, np.array(prompt + new[:-1]), hparams["n_head"])[len(prompt) - 1:]
         chosen = logits[np.arange(len(new)), new]
         assert np.all(chosen >= logits.max(-1) - 1e-4)
+
+
+SPLIT_LENGTHS = st.fixed_dictionaries({"train": st.integers(1, 60), "val": st.integers(1, 60)})
+
+
+@given(lengths=SPLIT_LENGTHS, shard_tokens=st.integers(1, 25), seed=st.integers(0, 2**32 - 1))
+def test_property_llmc_shards_round_trip(tmp_path_factory, lengths, shard_tokens, seed):
+    # a prepared dataset of generated GPT-2 tokens -> data.write_shards at a generated shard size -> read back by
+    # llm.c's reader (written out: header of 256 int32, magic, version, count; then uint16 tokens) and by
+    # data.load_split: each split whole and in order, every shard but a split's last full, each header its own count
+    tmp = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(seed)
+    tokens = {split: rng.integers(0, 50257, n).astype(np.uint16) for split, n in lengths.items()}
+    folder = tmp / "prepared"
+    folder.mkdir()
+    for split, ids in tokens.items():
+        (folder / f"{split}.bin").write_bytes(ids.tobytes())
+    data.write_meta(folder, {"kind": "gpt2", "vocab_size": 50257})
+    data.write_shards(folder, tmp / "shards", "gen", shard_tokens)
+    for split, ids in tokens.items():
+        paths = sorted((tmp / "shards").glob(f"gen_{split}_*.bin"))
+        assert [p.name for p in paths] == [f"gen_{split}_{i:06d}.bin" for i in range(-(-len(ids) // shard_tokens))]
+        read = []
+        for path in paths:
+            header = np.fromfile(path, dtype="<i4", count=256)
+            read.append(np.fromfile(path, dtype="<u2", offset=1024))
+            assert header[0] == 20240520 and header[1] == 1 and header[2] == len(read[-1]), path.name
+        assert all(len(r) == shard_tokens for r in read[:-1]) and 1 <= len(read[-1]) <= shard_tokens
+        np.testing.assert_array_equal(np.concatenate(read), ids)
+        loaded = data.load_split(tmp / "shards", split, 50257)
+        assert len(loaded) == len(ids)
+        np.testing.assert_array_equal(loaded.windows([0], len(ids))[0], ids)
