@@ -874,7 +874,7 @@ def serve_table(args):
         try:
             url = wait_for_server(proc, log_path)
             _, _, params = weights.load_encoder_hparams_and_params(model_dir, quantize=args.dtype if quantize else None)
-            params = sampling.unstack_layers(params)
+            params = gpt.unstack_layers(params)
             generate = partial(sampling.generate, params, hparams, ids, n_new, greedy=True, logit_bias=ban)
             generate()  # compile
             with httpx.Client(timeout=600) as http:
@@ -957,7 +957,7 @@ def generate_table(args):
         float_params = params
         params = (jax.tree.map(jnp.asarray, quant.quantize_params(params)) if args.dtype == "int8"
                   else gpt.cast(params, jnp.dtype(args.dtype)))
-        layers = sampling.unstack_layers(params)  # once, as main.py does, not inside every timed generate
+        layers = gpt.unstack_layers(params)  # once, as main.py does, not inside every timed generate
         rows.append(("load (s), from converted cache", f"{load['load_s']:.2f}", ""))
         rows.append(("peak RSS during load (MiB) / weights (MiB)",
                      f"{load['peak_rss_mib']:.0f} / {load['weights_mib']:.0f}", ""))

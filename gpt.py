@@ -2,13 +2,16 @@
 
 The params dict mirrors OpenAI's checkpoint names (wte, wpe, h/ln_1/g, h/attn/c_attn/w, ..., ln_f/b), except that
 the per-layer blocks h0, h1, ... are stacked into one "h" subtree with a leading [n_layer] axis, so the layers run
-under `lax.scan`: compile time stays flat with depth. The functions take one sequence ([n_seq] ids) or a batch of
-equal-length ones ([batch, n_seq]): every position-wise step acts on the last axis, attention on the last two. The KV
-cache holds the same leading axes; sampling.py decodes rows of different lengths in one cache, each row at its own
-position with its own mask of cached slots (causal_self_attention's past and slot). Any matrix may be int8 (quant.py).
+under `lax.scan`: compile time stays flat with depth. Decoding runs on the other layout, "h" as a list of per-layer
+dicts (unstack_layers), whose weights a CPU reads in place; transformer takes either. The functions take one sequence
+([n_seq] ids) or a batch of equal-length ones ([batch, n_seq]): every position-wise step acts on the last axis,
+attention on the last two. The KV caches (one per layer) hold the same leading axes; sampling.py decodes rows of
+different lengths in one cache, each row at its own position with its own mask of cached slots
+(causal_self_attention's past and slot). Any matrix may be int8 (quant.py).
 
-    logits = gpt(params, ids, n_head)                       # [..., n_seq] -> [..., n_seq, n_vocab]
-    x, cache = transformer(params, ids, n_head, cache, pos) # [n_seq], with a KV cache for decoding
+    logits = gpt(params, ids, n_head)                            # [..., n_seq] -> [..., n_seq, n_vocab]
+    layers = unstack_layers(params)                              # per-layer weights, for decoding
+    x, caches = transformer(layers, ids, n_head, caches, pos)    # with KV caches (empty_caches)
 
 Shapes and dtypes are declared with jaxtyping annotations (Float[Array, "*batch n_seq n_embd"]: any leading axes,
 then the named ones, which must agree across a call's arguments and result); the tests check them at run time.
@@ -23,6 +26,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, UInt32
 
@@ -109,11 +113,11 @@ def after(x: Float[Array, "*shape"], dep: Float[Array, "*shape"]) -> Float[Array
 
 
 def causal_self_attention(x: Float[Array, "*batch n_seq n_embd"], c_attn: dict, c_proj: dict, n_head: int,
-                          cache: dict | None, layer: Position, pos: Position | Int[Array, "*batch"],
+                          cache: dict | None, pos: Position | Int[Array, "*batch"],
                           dropout_rate: float = 0.0, key: PRNGKeyArray | None = None,
                           past: Bool[Array, "*batch n_cache"] | None = None,
                           slot: Position | None = None) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
-    # With a cache ({"k", "v": [*batch, n_layer, n_head, n_cache, head_dim]}), x attends over the cached slots that
+    # With a cache ({"k", "v": [*batch, n_head, n_cache, head_dim]}, this layer's), x attends over the cached slots that
     # past marks (default: those before pos) and over itself, and its keys and values are written at slots slot..
     # (default: the largest pos) of every row: one slot for all rows, so that the write is one in-place
     # dynamic-update-slice (per-row slots make it a scatter, which XLA:CPU ran as several copies of the whole cache).
@@ -138,10 +142,9 @@ def causal_self_attention(x: Float[Array, "*batch n_seq n_embd"], c_attn: dict, 
             if past is None and not (isinstance(pos, int) and pos == 0):  # at position 0 nothing is cached yet
                 past = jnp.broadcast_to(jnp.arange(n_cache) < jnp.asarray(pos)[..., None], (*lead, n_cache))
             slot = jnp.max(pos) if slot is None else slot
-            layer_of = lambda c: lax.dynamic_index_in_dim(c, layer, axis=len(lead), keepdims=False)
-            out = cached_attention(q, k, v, layer_of(cache["k"]), layer_of(cache["v"]), past)
-            at = (0,) * len(lead) + (layer, 0, slot, 0)
-            cache = {name: lax.dynamic_update_slice(c, jnp.expand_dims(after(new, out), len(lead)).astype(c.dtype), at)
+            out = cached_attention(q, k, v, cache["k"], cache["v"], past)
+            at = (0,) * len(lead) + (0, slot, 0)
+            cache = {name: lax.dynamic_update_slice(c, after(new, out).astype(c.dtype), at)
                      for name, c, new in (("k", cache["k"], k), ("v", cache["v"], v))}
         out = out.swapaxes(-3, -2)
     out = out.reshape(*lead, n_seq, n_embd)
@@ -152,40 +155,53 @@ def mlp(x: Float[Array, "*rows n_embd"], c_fc: dict, c_proj: dict) -> Float[Arra
     return linear(gelu(linear(x, **c_fc)), **c_proj)
 
 
-def block(x: Float[Array, "*batch n_seq n_embd"], p: dict, n_head: int, cache: dict | None, layer: Position,
+def block(x: Float[Array, "*batch n_seq n_embd"], p: dict, n_head: int, cache: dict | None,
           pos: Position | Int[Array, "*batch"], dropout_rate: float = 0.0, key: PRNGKeyArray | None = None,
           past: Bool[Array, "*batch n_cache"] | None = None,
           slot: Position | None = None) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
     # dropout where GPT-2 and nanoGPT put it: on the attention weights and on each residual branch
     k_weights, k_attn, k_mlp = (None, None, None) if key is None else jax.random.split(key, 3)
-    a, cache = causal_self_attention(layer_norm(x, **p["ln_1"]), **p["attn"], n_head=n_head, cache=cache,
-                                     layer=layer, pos=pos, dropout_rate=dropout_rate, key=k_weights, past=past,
-                                     slot=slot)
+    a, cache = causal_self_attention(layer_norm(x, **p["ln_1"]), **p["attn"], n_head=n_head, cache=cache, pos=pos,
+                                     dropout_rate=dropout_rate, key=k_weights, past=past, slot=slot)
     x = x + dropout(a, dropout_rate, k_attn)
     x = x + dropout(mlp(layer_norm(x, **p["ln_2"]), **p["mlp"]), dropout_rate, k_mlp)
     return x, cache
 
 
-def transformer(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int, cache: dict | None = None,
-                pos: Position = 0, dropout_rate: float = 0.0, key: PRNGKeyArray | None = None, unroll: bool = False,
-                remat: bool = False) -> tuple[Float[Array, "*batch n_seq n_embd"], dict | None]:
-    # the final hidden states (after ln_f), and the updated cache
+def transformer(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int, caches: list | None = None,
+                pos: Position | Int[Array, "*batch"] = 0, past: Bool[Array, "*batch n_cache"] | None = None,
+                slot: Position | None = None, dropout_rate: float = 0.0, key: PRNGKeyArray | None = None,
+                unroll: bool = False, remat: bool = False) -> tuple[Float[Array, "*batch n_seq n_embd"], list | None]:
+    """The final hidden states (after ln_f), and the updated KV caches. Two layouts of params["h"], one computation:
+    stacked arrays [n_layer, ...] (training: a lax.scan over the layers) or a list of per-layer dicts
+    (unstack_layers; decoding and scoring, with per-layer caches from empty_caches, or none). caches, past and slot:
+    see causal_self_attention. Dropout (key) draws each layer's masks from fold_in(key, layer) in both."""
     x = embed(params, ids, pos)
     if key is not None:
         key, k_embd = jax.random.split(key)
         x = dropout(x, dropout_rate, k_embd)
+    layer_key = lambda layer: None if key is None else jax.random.fold_in(key, layer)
+    if isinstance(params["h"], list):
+        # Decoding reads every weight once a token, and is bound by that traffic: on a CPU, XLA copies each layer's
+        # slice of a stacked array before a matmul reads it (124M: ~2x slower), while separate arrays are read in
+        # place. The price: the compiled code grows with n_layer.
+        out = []
+        for layer, (p, cache) in enumerate(zip(params["h"], caches or [None] * len(params["h"]))):
+            x, cache = block(x, p, n_head, cache, pos, dropout_rate, layer_key(layer), past, slot)
+            out.append(cache)
+        return layer_norm(x, **params["ln_f"]), None if caches is None else out
+    if caches is not None:
+        raise ValueError("KV caches go with per-layer params: decode with gpt.unstack_layers(params)")
 
-    def layer_step(carry, layer_in):
-        x, cache = carry
+    def layer_step(x, layer_in):
         p, layer = layer_in
-        layer_key = None if key is None else jax.random.fold_in(key, layer)
-        return run_block(x, p, n_head, cache, layer, pos, dropout_rate, layer_key), None
+        return run_block(x, p, n_head, None, pos, dropout_rate, layer_key(layer))[0], None
 
     run_block = block
     if remat:  # gradient checkpointing: keep each block's input and the matmul outputs its backward pass needs (costly
         # to recompute; 9 n_embd floats a token and layer in all), recompute the rest in the backward pass: LayerNorms,
         # GELU, dropout masks and the attention weights ([n_head, n_seq, n_seq] a sequence, the largest at long blocks)
-        run_block = jax.checkpoint(block, static_argnums=(2, 5, 6),  # n_head, pos, dropout_rate
+        run_block = jax.checkpoint(block, static_argnums=(2, 4, 5),  # n_head, pos, dropout_rate
                                    policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
     n_layer = params["h"]["ln_1"]["g"].shape[0]
@@ -193,9 +209,8 @@ def transformer(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int, cach
     # the stack and stacking the gradients back cost ~25% of a 124M step on a GPU and ~15% of a small model's on a CPU.
     # With remat the loop stays rolled: unrolled, XLA schedules the recomputation beside the forward pass and the
     # memory saved is lost (measured: 4 layers, block 256, batch 8: 158 -> 46 MB of temporaries rolled, none unrolled)
-    layers = (params["h"], jnp.arange(n_layer))
-    (x, cache), _ = lax.scan(layer_step, (x, cache), layers, unroll=n_layer if unroll and not remat else 1)
-    return layer_norm(x, **params["ln_f"]), cache
+    x, _ = lax.scan(layer_step, x, (params["h"], jnp.arange(n_layer)), unroll=n_layer if unroll and not remat else 1)
+    return layer_norm(x, **params["ln_f"]), None
 
 
 def embed(params: dict, ids: Int[Array, "*batch n_seq"],
@@ -228,11 +243,31 @@ def gpt(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int) -> Float[Arr
     return unembed(params, x)
 
 
-def init_cache(hparams: dict, max_len: int, dtype=jnp.float32) -> dict:
-    # {"k", "v": [n_layer, n_head, max_len, head_dim]}
-    n_head = hparams["n_head"]
-    shape = (hparams["n_layer"], n_head, max_len, hparams["n_embd"] // n_head)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def empty_caches(params: dict, batch: int, n_head: int, cache_len: int, kv_dtype=None) -> list:
+    # transformer's KV caches for per-layer params: per layer {"k", "v": [batch, n_head, cache_len, head_dim]}, zeros
+    # in kv_dtype (None: the compute dtype)
+    n_embd = params["wpe"].shape[1]
+    shape = (batch, n_head, cache_len, n_embd // n_head)
+    return [{"k": jnp.zeros(shape, kv_dtype or dtype(params)), "v": jnp.zeros(shape, kv_dtype or dtype(params))}
+            for _ in range(n_layers(params))]
+
+
+def n_layers(params: dict) -> int:  # in either layout
+    return len(params["h"]) if isinstance(params["h"], list) else params["h"]["ln_1"]["g"].shape[0]
+
+
+def unstack_layers(params: dict) -> dict:
+    """params with "h" as a list of per-layer dicts instead of arrays stacked over the layers: the layout decoding
+    runs on (see transformer). On a CPU the layers are views of the stacked arrays (no copy, ~20 ms for 124M)."""
+    if isinstance(params["h"], list):
+        return params
+    return {**params, "h": [jax.tree.map(lambda w, i=i: layer_of(w, i), params["h"]) for i in range(n_layers(params))]}
+
+
+def layer_of(w, i):  # [n_layer, ...] -> [...], its own array
+    if all(d.platform == "cpu" for d in w.devices()):  # jax adopts the (aligned) memory of a numpy view: no copy
+        return jax.device_put(np.asarray(w)[i], w.sharding)
+    return w[i]
 
 
 def lm_loss(params: dict, ids: Int[Array, "*batch n_seq"], targets: Int[Array, "*batch n_seq"], n_head: int,

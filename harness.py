@@ -14,8 +14,8 @@ Requests are sorted by length and scored in batches of batch_size rows padded to
 two and the halfway points between them, up to n_ctx) by one jitted function each way: a task of thousands of requests
 compiles a handful of programs. Requests with the same context (a multiple-choice question's choices) in a batch run
 it once into a KV cache and their continuations from it; only scored positions are unembedded; the layers run in
-sampling.py's layout (sampling.forward_rows). Padding never changes a score: each row's positions past its length are
-masked out, and rows are independent.
+the per-layer layout that decoding uses (gpt.unstack_layers). Padding never changes a score: each row's positions
+past its length are masked out, and rows are independent.
 """
 from functools import partial
 
@@ -30,7 +30,7 @@ import gpt
 import sampling
 import weights
 
-MIN_BUCKET = 16
+MIN_LENGTH = 16
 
 
 class GptjaxLM(TemplateLM):
@@ -45,7 +45,7 @@ class GptjaxLM(TemplateLM):
         self._max_length = min(int(max_length or self.hparams["n_ctx"]), self.hparams["n_ctx"])
         # the layout sampling.py runs on: each layer's weights read in place (a stacked layer is copied before each
         # matmul reads it, ~12 ms a pass for 124M on a CPU: 10-25% of a batch of 8)
-        self.params = sampling.unstack_layers(params)
+        self.params = gpt.unstack_layers(params)
 
     @property
     def eot_token_id(self):
@@ -103,9 +103,9 @@ class GptjaxLM(TemplateLM):
         out = [None] * len(rows)
         for first in tqdm(range(0, len(order), self.batch_size), desc="scoring", disable=disable_tqdm):
             chosen = order[first:first + self.batch_size]
-            length = bucket(max(len(rows[i][0]) for i in chosen) - 1, self.max_length)
-            n_scored = bucket(max(rows[i][1] for i in chosen), length, smallest=1)
-            n_rows = bucket(len(chosen), self.batch_size, smallest=1)  # a last, short batch is not padded to full
+            length = padded_size(max(len(rows[i][0]) for i in chosen) - 1, self.max_length)
+            n_scored = padded_size(max(rows[i][1] for i in chosen), length, smallest=1)
+            n_rows = padded_size(len(chosen), self.batch_size, smallest=1)  # a last, short batch is not padded to full
             ids, positions, targets, mask = padded_batch([rows[i] for i in chosen], n_rows, length, n_scored)
             logprobs, greedy = map(np.asarray, target_scores(self.params, ids, positions, targets, mask,
                                                              n_head=self.hparams["n_head"]))
@@ -177,7 +177,7 @@ def fitted(context, continuation, n_ctx):
     return whole, len(continuation)
 
 
-def bucket(n, n_max, smallest=MIN_BUCKET):
+def padded_size(n, n_max, smallest=MIN_LENGTH):
     """The padded size for n: the next of smallest, 1.5 x smallest, 2 x smallest, 3 x smallest, ... (powers of two
     and the halfway points between them: at most a third of a batch is padding), at most n_max."""
     size = smallest
@@ -210,13 +210,13 @@ def shared_batch(pairs, batch_size, n_ctx):
     but its last) [B, Lk] with its targets (the continuation) and their mask, and the KV cache length (a bucket; at
     least Lp, and every row's position + Lk fits n_ctx). G and B: the contexts and pairs, bucketed, <= batch_size."""
     contexts = list(dict.fromkeys(tuple(context) for context, _ in pairs))
-    n_prefix = bucket(max(len(c) - 1 for c in contexts), n_ctx, smallest=1)
+    n_prefix = padded_size(max(len(c) - 1 for c in contexts), n_ctx, smallest=1)
     n_tail = min(-(-max(len(continuation) for _, continuation in pairs) // 4) * 4, n_ctx)  # multiples of 4: tails
     # are short, and their padding is most of what is left to save
-    prefixes = np.zeros((bucket(len(contexts), batch_size, smallest=1), n_prefix), np.int32)  # a few row counts
+    prefixes = np.zeros((padded_size(len(contexts), batch_size, smallest=1), n_prefix), np.int32)  # a few row counts
     for g, context in enumerate(contexts):
         prefixes[g, :len(context) - 1] = context[:-1]
-    n_rows = bucket(len(pairs), batch_size, smallest=1)  # as many rows as pairs, bucketed: a short batch stays short
+    n_rows = padded_size(len(pairs), batch_size, smallest=1)  # as many rows as pairs, rounded up: short stays short
     group, pos = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int32)
     tails, targets = np.zeros((n_rows, n_tail), np.int32), np.zeros((n_rows, n_tail), np.int32)
     mask = np.zeros((n_rows, n_tail), bool)
@@ -227,7 +227,7 @@ def shared_batch(pairs, batch_size, n_ctx):
         mask[row, :len(continuation)] = True
     if int(pos.max()) + n_tail > n_ctx:  # a padded tail past n_ctx would shift its position embeddings
         return None
-    cache_len = max(bucket(int(pos.max()) + n_tail, n_ctx), n_prefix)
+    cache_len = max(padded_size(int(pos.max()) + n_tail, n_ctx), n_prefix)
     return prefixes, group, pos, tails, targets, mask, cache_len
 
 
@@ -235,11 +235,11 @@ def shared_batch(pairs, batch_size, n_ctx):
 def shared_prefix_scores(params, prefixes, group, pos, tails, targets, mask, cache_len, *, n_head):
     # [G, Lp] prefixes into KV caches once, then [B, Lk] tails from their group's cache at their own position ->
     # [B] sum of log P(target) over the masked positions, [B] whether each of them is the argmax. params: in
-    # sampling.unstack_layers's layout, as in target_scores
-    empty = sampling.empty_caches(params, prefixes.shape[0], n_head, cache_len)
-    _, caches = sampling.forward_rows(params, prefixes, n_head, empty, 0)
+    # gpt.unstack_layers's layout, as in target_scores
+    empty = gpt.empty_caches(params, prefixes.shape[0], n_head, cache_len)
+    _, caches = gpt.transformer(params, prefixes, n_head, empty, 0)
     caches = jax.tree.map(lambda cache: cache[group], caches)  # each row its context's
-    x, _ = sampling.forward_rows(params, tails, n_head, caches, pos)
+    x, _ = gpt.transformer(params, tails, n_head, caches, pos)
     return scored(gpt.unembed(params, x), targets, mask)
 
 
@@ -255,6 +255,6 @@ def scored(logits, targets, mask):  # [B, K, V], [B, K], [B, K] -> [B] masked su
 def target_scores(params, ids, positions, targets, mask, *, n_head):
     # [B, T] ids, [B, K] positions -> [B] sum of log P(target) over the masked positions, [B] whether each of them
     # is the argmax. Only the K scored positions are unembedded: over GPT-2's 50,257 tokens that is most of the work.
-    # params: in sampling.unstack_layers's layout (GptjaxLM.params)
-    x, _ = sampling.forward_rows(params, ids, n_head, None, 0)
+    # params: in gpt.unstack_layers's layout (GptjaxLM.params)
+    x, _ = gpt.transformer(params, ids, n_head, None, 0)
     return scored(gpt.unembed(params, jnp.take_along_axis(x, positions[..., None], axis=1)), targets, mask)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import cli
+import gpt
 import sampling
 import weights
 from cli import UsageError
@@ -204,7 +205,7 @@ def run(args):
               "leave out --kv_cache for speed", file=sys.stderr, flush=True)
     encoder, hparams, params = weights.load_encoder_hparams_and_params(args.model_dir or args.model_type,
                                                                        args.models_dir, dtype, args.quantize)
-    params = sampling.unstack_layers(params)  # once, rather than on every generate call
+    params = gpt.unstack_layers(params)  # once, rather than on every generate call
     eot_token = None
     if args.stop_at_eot:
         if encoder.eot_token is None:

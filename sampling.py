@@ -28,7 +28,7 @@ How it runs:
     Stop strings act on text (text_stream), which ends a row by sending it to generate_stream. generate() runs a
     request of many rows (num_samples 10,000) as batches that fit in memory, each row keeping its index and padded
     shapes: the tokens are those of one batch.
-  - The layers' weights are separate arrays here (unstack_layers), not gpt.py's stack: see `forward_rows`.
+  - The layers' weights are separate arrays here (gpt.unstack_layers), not gpt.py's stack: see gpt.transformer.
   - The KV cache is in the compute dtype, or in kv_dtype="bfloat16": half the memory (a batch holds twice the rows),
     faster where the hardware reads bfloat16 natively; on XLA:CPU slower at long contexts, since it widens the cache
     in a slow loop inside attention (bench.py generate --kv_cache bfloat16: 124M int8 after 880 cached positions,
@@ -45,7 +45,6 @@ from jaxtyping import Array, Bool, Float, Int, UInt32
 
 import gpt
 import quant
-from gpt import Position
 
 CHUNK = 16  # tokens per jitted decode call: the granularity of streaming (a host round trip costs ~0.1 ms)
 MIN_BUCKET = 16
@@ -140,47 +139,6 @@ def next_tokens(logits: Float[Array, "batch n_vocab"], controls: dict, steps: In
 # ------------------------------------------------------------------------------------------------ the model
 
 
-def unstack_layers(params: dict) -> dict:
-    """params with "h" as a list of per-layer dicts instead of arrays stacked over the layers: the layout generation
-    runs on (see transformer). On a CPU the layers are views of the stacked arrays (no copy, ~20 ms for 124M)."""
-    if isinstance(params["h"], list):
-        return params
-    n_layer = params["h"]["ln_1"]["g"].shape[0]
-    return {**params, "h": [jax.tree.map(lambda w, i=i: layer_of(w, i), params["h"]) for i in range(n_layer)]}
-
-
-def layer_of(w, i):  # [n_layer, ...] -> [...], its own array
-    if all(d.platform == "cpu" for d in w.devices()):  # jax adopts the (aligned) memory of a numpy view: no copy
-        return jax.device_put(np.asarray(w)[i], w.sharding)
-    return w[i]
-
-
-def forward_rows(params: dict, ids: Int[Array, "batch n_seq"], n_head: int, caches: list | None,
-                 pos: Position | Int[Array, " batch"], past: Bool[Array, "batch n_cache"] | None = None,
-                 slot: int | Int[Array, ""] | None = None) -> tuple[Float[Array, "batch n_seq n_embd"], list | None]:
-    # gpt.transformer over per-layer weights and per-layer KV caches (empty_caches; None: no cache, as when scoring
-    # whole sequences, harness.py): rows at their own positions pos (one int: the same for all), attending over the
-    # cached slots that past marks (default: those before each row's pos), their keys and values written at slot..
-    # (default: the largest pos; see gpt.causal_self_attention) -> hidden states, updated caches.
-    # Why not gpt.transformer's lax.scan over the stacked layers: on a CPU, XLA copies each layer's slice of a stacked
-    # array before a matmul reads it, which doubles the memory traffic of decoding (124M: ~2x slower), and decoding is
-    # bound by that traffic. Separate arrays are read in place. The price: the compiled code grows with n_layer.
-    x = gpt.embed(params, ids, pos)
-    out = []
-    for p, cache in zip(params["h"], caches or [None] * len(params["h"])):
-        x, cache = gpt.block(x, p, n_head, cache, 0, pos, past=past, slot=slot)
-        out.append(cache)
-    return gpt.layer_norm(x, **params["ln_f"]), None if caches is None else out
-
-
-def empty_caches(params: dict, batch: int, n_head: int, cache_len: int, kv_dtype: str | None = None) -> list:
-    # forward_rows's caches: per layer, gpt.init_cache with n_layer 1 for each of batch rows:
-    # {"k", "v": [batch, 1, n_head, cache_len, head_dim]}, in kv_dtype (None: the compute dtype)
-    cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": params["wpe"].shape[1]}, cache_len,
-                           kv_dtype or gpt.dtype(params))
-    return [jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), cache) for _ in params["h"]]
-
-
 def unembed_rows(params: dict, x: Float[Array, "batch n_embd"]) -> Float[Array, "batch n_vocab"]:
     # gpt.unembed for a few rows. On a CPU, XLA computes the product faster as wte @ x.T than as x @ wte.T for 1 to 16
     # rows (124M, 8 rows: 11 vs 18 ms, the largest part of a decoding step; 64 rows: no gain); the barrier keeps XLA
@@ -220,7 +178,7 @@ def prefill(params: dict, ids: Int[Array, "batch prompt_bucket"], lengths: Int[A
     # right-padded prompts and their lengths -> the decoding state, holding the KV cache (in kv_dtype; None: the
     # compute dtype) and each row's first new token
     batch = ids.shape[0]
-    x, caches = forward_rows(params, ids, n_head, empty_caches(params, batch, n_head, cache_len, kv_dtype), 0)
+    x, caches = gpt.transformer(params, ids, n_head, gpt.empty_caches(params, batch, n_head, cache_len, kv_dtype), 0)
     logits = unembed_rows(params, x[jnp.arange(batch), lengths - 1])  # [batch, n_vocab]: last real positions only
     # each row's next token goes at its own position (pos) but, for all rows, into slot max(lengths), then the next
     # slots: a row's past skips the slots between its prompt and the longest one (padding)
@@ -255,8 +213,8 @@ def decode(params: dict, state: dict, n_steps: Int[Array, ""], controls: dict, *
 
     def step(carry):
         i, state, out = carry
-        x, caches = forward_rows(params, state["token"][:, None], n_head, state["caches"], state["pos"], state["past"],
-                                 state["slot"])
+        x, caches = gpt.transformer(params, state["token"][:, None], n_head, state["caches"], state["pos"],
+                                    state["past"], state["slot"])
         n_cache = state["past"].shape[-1]
         past = state["past"] | (jnp.arange(n_cache) == state["slot"])
         state = {**state, "caches": caches, "pos": state["pos"] + 1, "past": past,
@@ -356,7 +314,7 @@ def generate_stream(params, hparams, prompts, n_tokens, *, eot_token=None, first
     (the index of prompts[0] in its whole request, which picks the random stream) and shapes (the padded prompt and
     cache lengths) when it splits a request into batches."""
     check_request(hparams, prompts, n_tokens, **options)
-    params, lengths = unstack_layers(params), [len(p) for p in prompts]
+    params, lengths = gpt.unstack_layers(params), [len(p) for p in prompts]
     prompt_len, cache_len = shapes or padded_lengths(hparams, prompts, n_tokens)
     ids = np.zeros((len(prompts), prompt_len), np.int32)
     for row, prompt in enumerate(prompts):

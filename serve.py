@@ -65,7 +65,7 @@ log = logging.getLogger("gptjax.serve")
 def empty_state(params: dict, hparams: dict, n_slots: int, slot_ctx: int, kv_dtype: str | None = None) -> dict:
     """sampling.decode's state for n_slots idle rows (done), with everything the server's controls use."""
     n_vocab = hparams["n_vocab"]
-    caches = sampling.empty_caches(params, n_slots, hparams["n_head"], slot_ctx, kv_dtype)
+    caches = gpt.empty_caches(params, n_slots, hparams["n_head"], slot_ctx, kv_dtype)
     return {"caches": jax.tree.map(jnp.array, caches), "pos": jnp.zeros(n_slots, jnp.int32),
             "past": jnp.zeros((n_slots, slot_ctx), bool), "slot": jnp.int32(0), "done": jnp.ones(n_slots, bool),
             "step": jnp.zeros(n_slots, jnp.int32), "token": jnp.zeros(n_slots, jnp.int32),
@@ -79,13 +79,13 @@ def join(params: dict, state: dict, ids, length, row, controls: dict, *, n_head:
     # prefill one prompt (ids [1, bucket], its length) into row `row`: its keys and values go to the length slots
     # before the shared write slot (round the ring), its first token is drawn with the row's controls
     prompt_len, n_cache = ids.shape[1], state["past"].shape[-1]
-    x, new = sampling.forward_rows(params, ids, n_head, sampling.empty_caches(params, 1, n_head, prompt_len), 0)
+    x, new = gpt.transformer(params, ids, n_head, gpt.empty_caches(params, 1, n_head, prompt_len), 0)
     logits = sampling.unembed_rows(params, x[:, length - 1])  # [1, n_vocab]
     at = (jnp.arange(n_cache) - (state["slot"] - length)) % n_cache  # the prompt position each slot receives
     mine = at < length
     source = jnp.minimum(at, prompt_len - 1)
 
-    def placed(cache, fresh):  # [slots, 1, n_head, n_cache, head_dim] with row's slots from fresh [1, 1, ...]
+    def placed(cache, fresh):  # [slots, n_head, n_cache, head_dim] with row's slots from fresh [1, n_head, ...]
         moved = jnp.take(fresh[0], source, axis=-2)
         return cache.at[row].set(jnp.where(mine[:, None], moved, cache[row]).astype(cache.dtype))
 
@@ -106,7 +106,7 @@ def join(params: dict, state: dict, ids, length, row, controls: dict, *, n_head:
 def score(params: dict, ids, *, n_head: int):
     """ids [1, bucket] -> the log probability of each next token [bucket - 1], and the MAX_LOGPROBS most likely
     tokens at each position with theirs ([bucket, MAX_LOGPROBS] each): what echo and logprobs report of a prompt."""
-    x, _ = sampling.forward_rows(params, ids, n_head, None, 0)
+    x, _ = gpt.transformer(params, ids, n_head, None, 0)
     logp = jax.nn.log_softmax(gpt.unembed(params, x[0]).astype(jnp.float32), axis=-1)
     top_logprobs, top_ids = lax.top_k(logp, MAX_LOGPROBS)
     return logp[jnp.arange(ids.shape[1] - 1), ids[0, 1:]], top_logprobs, top_ids
@@ -750,7 +750,7 @@ def run(args):
     if encoder.eot_token is None:
         raise UsageError("this model's vocabulary has no <|endoftext|> token, which ends a completion")
     name = args.name or (os.path.basename(os.path.normpath(args.model_dir)) if args.model_dir else args.model_type)
-    engine = Engine(sampling.unstack_layers(params), hparams, encoder, args.slots, slot_ctx, args.max_queue,
+    engine = Engine(gpt.unstack_layers(params), hparams, encoder, args.slots, slot_ctx, args.max_queue,
                     new_metrics(), args.kv_cache)
     host, port = sock.getsockname()[:2]
 

@@ -177,13 +177,14 @@ def test_kv_cache_decoding_equals_full_forward(tiny):
     hparams, params = tiny
     ids = jnp.array(EXPECTED["prompts"][2]["ids"][:20])
     full = gpt.gpt(params, ids, hparams["n_head"])
-    cache = gpt.init_cache(hparams, max_len=32)
+    layers = gpt.unstack_layers(params)  # the layout the caches go with
+    cache = [jax.tree.map(lambda c: c[0], c) for c in gpt.empty_caches(layers, 1, hparams["n_head"], 32)]  # one row
     step = jax.jit(gpt.transformer, static_argnums=2)
-    x, cache = step(params, ids[:5], hparams["n_head"], cache, 0)
+    x, cache = step(layers, ids[:5], hparams["n_head"], cache, 0)
     got = [gpt.unembed(params, x)]
     pos = 5
     for n in [1, 1, 3] + [1] * 10:
-        x, cache = step(params, ids[pos:pos + n], hparams["n_head"], cache, pos)
+        x, cache = step(layers, ids[pos:pos + n], hparams["n_head"], cache, pos)
         got.append(gpt.unembed(params, x))
         pos += n
     np.testing.assert_allclose(np.concatenate(got), np.asarray(full), atol=1e-5)
@@ -1508,7 +1509,7 @@ def test_batched_greedy_matches_separate_runs(tiny):
 
 def test_unstacked_params_give_the_same_tokens(tiny_tf):
     hparams, params = tiny_tf
-    layers = sampling.unstack_layers(params)
+    layers = gpt.unstack_layers(params)
     assert len(layers["h"]) == hparams["n_layer"]
     stacked, layer_1 = params["h"]["mlp"]["c_fc"]["w"], layers["h"][1]["mlp"]["c_fc"]["w"]
     np.testing.assert_array_equal(layer_1, stacked[1])
@@ -1587,7 +1588,7 @@ def test_generate_batches_fit_the_memory_the_compiled_programs_use():
     # caches, the prompt's attention against the whole cache) stays within BATCH_BYTES; a short prompt before a long
     # cache is where scores of [n_head, prompt_len, cache_len] a row are easy to under-count
     hparams = {"n_vocab": 512, "n_ctx": 1024, "n_embd": 256, "n_head": 4, "n_layer": 2}
-    params = sampling.unstack_layers(gpt.init_params(jax.random.PRNGKey(0), hparams))
+    params = gpt.unstack_layers(gpt.init_params(jax.random.PRNGKey(0), hparams))
     prompt_len, cache_len = 64, 1024
     rows = sampling.rows_that_fit(hparams, prompt_len, cache_len, 4)
     controls = sampling.request_controls(hparams, rows, top_k=512)
@@ -1698,15 +1699,14 @@ def test_decoding_logits_match_the_model_row_by_row(tiny_tf):
     # CPU's few-row LM head) against gpt.gpt on each row alone: logits, not only greedy tokens (a LayerNorm eps or
     # GELU variant moves logits by ~1e-3 and can leave greedy tokens alone)
     hparams, params = tiny_tf
-    layers, n_head = sampling.unstack_layers(params), hparams["n_head"]
+    layers, n_head = gpt.unstack_layers(params), hparams["n_head"]
     prompts = [PROMPTS[0]["ids"][:9], PROMPTS[1]["ids"][:4], PROMPTS[2]["ids"][:6]]
     lengths, n_steps = np.array([len(p) for p in prompts]), 5
     ids = np.zeros((3, 16), np.int32)
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)] = prompt
-    cache = gpt.init_cache({"n_layer": 1, "n_head": n_head, "n_embd": hparams["n_embd"]}, 32)
-    caches = [jax.tree.map(lambda c: jnp.broadcast_to(c, (3, *c.shape)), cache) for _ in layers]
-    forward = jax.jit(sampling.forward_rows, static_argnums=2)
+    caches = gpt.empty_caches(layers, 3, n_head, 32)
+    forward = jax.jit(gpt.transformer, static_argnums=2)
     x, caches = forward(layers, jnp.asarray(ids), n_head, caches, 0)
     logits = sampling.unembed_rows(layers, x[jnp.arange(3), lengths - 1])
     # as sampling.decode: each row at its own position, all rows writing into one slot (the longest prompt's length,
@@ -1746,7 +1746,7 @@ def test_a_bfloat16_kv_cache_holds_half_the_bytes_and_decodes_as_the_model(tiny_
     # read back into float32; the log probabilities of 30 decoding steps after prompts of different lengths stay
     # within bfloat16's rounding (2^-9 of the values) of the float64 model's, as a float32 cache's stay within 1e-5
     hparams, params = tiny_tf
-    layers, flat, n_steps = sampling.unstack_layers(params), reference_params(), 30
+    layers, flat, n_steps = gpt.unstack_layers(params), reference_params(), 30
     prompts = [PROMPTS[0]["ids"], PROMPTS[1]["ids"][:5]]
     ids = np.zeros((2, 16), np.int32)
     for row, prompt in enumerate(prompts):
@@ -1888,7 +1888,7 @@ def test_int8_decoding_runs_the_kernel_and_tracks_float32():
     hparams, params = int8_test_params()
     params = jax.tree.map(jnp.asarray, params)
     qparams = jax.tree.map(jnp.asarray, quant.quantize_params(params))
-    layers = sampling.unstack_layers(qparams)
+    layers = gpt.unstack_layers(qparams)
     ids = np.array([[PROMPTS[0]["ids"][:16]]], np.int32)[0]
     controls = sampling.request_controls(hparams, 1, greedy=True)
     state = sampling.prefill(layers, ids, np.array([10], np.int32), controls, n_head=2, cache_len=32, greedy=True)
