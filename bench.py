@@ -44,6 +44,7 @@ import numpy as np
 
 import cli
 import data
+import devices
 import gpt
 import optim
 import outdir
@@ -269,7 +270,7 @@ def finetune_probe(spec):
         params, opt_state, loss = step(params, opt_state, x, x, it, frozen)
         float(loss)
         times.append(time.perf_counter() - t)
-    result.update(s_per_step=float(np.median(times[1:])), peak_rss_gb=train.peak_memory() / 1e9)
+    result.update(s_per_step=float(np.median(times[1:])), peak_rss_gb=devices.peak_memory() / 1e9)
     print(json.dumps(result))
 
 
@@ -622,7 +623,7 @@ def data_probe(spec):  # "PATH,TOKENS,DATA_DIR": prepare the text as data.py doe
     t = time.perf_counter()
     data.prepare(path, data_dir, tokens)
     seconds = time.perf_counter() - t
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": train.proc_bytes("/proc/self/status", "VmHWM") / 2**20}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": devices.proc_bytes("/proc/self/status", "VmHWM") / 2**20}))
 
 
 def load_probe(model_dir):

@@ -7,6 +7,7 @@
     cli.setup(training=True)               # train.py, bench.py's training modes: also the XLA:CPU flag
     cli.initialize_distributed()           # train.run: join the other processes of a multi-host launch
     args = cli.parse_args(parser, argv)    # argparse, with a did-you-mean for a mistyped flag (exit 2)
+    with cli.stop_requests(say, saved_so_far) as stop:   # train.py's loop: stop.is_set() once a signal came
 
 Exit codes, the same for main.py, train.py, data.py, weights.py and bench.py:
     0    done
@@ -19,11 +20,14 @@ Exit codes, the same for main.py, train.py, data.py, weights.py and bench.py:
 Every error is printed as one line, "error: ...", on stderr: no traceback.
 """
 import argparse
+import contextlib
 import ctypes
 import difflib
 import os
 import platform
+import signal
 import sys
+import threading
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 
@@ -130,3 +134,52 @@ def initialize_distributed():
     except (KeyError, ValueError, RuntimeError) as e:
         raise ValueError(f"cannot join the other processes of this launch ({e}): set JAX_COORDINATOR_ADDRESS, "
                          f"JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run a single process") from None
+
+
+# ----------------------------------------------------------------------------------- stopping on a signal
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # Ctrl-C, and what schedulers send
+
+
+def signal_name(signum):
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class StopRequest:
+    """Set by the first of STOP_SIGNALS: the loop stops after the current step and saves a checkpoint. Once the loop
+    has ended (saved), there is nothing left to stop: a further signal is let pass while the process closes."""
+
+    def __init__(self):
+        self.signum = None
+        self.loop_ended = False
+
+    def is_set(self):
+        return self.signum is not None
+
+
+@contextlib.contextmanager
+def stop_requests(say, saved_so_far, keep=False):
+    """-> a StopRequest that SIGINT (Ctrl-C), SIGTERM, SIGUSR1 or SIGHUP (a scheduler's warning before it kills a
+    job: SLURM, Kubernetes, spot machines) sets. A second signal stops at once, saving nothing (Interrupted, exit
+    128 + the signal). say(text) acknowledges the first; saved_so_far() says what a stop at once leaves. keep: once
+    the loop has ended, the handler stays (for a process that ends with the run: the default handler would raise
+    inside whatever clean-up a late signal meets)."""
+    stop = StopRequest()
+
+    def on_signal(signum, frame):
+        name = signal_name(signum)
+        if stop.loop_ended:  # the state is saved and the process is closing: an exception now would only print a
+            return           # traceback from wherever it lands (tqdm's clean-up, say)
+        if stop.is_set():
+            raise Interrupted(f"stopped at once by a second {name}; nothing was saved ({saved_so_far()})", 128 + signum)
+        stop.signum = signum
+        say(f"{name}: stopping after this step and saving what it trained ({name} again: stop now, save nothing)")
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS} if main_thread else {}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            if not (keep and stop.loop_ended):
+                signal.signal(signum, handler)

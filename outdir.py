@@ -3,9 +3,10 @@ and their plot. Every file is written atomically (files.atomic_write: a crash ne
 previous version stays intact until the new one is whole).
 
     with claimed_out_dir(config):         # a lock a second run meets at once; an earlier run's files cleared
-        save_checkpoint(out_dir, params, opt_state, it, best_val_loss, config, hparams)
+        save_checkpoint(out_dir, state, config, hparams, record)      # state: a RunState
         save_model(out_dir, hparams, params)
-    params, opt_state, meta = load_checkpoint(out_dir / CKPT_NAME, optimizer_for)
+    state, meta = load_checkpoint(out_dir / CKPT_NAME)                # its opt_state: the saved tensors, by name
+    opt_state = saved_opt_state(state.opt_state, jax.eval_shape(optimizer.init, state.params), ckpt_path)
 
 The files:
   - ckpt.safetensors: the last state, written at every evaluation after the first, at the end and on Ctrl-C:
@@ -23,6 +24,7 @@ import contextlib
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -114,18 +116,29 @@ def clear_previous_run(out_dir):
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(out_dir: Path, params: dict, opt_state, it: int, best_val_loss: float, config: dict, hparams: dict,
-                    record: dict, eval_pending: bool = False) -> None:
+@dataclass
+class RunState:
+    """What a training run carries from one step to the next, and what its checkpoint keeps (with the config)."""
+    params: dict                     # what trains: the model's params, or with LoRA its adapters
+    opt_state: object                # the optimizer's state (as loaded: the saved tensors by name, see saved_opt_state)
+    iter: int                        # the iteration to run next
+    best_val_loss: float             # the best validation loss so far (inf before any)
+    run_id: str                      # the trackers' run, the same across resumes
+    frozen: dict | None = None       # LoRA's base model (not trained), else None
+    lora_scale: float | None = None  # LoRA's lora_alpha / lora_rank, else None
+
+
+def save_checkpoint(out_dir: Path, state: RunState, config: dict, hparams: dict, record: dict,
+                    eval_pending: bool = False) -> None:
     """The whole training state -> out_dir/ckpt.safetensors, atomically (a crash or a full disk leaves the previous
-    checkpoint as it was). record: what the state is valid with, checked on resume, and the run's identity:
-    {"vocabulary": the dataset's meta.json, "run_id": the trackers' run, and with LoRA "base" (a release name or an
-    absolute folder) and "base_fingerprint"}. eval_pending: a stop cut short the evaluation due at it; a resume
-    redoes it first."""
-    tensors = {name: host_array(x) for name, x in {**flat_names(params, "params/"),
-                                                    **flat_names(opt_state, "opt_state/")}.items()}
-    metadata = {"format": CKPT_FORMAT, "iter": str(it), "best_val_loss": repr(best_val_loss),
+    checkpoint as it was). record: what the state is valid with, checked on resume: {"vocabulary": the dataset's
+    meta.json, and with LoRA "base" (a release name or an absolute folder) and "base_fingerprint"}. eval_pending: a
+    stop cut short the evaluation due at state.iter; a resume redoes it first."""
+    tensors = {name: host_array(x) for name, x in {**flat_names(state.params, "params/"),
+                                                    **flat_names(state.opt_state, "opt_state/")}.items()}
+    metadata = {"format": CKPT_FORMAT, "iter": str(state.iter), "best_val_loss": repr(state.best_val_loss),
                 "config": json.dumps(absolute_paths(config)), "hparams": json.dumps(hparams),
-                "vocabulary": json.dumps(record["vocabulary"], ensure_ascii=False), "run_id": record["run_id"]}
+                "vocabulary": json.dumps(record["vocabulary"], ensure_ascii=False), "run_id": state.run_id}
     if record.get("base") is not None:  # LoRA: params are adapters of this model
         metadata["base"], metadata["base_fingerprint"] = record["base"], record["base_fingerprint"]
     if eval_pending:
@@ -166,9 +179,9 @@ def read_checkpoint_meta(path):
     return meta
 
 
-def load_checkpoint(path, optimizer_for):
-    """out_dir/ckpt.safetensors -> (params, opt_state, meta); optimizer_for(params) gives the optimizer whose state
-    layout the saved state must match."""
+def load_checkpoint(path) -> tuple[RunState, dict]:
+    """out_dir/ckpt.safetensors -> (its RunState, its metadata). The state's opt_state is the saved tensors by name:
+    the optimizer's structure is the optimizer's (saved_opt_state rebuilds it where the optimizer is made)."""
     meta = read_checkpoint_meta(path)
     try:
         tensors = safetensors.numpy.load_file(path)
@@ -179,19 +192,24 @@ def load_checkpoint(path, optimizer_for):
     weights.verify_checksums(path, tensors, metadata)
     flat = {name[len("params/"):]: x for name, x in tensors.items() if name.startswith("params/")}
     check_params_fit(flat, meta["hparams"], path, lora=meta["base"] is not None)
-    params = weights.unflatten(flat)
-    template = jax.eval_shape(optimizer_for(params).init, params)
+    opt_state = {name: x for name, x in tensors.items() if name.startswith("opt_state/")}
+    state = RunState(weights.unflatten(flat), opt_state, meta["iter"], meta["best_val_loss"], meta["run_id"])
+    return state, meta
+
+
+def saved_opt_state(saved: dict, template, path):
+    """The saved optimizer tensors ({name: array}) in the structure of template (jax.eval_shape of the optimizer's
+    init), each checked against its shape: a checkpoint of another optimizer or version is refused in one line."""
     names = flat_names(template, "opt_state/")
-    missing = [name for name in names if name not in tensors]
+    missing = [name for name in names if name not in saved]
     if missing:
         raise ValueError(f"{path} lacks optimizer state {missing[0]}: it was written by another version of train.py")
     leaves = []
     for name, shape in names.items():
-        if tensors[name].shape != shape.shape:
-            raise ValueError(f"{path}: {name} has shape {tensors[name].shape}, expected {shape.shape}")
-        leaves.append(tensors[name].astype(shape.dtype))
-    opt_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
-    return params, opt_state, meta
+        if saved[name].shape != shape.shape:
+            raise ValueError(f"{path}: {name} has shape {saved[name].shape}, expected {shape.shape}")
+        leaves.append(saved[name].astype(shape.dtype))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
 
 
 def check_params_fit(flat, hparams, path, lora):

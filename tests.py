@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 
 import cli
 import data
+import devices
 import download
 import encoder
 import eval as eval_cli
@@ -2761,7 +2762,8 @@ def test_train_keeps_the_model_of_the_best_val_loss(train_data_dir, tmp_path, mo
     # max_iters 7 is no multiple of eval_interval: the run still evaluates and checkpoints its last iteration.
     real = train.estimate_losses
     scripted = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2, 7: 4.3}
-    monkeypatch.setattr(train, "estimate_losses", lambda *args: {**real(*args), "val": scripted[args[5]]})
+    monkeypatch.setattr(train, "estimate_losses", lambda run, state, *args: {**real(run, state, *args),
+                                                                             "val": scripted[state.iter]})
     runs = {name: train.train(run_config(train_data_dir, tmp_path / name, max_iters=max_iters, eval_interval=2,
                                          always_save_checkpoint=always))
             for name, max_iters, always in (("best", 2, False), ("run", 7, False), ("latest", 7, True))}
@@ -2795,12 +2797,12 @@ def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, m
     optimizer = optim.make_optimizer(config, params)
     mesh = train.Mesh(np.array(jax.devices()[:1]), ("data",))
     opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = train.tree_shardings(mesh, opt_shapes, False)
+    opt_shardings = devices.tree_shardings(mesh, opt_shapes, False)
     batch = jax.ShapeDtypeStruct((1, 8, 256), jnp.int32, sharding=train.NamedSharding(mesh, train.P()))
     plans = {}
     for remat in (False, True):
         step = jax.jit(train.step_function({**config, "remat": remat}, optimizer, 4), donate_argnums=(0, 1))
-        plans[remat], _ = train.memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch))
+        plans[remat], _ = devices.memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch))
     plan = plans[False]
     assert plan["params"] == 4 * n_params  # float32
     assert 8 * n_params <= plan["optimizer"] <= 8 * n_params + 64  # AdamW's two moments and its step counts
@@ -2808,7 +2810,7 @@ def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, m
     assert plan["total"] == plan["params"] + plan["optimizer"] + plan["step"]
     assert plans[True]["step"] < 0.8 * plan["step"]  # --remat plans fewer bytes of activations
     # a run whose plan exceeds the device stops at once, in one line, with the ways to bring it under
-    monkeypatch.setattr(train, "available_memory", lambda: (10**6, "this machine has"))
+    monkeypatch.setattr(devices, "available_memory", lambda: (10**6, "this machine has"))
     out = tmp_path / "out"
     assert train.main([f"--data_dir={train_data_dir}", f"--out_dir={out}", "--max_iters=2"]) == 1
     err = capsys.readouterr().err
@@ -3501,7 +3503,7 @@ def test_train_says_only_what_is_true(train_data_dir, tmp_path, monkeypatch, cap
 
 
 def test_train_checks_memory_before_making_a_new_model(train_data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "available_memory", lambda: (10**6, "this machine has"))
+    monkeypatch.setattr(devices, "available_memory", lambda: (10**6, "this machine has"))
     monkeypatch.setattr(train, "init_params", lambda *a: pytest.fail("the model was made before the memory check"))
     code = train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={train_data_dir}", "--max_iters=2"])
     assert code == 1 and "this machine has 1 MB" in capsys.readouterr().err
@@ -3510,7 +3512,7 @@ def test_train_checks_memory_before_making_a_new_model(train_data_dir, tmp_path,
     monkeypatch.undo()
     train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     before = folder_state(out)
-    monkeypatch.setattr(train, "available_memory", lambda: (10**6, "this machine has"))
+    monkeypatch.setattr(devices, "available_memory", lambda: (10**6, "this machine has"))
     args = [f"--{k}={v}" for k, v in run_config(train_data_dir, out, max_iters=2, overwrite=True).items()]
     assert train.main(args) == 1 and "this machine has 1 MB" in capsys.readouterr().err
     assert folder_state(out) == before
@@ -3542,10 +3544,10 @@ def test_train_metrics_are_not_recorded_twice_after_a_crash(train_data_dir, tmp_
     train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     save_checkpoint = outdir.save_checkpoint
 
-    def crash_at_4(out_dir, params, opt_state, it, *args):
-        if it == 4:
+    def crash_at_4(out_dir, state, *args):
+        if state.iter == 4:
             raise OSError(5, "the machine went down")
-        return save_checkpoint(out_dir, params, opt_state, it, *args)
+        return save_checkpoint(out_dir, state, *args)
     monkeypatch.setattr(outdir, "save_checkpoint", crash_at_4)
     with pytest.raises(OSError):
         train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
@@ -3662,8 +3664,8 @@ def test_train_checkpoints_by_time_between_evaluations(train_data_dir, tmp_path,
     train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
     saved, models = [], []
     save_checkpoint, save_model = outdir.save_checkpoint, outdir.save_model
-    monkeypatch.setattr(outdir, "save_checkpoint", lambda d, p, o, it, *a: (saved.append(it),
-                                                                            save_checkpoint(d, p, o, it, *a)))
+    monkeypatch.setattr(outdir, "save_checkpoint", lambda d, state, *a: (saved.append(state.iter),
+                                                                         save_checkpoint(d, state, *a)))
     monkeypatch.setattr(outdir, "save_model", lambda *a: (models.append(len(saved)), save_model(*a)))
     # every 6 µs, so after each step; evaluations only at the end
     train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6, "eval_interval": 100,

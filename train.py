@@ -44,24 +44,24 @@ import json
 import math
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import cli
 import data
+import devices
 import gpt
 import optim
 import outdir
@@ -72,12 +72,7 @@ import weights
 from train_config import NANOGPT_NAMES, lora_targets
 
 GPT2_VOCAB = 50257
-GB = 1e9
 CLOCK = time.monotonic  # the checkpoint timer's clock, in seconds (a test steps it by hand)
-# Dense bfloat16 peak FLOP/s of one device, by a substring of jax's device_kind (checked in this order).
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
-              "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6": 918e12}
 
 
 # ---------------------------------------------------------------------------------------------------- entry points
@@ -180,53 +175,26 @@ def flops_per_token(params, hparams, block_size):  # PaLM's (and nanoGPT's) esti
     return 6 * n + 12 * L * H * Q * block_size
 
 
-def peak_flops(config, dtype):  # of all devices together, or None when unknown
-    if config["peak_flops"]:
-        return config["peak_flops"] * jax.device_count()
-    kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            tf32 = jax.default_backend() == "gpu" and dtype == jnp.float32
-            return flops / (2 if tf32 else 1) * jax.device_count()
-    return None
-
-
-# --------------------------------------------------------------------------------------- memory and sharding
-
-def memory_plan(step, params, opt_shapes, opt_shardings, batch, frozen=None):
-    """What one training step will hold on each device, from XLA's plan for the compiled step, before any of it is
-    allocated: {"params", "optimizer", "step" (gradients, activations and the other temporaries of a step), "total"}
-    in bytes. opt_shapes: jax.eval_shape of the optimizer state (not yet created); batch: (x, y) as the loop feeds it.
-    -> (the plan, the compiled step, which the loop then runs)."""
-    opt_args = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_shapes,
-                            opt_shardings)
-    compiled = step.lower(params, opt_args, *batch, 0, frozen).compile()
-    analysis = compiled.memory_analysis()
-    shard_bytes = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                                   for x in jax.tree.leaves(tree))
-    plan = {"params": shard_bytes(params) + shard_bytes(frozen), "optimizer": shard_bytes(opt_args),
-            "step": analysis.temp_size_in_bytes if analysis is not None else 0}
-    return {**plan, "total": sum(plan.values())}, compiled
-
+# ---------------------------------------------------------------------------------- the compiled step and memory
 
 def compiled_step(config, optimizer, n_head, mesh, params, frozen=None):
     """train_step for config, jitted (params and optimizer state donated, kept in their shardings) and compiled for
     its batch before the optimizer state exists -> (the compiled step, XLA's memory plan for it, the optimizer
     state's shardings). params: on the devices already; frozen: LoRA's base model, else None."""
     opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = tree_shardings(mesh, opt_shapes, config["fsdp"])
+    opt_shardings = devices.tree_shardings(mesh, opt_shapes, config["fsdp"])
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     step = jax.jit(step_function(config, optimizer, n_head), donate_argnums=(0, 1),
                    out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())))
     shape = (config["gradient_accumulation_steps"], config["batch_size"], config["block_size"])
     batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, P(None, "data", None)))
-    plan, step = memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch), frozen)
+    plan, step = devices.memory_plan(step, params, opt_shapes, opt_shardings, (batch, batch), frozen)
     return step, plan, opt_shardings
 
 
 def check_memory(plan, config):
     """Refuse, in one line and before anything big is allocated, a run whose plan exceeds what the device has."""
-    available, where = available_memory()
+    available, where = devices.available_memory()
     if available is None or plan["total"] <= available:
         return
     ways = [] if config["remat"] else ["--remat"]
@@ -234,69 +202,8 @@ def check_memory(plan, config):
         ways.append("--lora_rank=8 (train adapters only)")
     ways += [f"a smaller batch_size (now {config['batch_size']}) with more gradient_accumulation_steps",
              f"a smaller block_size (now {config['block_size']})"]
-    raise MemoryError(f"this run needs {describe_plan(plan)}, and {where} {size(available)}: try "
+    raise MemoryError(f"this run needs {devices.describe_plan(plan)}, and {where} {devices.size(available)}: try "
                       f"{', or '.join(ways)}")
-
-
-def describe_plan(plan):
-    return (f"params {size(plan['params'])}, optimizer state {size(plan['optimizer'])}, one step's gradients and "
-            f"activations {size(plan['step'])}: {size(plan['total'])} per device")
-
-
-def size(n_bytes):  # "1.23 GB", or "45 MB" below a tenth of a GB
-    return f"{n_bytes / GB:.2f} GB" if n_bytes >= GB / 10 else f"{n_bytes / 1e6:.0f} MB"
-
-
-def available_memory():  # -> (bytes a device can hold for this run, what it is) or (None, None) when unknown
-    stats = device_memory_stats()
-    if "bytes_limit" in stats:
-        return stats["bytes_limit"], f"{jax.local_devices()[0].device_kind} has"
-    # a CPU: what the system can still give, plus what this process holds already (the params, mostly)
-    free, held = proc_bytes("/proc/meminfo", "MemAvailable"), proc_bytes("/proc/self/status", "VmRSS")
-    return (free + held, "this machine has") if free is not None and held is not None else (None, None)
-
-
-def peak_memory():  # bytes at the peak so far: the device's, or on a CPU the process's resident set; None: unknown
-    return device_memory_stats().get("peak_bytes_in_use") or proc_bytes("/proc/self/status", "VmHWM")
-
-
-def device_memory_stats():  # an accelerator's memory statistics ({} on a CPU, whose figures come from /proc)
-    device = jax.local_devices()[0]
-    return (device.memory_stats() or {}) if device.platform != "cpu" else {}
-
-
-def proc_bytes(path, key):  # "VmHWM:   123 kB" in a /proc file -> bytes, or None where there is no such file
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def array_sharding(mesh, shape, fsdp):
-    """Replicated, or (fsdp) split along the largest dimension that the device count divides."""
-    dims = [d for d in range(len(shape)) if shape[d] % mesh.size == 0] if fsdp else []
-    if not dims:
-        return NamedSharding(mesh, P())
-    dim = max(dims, key=lambda d: (shape[d], d))
-    return NamedSharding(mesh, P(*[("data" if d == dim else None) for d in range(len(shape))]))
-
-
-def tree_shardings(mesh, tree, fsdp):
-    return jax.tree.map(lambda x: array_sharding(mesh, x.shape, fsdp), tree)
-
-
-def device_batch(mesh, x):  # [n, B, T] numpy (this process's rows) -> global array, B split across the devices
-    sharding = NamedSharding(mesh, P(None, "data", None))
-    rows = x.shape[1] * jax.process_count()
-    return jax.make_array_from_process_local_data(sharding, x, (x.shape[0], rows, x.shape[2]))
-
-
-def local_rows(x):  # [n, B, T] -> this process's share of the rows (all of them on one host)
-    share = x.shape[1] // jax.process_count()
-    return x[:, jax.process_index() * share:(jax.process_index() + 1) * share]
 
 
 # -------------------------------------------------------------------------------------------- the starting point
@@ -307,60 +214,63 @@ class Start:
     kind: str                 # "scratch", "pretrained" (a GPT-2 release or model folder) or "resume" (out_dir's)
     config: dict              # the run's config, with its tokens and the model's shape filled in
     hparams: dict             # the model's shape: n_vocab, n_ctx, n_embd, n_head, n_layer
-    params: dict | None       # what trains: the model's params, or with LoRA its adapters; None for a new model,
-                              # made (init_params) once the memory plan says it fits
+    state: outdir.RunState    # what the run starts with; its params None for a new model, made (init_params) once the
+                              # memory plan says it fits, and its opt_state None unless resumed (then as saved)
     dataset_dir: Path         # the prepared dataset (data.py)
     splits: dict              # {"train", "val": [n_tokens] uint16 memmap}, ids checked against the vocabulary
-    record: dict              # what a checkpoint of this run records besides the state (outdir.save_checkpoint): the
-                              # vocabulary, the trackers' run id, and with LoRA the base's name or folder and
-                              # fingerprint
-    frozen: dict | None = None  # LoRA's base model (not trained), else None
-    opt_state: object = None  # a resumed run's optimizer state; None: made fresh
-    iter: int = 0             # the first iteration to run
-    best_val_loss: float = float("inf")  # the best val loss so far
-    eval_pending: bool = False  # a stop cut short the evaluation due at iter: it runs first
+    record: dict              # what a checkpoint records besides the state (outdir.save_checkpoint): the vocabulary,
+                              # and with LoRA the base's name or folder and fingerprint
+    eval_pending: bool = False  # a stop cut short the evaluation due at state.iter: it runs first
+
+
+class Origin(NamedTuple):  # a pretrained or resumed model, as found
+    hparams: dict
+    params: dict              # the model's params, or with LoRA its adapters
+    lora: dict                # LoRA's {"frozen", "base", "base_fingerprint"}, or {}
+    vocab: dict               # the model's vocabulary, as check_vocabulary compares it
+    vocab_dir: Path | None = None  # a pretrained model's tokenizer folder
 
 
 def starting_point(config, out_dir):
     """Decide what the run starts from (init_from), find or prepare its dataset, and check that they fit together."""
     kind = {"scratch": "scratch", "resume": "resume"}.get(config["init_from"], "pretrained")
-    params, lora, saved, model_vocab = None, {}, {}, {"kind": "gpt2"}  # a GPT-2 reads GPT-2's tokens
+    state, eval_pending, origin = outdir.RunState(None, None, 0, float("inf"), tracking.new_run_id()), False, None
     if kind == "resume":  # the data it trained on, as prepared then: a resume prepares nothing
-        hparams, params, lora, saved, meta = resumed_state(config, out_dir)
+        state, meta = outdir.load_checkpoint(out_dir / outdir.CKPT_NAME)
+        state = replace(state, run_id=state.run_id or tracking.new_run_id())  # older checkpoints have none
+        origin, eval_pending = resumed_model(config, out_dir, state, meta), meta["eval_pending"]
         tokens = meta["config"]["tokens"]
         dataset_dir = data.prepared_folder(config["dataset"], config["data_dir"], tokens)
-        model_vocab = meta["vocabulary"] or legacy_vocabulary(out_dir, tokens)
     else:
-        vocab_dir = None  # GPT-2's, shipped with gptjax
         if kind == "pretrained":
-            hparams, params, lora, vocab_dir = pretrained_state(config, out_dir)
-            model_vocab = model_vocabulary(vocab_dir)  # a character model of train.py's, or GPT-2's tokens
+            origin = pretrained_model_to_train(config, out_dir)
         tokens = config["tokens"]
         if tokens == "auto":
-            tokens = data.NAMED.get(config["dataset"]) or ("char" if kind == "scratch" else model_vocab["kind"])
-        dataset_dir = data.prepare(config["dataset"], config["data_dir"], tokens, vocab_dir)
+            tokens = data.NAMED.get(config["dataset"]) or ("char" if kind == "scratch" else origin.vocab["kind"])
+        dataset_dir = data.prepare(config["dataset"], config["data_dir"], tokens, origin and origin.vocab_dir)
     config = {**config, "tokens": tokens}
     vocab = data.read_meta(dataset_dir)
     if kind == "scratch":  # the vocabulary of the dataset as prepared (a folder given by name has its own)
         config["tokens"] = vocab["kind"]
         hparams = scratch_hparams(config, len(vocab["chars"]) if vocab["kind"] == "char" else GPT2_VOCAB)
     else:
-        check_vocabulary(config, hparams, model_vocab, vocab)
+        hparams = origin.hparams
+        check_vocabulary(config, hparams, origin.vocab, vocab)
     if config["block_size"] > hparams["n_ctx"]:
         raise ValueError(f"block_size {config['block_size']} exceeds the model's context of {hparams['n_ctx']} "
                          f"tokens")
     splits = {split: data.load_split(dataset_dir, split, hparams["n_vocab"]) for split in data.SPLITS}
     check_splits(splits, dataset_dir, config["block_size"])
+    config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}}
+    lora = dict(origin.lora) if origin else {}
     frozen = lora.pop("frozen", None)
     if frozen is not None:
         frozen = gpt.cast(frozen, jnp.dtype(config["lora_base_dtype"]))
-    model = frozen if frozen is not None else params
-    config = {**config, **{k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}}
-    if model is not None:
-        config["bias"] = "b" in model["ln_f"]
-    run_id = saved.pop("run_id", None) or tracking.new_run_id()
-    record = {"vocabulary": vocab, "run_id": run_id, **lora}
-    return Start(kind, config, hparams, params, dataset_dir, splits, record, frozen, **saved)
+    if origin is not None:
+        config["bias"] = "b" in (frozen or origin.params)["ln_f"]
+        state = replace(state, params=origin.params, frozen=frozen,
+                        lora_scale=lora_scale(config) if frozen is not None else None)
+    return Start(kind, config, hparams, state, dataset_dir, splits, {"vocabulary": vocab, **lora}, eval_pending)
 
 
 def finished_before(config) -> bool:  # auto_resume finding its run's checkpoint at max_iters: says so
@@ -376,19 +286,15 @@ def finished_before(config) -> bool:  # auto_resume finding its run's checkpoint
     return True
 
 
-def resumed_state(config, out_dir):
-    """(hparams, params, LoRA's {"frozen", "base", "base_fingerprint"} or {}, the saved loop state, the checkpoint's
-    metadata) of out_dir's checkpoint. LoRA's base is found again (never downloaded: --lora_base points at a moved
+def resumed_model(config, out_dir, state, meta) -> Origin:
+    """The model of out_dir's checkpoint. LoRA's base is found again (never downloaded: --lora_base points at a moved
     one) and must be the very model the adapters were trained on."""
-    optimizer_for = partial(optim.make_optimizer, config)
-    params, opt_state, meta = outdir.load_checkpoint(out_dir / outdir.CKPT_NAME, optimizer_for)
     if meta["iter"] >= config["max_iters"] and not (config["eval_only"] or meta["eval_pending"]):
         raise cli.UsageError(f"{out_dir}'s checkpoint is at iteration {meta['iter']} and max_iters is "
                              f"{config['max_iters']}: nothing to train; give a larger --max_iters")
-    saved = {"opt_state": opt_state, "iter": meta["iter"], "best_val_loss": meta["best_val_loss"],
-             "run_id": meta["run_id"], "eval_pending": meta["eval_pending"]}
+    vocab = meta["vocabulary"] or legacy_vocabulary(out_dir, meta["config"]["tokens"])
     if meta["base"] is None:
-        return meta["hparams"], params, {}, saved, meta
+        return Origin(meta["hparams"], state.params, {}, vocab)
     base = config["lora_base"] or meta["base"]
     try:
         _, frozen, folder, _ = pretrained_model(base, config["models_dir"], download=False)
@@ -400,25 +306,26 @@ def resumed_state(config, out_dir):
         raise ValueError(f"{folder} is not the LoRA base that {out_dir}'s adapters were trained on (its weights "
                          f"differ); give that model with --lora_base=FOLDER")
     base = str(folder.resolve()) if config["lora_base"] else meta["base"]  # a moved base is found there from now on
-    return meta["hparams"], params, {"frozen": frozen, "base": base, "base_fingerprint": fingerprint}, saved, meta
+    return Origin(meta["hparams"], state.params, {"frozen": frozen, "base": base, "base_fingerprint": fingerprint},
+                  vocab)
 
 
-def pretrained_state(config, out_dir):
-    """(hparams, params, LoRA's {"frozen", "base", "base_fingerprint"} or {}, the tokenizer's folder) of the GPT-2
-    that init_from names; with lora_rank, params are fresh adapters of it."""
+def pretrained_model_to_train(config, out_dir) -> Origin:
+    """The GPT-2 that init_from names; with lora_rank, what trains is fresh adapters of it."""
     hparams, params, folder, vocab_dir = pretrained_model(config["init_from"], config["models_dir"])
     if quant.is_quantized(params["wte"]) and not config["eval_only"]:
         raise cli.UsageError(f"{folder} holds an int8 model: int8 weights cannot be trained; finetune the float model "
                              f"it was quantized from (or evaluate it with eval_only=true)")
     if out_dir.resolve() == folder.resolve():
         raise ValueError(f"out_dir {out_dir} is the folder of the model being finetuned; choose another")
+    vocab = model_vocabulary(vocab_dir)  # a character model of train.py's, or GPT-2's tokens
     if not config["lora_rank"]:  # every weight trains
-        return hparams, params, {}, vocab_dir
+        return Origin(hparams, params, {}, vocab, vocab_dir)
     name = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
     lora = {"frozen": params, "base": name if name in NANOGPT_NAMES.values() else str(folder.resolve()),
             "base_fingerprint": weights.fingerprint(params)}
     adapters = gpt.init_adapters(jax.random.PRNGKey(config["seed"]), params, config["lora_rank"], lora_targets(config))
-    return hparams, adapters, lora, vocab_dir
+    return Origin(hparams, adapters, lora, vocab, vocab_dir)
 
 
 def pretrained_model(init_from, models_dir, download=True):
@@ -484,92 +391,108 @@ def training(start, writes, ending=False):
     """The loop: steps, evaluations, checkpoints (at evaluations, every checkpoint_interval_minutes, and when a signal
     stops it), metrics, trackers and the progress bar, from a Start. writes: whether this process writes out_dir.
     ending: the process ends with the run (train.py's command line), so its stop signals stay handled to the end."""
-    config = start.config
-    out_dir, max_iters = Path(config["out_dir"]), config["max_iters"]
-    run, params, opt_state, frozen = compiled_run(start)
-    if run.show and start.kind == "resume" and not config["eval_only"]:
-        redo = f", redoing its evaluation at iteration {start.iter} first" if start.eval_pending else ""
-        print(f"resuming from iteration {start.iter} of {out_dir / outdir.CKPT_NAME}{redo}", file=sys.stderr,
-              flush=True)
-    if config["quantize"]:  # eval_only (train_config): the model evaluated as main.py --quantize runs it
-        if frozen is not None:
-            raise cli.UsageError(f"quantize=int8 evaluates a whole model, and {out_dir} holds LoRA adapters: evaluate "
-                                 f"their merged model: --init_from={out_dir} --out_dir=<another folder> --eval_only "
-                                 f"--quantize=int8")
-        params = jax.device_put(quant.quantize_params(params))
-    if writes and start.kind != "resume":  # now that every check (the memory plan's too) has let the run start
-        outdir.clear_previous_run(out_dir)
-    if writes:
-        outdir.write_vocabulary(out_dir, start.dataset_dir)
-    best_val_loss, losses, history, t_start = start.best_val_loss, {}, [], time.perf_counter()
-    pending = None  # (iteration, loss still on the device) of the step dispatched last: read one step late, so that
-    # the host prepares the next batch while the device computes
-    it, stopped, eval_cut, last_save = start.iter, None, False, CLOCK()
-    trackers = tracking.trackers(config, out_dir, start.record["run_id"], start.iter) if writes else []
-    progress = Progress(config, start.iter, run.flops_per_iter, run.plan, run.show)  # after the trackers' warnings
+    config, out_dir = start.config, Path(start.config["out_dir"])
+    run, state = compiled_run(start)
+    begin(start, run, writes)
+    history, stopped, eval_cut, last_save, t_start = [], None, False, CLOCK(), time.perf_counter()
+    trackers = tracking.trackers(config, out_dir, state.run_id, state.iter) if writes else []
+    progress = Progress(config, state.iter, run.flops_per_iter, run.plan, run.show)  # after the trackers' warnings
     # stop_requests outermost: its handler stays until the progress bar and the trackers are closed
-    with stop_requests(progress.write, out_dir, keep=ending) as stop, progress, tracking.closing(trackers):
-        for it in range(start.iter, max_iters + 1):
-            if evaluation_due(it, start):
-                if pending is not None:
-                    losses[pending[0]], pending = progress.step_done(*pending), None
-                estimate = estimate_losses(run.evaluate, params, frozen, start, run.mesh, it, stop, run.show)
+    stops = cli.stop_requests(progress.write, partial(last_checkpoint, out_dir), keep=ending)
+    with stops as stop, progress, tracking.closing(trackers):
+        while True:
+            if evaluation_due(state.iter, start):
+                estimate = estimate_losses(run, state, start, stop, progress)
                 if estimate is None:  # a stop during the evaluation: saved below with the evaluation still to do
                     stopped, eval_cut = stop.signum or signal.SIGTERM, True
                     break
-                history.append(metrics_record(it, estimate, config, progress, t_start))
-                progress.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
-                if not all(map(math.isfinite, estimate.values())):
-                    raise FloatingPointError(f"the estimated loss is not finite at iteration {it}: training stopped "
-                                             f"and nothing was saved ({last_checkpoint(out_dir)}); lower learning_rate")
-                if writes:  # before the checkpoint: a resume drops the records after its checkpoint
-                    outdir.append_metrics(out_dir, history[-1])
-                    tracking.log(trackers, it, tracked_values(history[-1]))
+                history.append(record_evaluation(start, state.iter, estimate, progress, trackers, writes, t_start))
                 if config["eval_only"]:
                     break
-                # judged and saved: what trained since the start; with max_iters=0 the model as it starts; after a
-                # resume, the model whose evaluation a stop had cut short
-                if it > start.iter or it == max_iters or start.eval_pending:
-                    improved = estimate["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, estimate["val"])
-                    save(start, params, opt_state, frozen, it, best_val_loss,
-                         improved or config["always_save_checkpoint"])
-                    last_save = CLOCK()
+                if judged(start, state.iter):
+                    state, last_save = save_judged(start, state, estimate["val"]), CLOCK()
                 if writes:  # after the checkpoint: a picture must not stand in the way of the state
                     outdir.plot_losses(out_dir)
                 progress.pause()  # the evaluation's time is not the steps'
-            if it == max_iters:
+            if state.iter == config["max_iters"]:
                 break
-            stop_now, checkpoint_now = agreed(stop.is_set(), checkpoint_due(config, last_save) and it > start.iter)
+            stop_now, checkpoint_now = devices.agreed(stop.is_set(), checkpoint_due(config, last_save) and
+                                              state.iter > start.state.iter)
             if stop_now:
                 stopped = stop.signum or signal.SIGTERM  # another process's signal, agreed on
                 break
             if checkpoint_now:  # by time, between evaluations: a preempted run loses minutes, not an interval
-                save(start, params, opt_state, frozen, it, best_val_loss, False)
+                save(start, state, as_model=False)
                 last_save = CLOCK()
                 progress.pause()
-            x, y = device_batches(start.splits["train"], "train", it, config["gradient_accumulation_steps"], config,
-                                  run.mesh)
-            params, opt_state, loss = run.step(params, opt_state, x, y, it, frozen)
-            if pending is not None:
-                losses[pending[0]] = progress.step_done(*pending)
-            pending = (it, loss)
-        if pending is not None:
-            losses[pending[0]] = progress.step_done(*pending)
-        saved_on_stop = stopped and it > start.iter and not config["eval_only"]
+            x, y = device_batches(start.splits["train"], "train", state.iter, config["gradient_accumulation_steps"],
+                                  config, run.mesh)
+            state, loss = step(run, state, x, y)
+            progress.dispatched(state.iter - 1, loss)
+        progress.flush()
+        saved_on_stop = stopped and state.iter > start.state.iter and not config["eval_only"]
         if saved_on_stop:
-            save(start, params, opt_state, frozen, it, best_val_loss, False, eval_pending=eval_cut)
+            save(start, state, as_model=False, eval_pending=eval_cut)
         stop.loop_ended = True  # everything is saved: the rest is reporting and closing the bar and the trackers
-        if saved_on_stop:
-            progress.write(f"stopped by {signal_name(stopped)} at iteration {it}: saved {out_dir / outdir.CKPT_NAME}; "
-                           f"continue with --init_from=resume --out_dir={out_dir}")
-        elif stopped:
-            progress.write(f"stopped by {signal_name(stopped)} at iteration {it}, before any step: nothing to save")
-        elif writes and history:
-            best = min(history, key=lambda record: record["val_loss"])
-            progress.write(f"done: best val loss {best['val_loss']:.4f} at iteration {best['iter']}; the model is in "
-                           f"{out_dir}: python main.py --model_dir {out_dir} --prompt TEXT")
-    return {"losses": losses, "evals": history, "iter": it, "interrupted": stopped is not None, "signal": stopped}
+        say_how_it_ended(progress, out_dir, state.iter, stopped, saved_on_stop, history if writes else [])
+    return {"losses": progress.losses, "evals": history, "iter": state.iter, "interrupted": stopped is not None,
+            "signal": stopped}
+
+
+def begin(start, run, writes):  # what is said and written before the first step, once every check has passed
+    config, out_dir = start.config, Path(start.config["out_dir"])
+    if run.show and start.kind == "resume" and not config["eval_only"]:
+        redo = f", redoing its evaluation at iteration {start.state.iter} first" if start.eval_pending else ""
+        print(f"resuming from iteration {start.state.iter} of {out_dir / outdir.CKPT_NAME}{redo}", file=sys.stderr,
+              flush=True)
+    if writes and start.kind != "resume":  # now that every check (the memory plan's too) has let the run start
+        outdir.clear_previous_run(out_dir)
+    if writes:
+        outdir.write_vocabulary(out_dir, start.dataset_dir)
+
+
+def step(run, state, x, y):  # one optimizer step -> (the next state, the step's loss, still on the device)
+    params, opt_state, loss = run.step(state.params, state.opt_state, x, y, state.iter, state.frozen)
+    return replace(state, params=params, opt_state=opt_state, iter=state.iter + 1), loss
+
+
+def judged(start, it):
+    """Whether the evaluation at it judges (and saves) the model: what trained since the start; with max_iters=0 the
+    model as it starts; after a resume, the model whose evaluation a stop had cut short."""
+    return it > start.state.iter or it == start.config["max_iters"] or start.eval_pending
+
+
+def save_judged(start, state, val_loss):  # the checkpoint, and the model too when it is the best so far
+    improved = val_loss < state.best_val_loss
+    state = replace(state, best_val_loss=min(state.best_val_loss, val_loss))
+    save(start, state, as_model=improved or start.config["always_save_checkpoint"])
+    return state
+
+
+def record_evaluation(start, it, estimate, progress, trackers, writes, t_start):
+    """An evaluation's metrics record: shown, checked, appended to metrics.jsonl and sent to the trackers."""
+    config, out_dir = start.config, Path(start.config["out_dir"])
+    record = metrics_record(it, estimate, config, progress, t_start)
+    progress.write(f"iter {it}: train loss {estimate['train']:.4f}, val loss {estimate['val']:.4f}")
+    if not all(map(math.isfinite, estimate.values())):
+        raise FloatingPointError(f"the estimated loss is not finite at iteration {it}: training stopped and nothing "
+                                 f"was saved ({last_checkpoint(out_dir)}); lower learning_rate")
+    if writes:  # before the checkpoint: a resume drops the records after its checkpoint
+        outdir.append_metrics(out_dir, record)
+        tracking.log(trackers, it, tracked_values(record))
+    return record
+
+
+def say_how_it_ended(progress, out_dir, it, stopped, saved_on_stop, history):
+    if saved_on_stop:
+        progress.write(f"stopped by {cli.signal_name(stopped)} at iteration {it}: saved {out_dir / outdir.CKPT_NAME}; "
+                       f"continue with --init_from=resume --out_dir={out_dir}")
+    elif stopped:
+        progress.write(f"stopped by {cli.signal_name(stopped)} at iteration {it}, before any step: nothing to save")
+    elif history:
+        best = min(history, key=lambda record: record["val_loss"])
+        progress.write(f"done: best val loss {best['val_loss']:.4f} at iteration {best['iter']}; the model is in "
+                       f"{out_dir}: python main.py --model_dir {out_dir} --prompt TEXT")
 
 
 @dataclass
@@ -584,48 +507,51 @@ class CompiledRun:
 
 
 def compiled_run(start):
-    """-> (CompiledRun, params, optimizer state, LoRA's frozen base) on the devices. The step is compiled and its
-    memory plan checked before the optimizer state exists, and before a new model is made (an XL-sized one takes
-    minutes and GBs): until then only its shapes are used."""
-    config, hparams, frozen = start.config, start.hparams, start.frozen
+    """-> (CompiledRun, the RunState on the devices). The step is compiled and its memory plan checked before the
+    optimizer state exists, and before a new model is made (an XL-sized one takes minutes and GBs): until then only
+    its shapes are used. A resumed optimizer state is rebuilt here, where the optimizer is made."""
+    config, hparams, state = start.config, start.hparams, start.state
     B, T, n_micro = config["batch_size"], config["block_size"], config["gradient_accumulation_steps"]
     mesh = Mesh(np.array(jax.devices()), ("data",))
     if B % jax.device_count():
         raise ValueError(f"batch_size {B} must be a multiple of the {jax.device_count()} devices")
-    abstract = start.params
+    abstract = state.params
     if abstract is None:
         abstract = jax.eval_shape(partial(new_params, config, hparams), jax.random.PRNGKey(0))
-    shardings = tree_shardings(mesh, abstract, config["fsdp"])
+    shardings = devices.tree_shardings(mesh, abstract, config["fsdp"])
     optimizer = optim.make_optimizer(config, abstract)
+    opt_state = state.opt_state
+    if opt_state is not None:  # as saved: the tensors by name
+        opt_state = outdir.saved_opt_state(opt_state, jax.eval_shape(optimizer.init, abstract),
+                                           Path(config["out_dir"]) / outdir.CKPT_NAME)
+    frozen = state.frozen
     if frozen is not None:
-        frozen = jax.device_put(frozen, tree_shardings(mesh, frozen, config["fsdp"]))
+        frozen = jax.device_put(frozen, devices.tree_shardings(mesh, frozen, config["fsdp"]))
     placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    step, plan, opt_shardings = compiled_step(config, optimizer, hparams["n_head"], mesh, placed, frozen)
+    compiled, plan, opt_shardings = compiled_step(config, optimizer, hparams["n_head"], mesh, placed, frozen)
     check_memory(plan, config)
-    params = jax.device_put(start.params if start.params is not None else init_params(config, hparams), shardings)
+    params = jax.device_put(state.params if state.params is not None else init_params(config, hparams), shardings)
     show = jax.process_index() == 0
     if show and not config["eval_only"]:
-        print(f"memory: {describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
-    scale = lora_scale(config) if frozen is not None else None
-    evaluate = jax.jit(partial(eval_loss, n_head=hparams["n_head"], dtype=compute_dtype(config), scale=scale))
-    opt_state = start.opt_state if start.opt_state is not None else jax.jit(optimizer.init)(params)
+        print(f"memory: {devices.describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
+    evaluate = jax.jit(partial(eval_loss, n_head=hparams["n_head"], dtype=compute_dtype(config),
+                               scale=state.lora_scale))
+    opt_state = opt_state if opt_state is not None else jax.jit(optimizer.init)(params)
     opt_state = jax.device_put(opt_state, opt_shardings)
     flops_per_iter = flops_per_token(params if frozen is None else frozen, hparams, T) * B * T * n_micro
-    return CompiledRun(mesh, step, evaluate, plan, flops_per_iter, show), params, opt_state, frozen
+    if config["quantize"]:  # eval_only (train_config): the model evaluated as main.py --quantize runs it
+        if frozen is not None:
+            raise cli.UsageError(f"quantize=int8 evaluates a whole model, and {config['out_dir']} holds LoRA adapters: "
+                                 f"evaluate their merged model: --init_from={config['out_dir']} --out_dir=<another "
+                                 f"folder> --eval_only --quantize=int8")
+        params = jax.device_put(quant.quantize_params(params))
+    run = CompiledRun(mesh, compiled, evaluate, plan, flops_per_iter, show)
+    return run, replace(state, params=params, opt_state=opt_state, frozen=frozen)
 
 
 def checkpoint_due(config, last_save):  # checkpoint_interval_minutes have passed since the last checkpoint
     minutes = config["checkpoint_interval_minutes"]
     return bool(minutes) and CLOCK() - last_save >= 60 * minutes
-
-
-def agreed(*flags):
-    """Each flag ORed over all processes, so that every process stops (or checkpoints) at the same step: a signal or
-    a clock reaches processes at different times. One small all-gather per step, in a run of several processes."""
-    if jax.process_count() == 1:
-        return flags
-    gathered = multihost_utils.process_allgather(np.array(flags, np.int32))
-    return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(flags)).max(axis=0))
 
 
 def tracked_values(record):  # a metrics.jsonl record -> what the trackers chart, under nanoGPT's W&B names
@@ -640,7 +566,7 @@ def evaluation_due(it, start):
     config = start.config
     if config["eval_only"]:
         return True
-    if start.kind == "resume" and it == start.iter:
+    if start.kind == "resume" and it == start.state.iter:
         return start.eval_pending
     return it % config["eval_interval"] == 0 or it == config["max_iters"]
 
@@ -649,45 +575,47 @@ def device_batches(tokens, split, it, n, config, mesh):  # -> x, y [n, batch_siz
     rows, T = config["batch_size"], config["block_size"]
     starts = data.batch_starts(len(tokens), T, n * rows, config["seed"], it, split)
     x, y = data.get_batch(tokens, starts, T)
-    return (device_batch(mesh, local_rows(a.reshape(n, rows, T))) for a in (x, y))
+    return (devices.device_batch(mesh, devices.local_rows(a.reshape(n, rows, T))) for a in (x, y))
 
 
-def estimate_losses(evaluate, params, frozen, start, mesh, it, stop, show):
-    """-> {split: mean loss over eval_iters batches}, or None when a stop request cut it short."""
+def estimate_losses(run, state, start, stop, progress):
+    """-> {split: mean loss over eval_iters batches} at state.iter, or None when a stop request cut it short."""
+    progress.flush()  # the last step's loss, before the evaluation's time
     n, losses = start.config["eval_iters"], {}
     with tqdm(total=n * len(data.SPLITS), desc="evaluating", unit="batch", leave=False, delay=2,
-              dynamic_ncols=True, disable=not show) as bar:
+              dynamic_ncols=True, disable=not run.show) as bar:
         for split in data.SPLITS:
-            x, y = device_batches(start.splits[split], split, it, n, start.config, mesh)
+            x, y = device_batches(start.splits[split], split, state.iter, n, start.config, run.mesh)
             total = 0.0
             for i in range(n):  # a batch at a time: progress shows, and Ctrl-C is heard between batches
-                total += float(ready(evaluate(params, x[i:i + 1], y[i:i + 1], frozen)))
+                total += float(devices.ready(run.evaluate(state.params, x[i:i + 1], y[i:i + 1], state.frozen)))
                 bar.update(1)
-                if agreed(stop.is_set())[0]:  # every process stops at the same batch
+                if devices.agreed(stop.is_set())[0]:  # every process stops at the same batch
                     return None
             losses[split] = total / n
     return losses
 
 
 def metrics_record(it, estimate, config, progress, t_start):  # one line of metrics.jsonl
-    used = peak_memory()
+    used = devices.peak_memory()
     return {"iter": it, "train_loss": estimate["train"], "val_loss": estimate["val"],
             "lr": float(optim.learning_rate(it, config, np)), "tokens_per_s": progress.tokens_per_s,
             "mfu": progress.mfu,
             "elapsed_s": round(time.perf_counter() - t_start, 3),
-            "peak_memory_gb": round(used / GB, 3) if used else None}
+            "peak_memory_gb": round(used / devices.GB, 3) if used else None}
 
 
-def save(start, params, opt_state, frozen, it, best_val_loss, as_model, eval_pending=False):
+def save(start, state, as_model, eval_pending=False):
     """The checkpoint, and (as_model, or when out_dir has no model yet) params.safetensors: with LoRA, the base model
     with the adapters merged. Non-finite params are never saved. eval_pending: see outdir.save_checkpoint."""
     out_dir = Path(start.config["out_dir"])
-    if not bool(ready(all_finite(params))):
-        raise FloatingPointError(f"the params are not finite at iteration {it}; nothing was saved")
-    outdir.save_checkpoint(out_dir, params, opt_state, it, best_val_loss, start.config, start.hparams, start.record,
-                           eval_pending)
+    if not bool(devices.ready(all_finite(state.params))):
+        raise FloatingPointError(f"the params are not finite at iteration {state.iter}; nothing was saved")
+    outdir.save_checkpoint(out_dir, state, start.config, start.hparams, start.record, eval_pending)
     if as_model or not (out_dir / "params.safetensors").is_file():
-        model = params if frozen is None else merged(frozen, params, scale=lora_scale(start.config))
+        model = state.params
+        if state.frozen is not None:
+            model = merged(state.frozen, state.params, scale=state.lora_scale)
         outdir.save_model(out_dir, start.hparams, model)
 
 
@@ -711,11 +639,14 @@ class Progress:
     def __init__(self, config, first_iter, flops_per_iter, plan, show):
         self.config, self.first_iter, self.plan = config, first_iter, plan
         self.tokens_per_iter = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
-        self.flops_per_iter, self.peak = flops_per_iter, peak_flops(config, compute_dtype(config))
+        self.flops_per_iter, self.peak = flops_per_iter, devices.peak_flops(config["peak_flops"], compute_dtype(config))
         self.bar = tqdm(total=config["max_iters"], initial=first_iter, unit="it", dynamic_ncols=True,
                         disable=not show)
         self.stretch_start, self.iters = None, 0  # when the current stretch's rate window began, and its steps
         self.tokens_per_s = self.mfu = None
+        self.losses = {}  # {iteration: train loss}, as read
+        self.pending = None  # (iteration, loss on the device) of the step dispatched last: read one step late, so
+        # that the host prepares the next batch while the device computes
 
     def __enter__(self):
         return self
@@ -729,8 +660,18 @@ class Progress:
     def pause(self):
         self.stretch_start = None
 
+    def dispatched(self, it, loss):  # step it was dispatched: the one before it is read and shown
+        self.flush()
+        self.pending = (it, loss)
+
+    def flush(self):  # read and show the pending step's loss, if any
+        if self.pending is not None:
+            it, loss = self.pending
+            self.pending = None
+            self.losses[it] = self.step_done(it, loss)
+
     def step_done(self, it, loss):  # the loss of step it, on the device -> as a float, once shown
-        loss = float(ready(loss))
+        loss = float(devices.ready(loss))
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at iteration {it}: training stopped and nothing more was saved "
                                      f"({last_checkpoint(self.config['out_dir'])}); lower learning_rate or use "
@@ -739,9 +680,10 @@ class Progress:
         if self.stretch_start is None:
             self.stretch_start, self.iters = now, 0
             self.bar.unpause()
-            used = peak_memory()
+            used = devices.peak_memory()
             if it == self.first_iter and used is not None:  # after the first step: what the plan became
-                self.write(f"memory: peak {size(used)} after the first step (planned {size(self.plan['total'])}"
+                planned = devices.size(self.plan["total"])
+                self.write(f"memory: peak {devices.size(used)} after the first step (planned {planned}"
                            f"{', and the process itself' if jax.default_backend() == 'cpu' else ''})")
         else:
             self.iters += 1
@@ -755,59 +697,6 @@ class Progress:
         return loss
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # Ctrl-C, and what schedulers send
-
-
-def signal_name(signum):
-    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-
-
-class StopRequest:
-    """Set by the first of STOP_SIGNALS: the loop stops after the current step and saves a checkpoint. Once the loop
-    has ended (saved), there is nothing left to stop: a further signal is let pass while the process closes."""
-
-    def __init__(self):
-        self.signum = None
-        self.loop_ended = False
-
-    def is_set(self):
-        return self.signum is not None
-
-
-@contextlib.contextmanager
-def stop_requests(say, out_dir, keep=False):
-    """-> a StopRequest that SIGINT (Ctrl-C), SIGTERM, SIGUSR1 or SIGHUP (a scheduler's warning before it kills a
-    job: SLURM, Kubernetes, spot machines) sets. A second signal stops at once, saving nothing (cli.Interrupted, exit
-    128 + the signal). say(text) acknowledges the first. keep: once the loop has ended, the handler stays (for a
-    process that ends with the run: the default handler would raise inside whatever clean-up a late signal meets)."""
-    stop = StopRequest()
-
-    def on_signal(signum, frame):
-        name = signal_name(signum)
-        if stop.loop_ended:  # the state is saved and the process is closing: an exception now would only print a
-            return           # traceback from wherever it lands (tqdm's clean-up, say)
-        if stop.is_set():
-            raise cli.Interrupted(f"stopped at once by a second {name}; nothing was saved ({last_checkpoint(out_dir)})",
-                                  128 + signum)
-        stop.signum = signum
-        say(f"{name}: stopping after this step and saving what it trained ({name} again: stop now, save nothing)")
-
-    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS} if main_thread else {}
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            if not (keep and stop.loop_ended):
-                signal.signal(signum, handler)
-
-
-def ready(x):
-    # wait for a device value by polling rather than blocking in C++: Python then runs a Ctrl-C handler at once, not
-    # when a step of many seconds ends
-    while not x.is_ready():
-        time.sleep(0.001)
-    return x
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 import cli
+import devices
 import train
 import train_config
 
@@ -21,7 +22,7 @@ for fsdp in (False, True):
 # what fsdp places on each device: train.run puts the params (and the optimizer state, alike) with these shardings
 config = train_config.resolve_config(config)
 params = train.init_params(config, train.scratch_hparams(config, 65))
-placed = jax.device_put(params, train.tree_shardings(Mesh(np.array(jax.devices()), ("data",)), params, True))
+placed = jax.device_put(params, devices.tree_shardings(Mesh(np.array(jax.devices()), ("data",)), params, True))
 per_device = {d: 0 for d in jax.devices()}
 for leaf in jax.tree.leaves(placed):
     for shard in leaf.addressable_shards:
