@@ -114,6 +114,24 @@ def check_token_ids(tokens, n_vocab, path):  # tokens: one memmap
                              f"dataset was prepared for another vocabulary; prepare it again for this model")
 
 
+def check_vocabulary(dataset, n_vocab, model_vocab, vocab):
+    """A pretrained or resumed model (of n_vocab tokens) must train on ids of its own vocabulary: model_vocab and vocab
+    (the dataset's) as meta.json holds them."""
+    if vocab["kind"] != model_vocab["kind"]:
+        hint = " (tiny Shakespeare in GPT-2 tokens: --dataset=shakespeare)" if model_vocab["kind"] == "gpt2" else ""
+        raise ValueError(f"the model reads {model_vocab['kind']} tokens but dataset {dataset} has "
+                         f"{vocab['kind']} tokens: prepare it with --tokens={model_vocab['kind']}{hint}")
+    if vocab["kind"] == "char" and (vocab["chars"] != model_vocab.get("chars", vocab["chars"])
+                                    or len(vocab["chars"]) != n_vocab):
+        raise ValueError(f"dataset {dataset} has another character vocabulary ({len(vocab['chars'])} "
+                         f"characters) than the model ({n_vocab}): train it on text of the same characters, "
+                         f"as the dataset it was trained on")
+
+
+def model_vocabulary(vocab_dir):  # a model folder's vocabulary as check_vocabulary compares it: meta.json, or GPT-2
+    return read_meta(vocab_dir) if (Path(vocab_dir) / "meta.json").is_file() else {"kind": "gpt2"}
+
+
 def prepared_folder(dataset, data_dir, tokens):
     """The folder where dataset was prepared with tokens, which must be complete; nothing is prepared (a resumed
     run reads what its run trained on)."""

@@ -5,6 +5,7 @@
     x = device_batch(mesh, local_rows(batch))             # this process's rows of [n, B, T] -> one global array
     plan, compiled = memory_plan(step, params, opt_shapes, opt_shardings, (x, y))
     print(describe_plan(plan), size(peak_memory()))
+    peak_flops(0, jnp.bfloat16)                            # all devices' peak FLOP/s (for MFU), or None
 """
 import math
 import time
@@ -110,7 +111,10 @@ def agreed(*flags):
     return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(flags)).max(axis=0))
 
 
-def peak_flops(given, dtype):  # of all devices together, or None when unknown; given: one device's, or 0
+def peak_flops(given, dtype):
+    """Peak FLOP/s of all devices together, or None when unknown; given: one device's (--peak_flops), or 0 to look
+    the device kind up in PEAK_FLOPS (dense bfloat16; half for float32 on GPUs, which run float32 matmuls at TF32
+    rate; CPUs have no entry)."""
     if given:
         return given * jax.device_count()
     kind = jax.devices()[0].device_kind

@@ -285,15 +285,16 @@ def lm_loss(params: dict, ids: Int[Array, "*batch n_seq"], targets: Int[Array, "
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
-def init_params(key: PRNGKeyArray, hparams: dict, dtype=jnp.float32) -> dict:
+def init_params(key: PRNGKeyArray, hparams: dict, dtype=jnp.float32, bias: bool = True) -> dict:
     # GPT-2's initialisation: N(0, 0.02) matrices, N(0, 0.01) positions, zero biases, unit LayerNorm gains, and the
     # projections into the residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth.
+    # bias=False: no "b" in the linear layers and LayerNorms (nanoGPT's option), which the functions then leave out
     n_vocab, n_ctx, E, L = hparams["n_vocab"], hparams["n_ctx"], hparams["n_embd"], hparams["n_layer"]
     k = iter(jax.random.split(key, 6))
     normal = lambda key, shape, std: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
     ones, zeros = (lambda *s: jnp.ones(s, dtype)), (lambda *s: jnp.zeros(s, dtype))
     proj_std = 0.02 / math.sqrt(2 * L)
-    return {
+    params = {
         "wte": normal(next(k), (n_vocab, E), 0.02),
         "wpe": normal(next(k), (n_ctx, E), 0.01),
         "h": {
@@ -306,6 +307,13 @@ def init_params(key: PRNGKeyArray, hparams: dict, dtype=jnp.float32) -> dict:
         },
         "ln_f": {"g": ones(E), "b": zeros(E)},
     }
+    return params if bias else without_biases(params)
+
+
+def without_biases(params):
+    if isinstance(params, dict):
+        return {k: without_biases(v) for k, v in params.items() if k != "b"}
+    return params
 
 
 # ------------------------------------------------------------------------------------------------ fast paths
@@ -407,3 +415,11 @@ def cast(params: dict, dtype) -> dict:  # e.g. cast(params, jnp.bfloat16): bf16 
 
 def count_params(params: dict) -> int:
     return sum(p.size for p in jax.tree.leaves(params))
+
+
+def flops_per_token(params, hparams, block_size):
+    # PaLM's (and nanoGPT's) estimate for a forward + backward pass: 6 N + 12 L H Q T, N the parameters without the
+    # position table, L layers, H heads of size Q, T the sequence length
+    n = count_params(params) - params["wpe"].size
+    L, H, Q = hparams["n_layer"], hparams["n_head"], hparams["n_embd"] // hparams["n_head"]
+    return 6 * n + 12 * L * H * Q * block_size

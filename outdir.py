@@ -212,6 +212,12 @@ def saved_opt_state(saved: dict, template, path):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
 
 
+def legacy_vocabulary(out_dir, tokens):  # a checkpoint from before checkpoints named their vocabulary
+    if tokens == "char" and (out_dir / "meta.json").is_file():
+        return json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+    return {"kind": tokens}  # its width is still checked against the model's (data.check_vocabulary)
+
+
 def check_params_fit(flat, hparams, path, lora):
     """The checkpoint's params (or LoRA adapters) must have the shapes its hparams give: a resume must not train, and
     then save, a model that main.py would call damaged."""

@@ -3175,7 +3175,7 @@ def test_train_eval_only_and_bias(train_data_dir, tmp_path):
         nll = -np.take_along_axis(logprobs, y[..., None], -1)[..., 0]  # [2 batches * 4 rows, 32]
         assert result["evals"][0][f"{split}_loss"] == pytest.approx(nll.mean(), rel=1e-5), split
     hparams = {"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}
-    without = train.drop_biases(jax.eval_shape(lambda: train.gpt.init_params(jax.random.PRNGKey(0), hparams)))
+    without = jax.eval_shape(lambda: gpt.init_params(jax.random.PRNGKey(0), hparams, bias=False))
     assert sorted(outdir.flat_names(without, "")) == ["h/attn/c_attn/w", "h/attn/c_proj/w", "h/ln_1/g", "h/ln_2/g",
                                                      "h/mlp/c_fc/w", "h/mlp/c_proj/w", "ln_f/g", "wpe", "wte"]
 

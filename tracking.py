@@ -79,6 +79,11 @@ def one_line(error):  # an exception's message on one line
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def charted(record):  # a metrics.jsonl record -> what the trackers chart, under nanoGPT's W&B names
+    return {"train/loss": record["train_loss"], "val/loss": record["val_loss"], "lr": record["lr"],
+            "tokens_per_s": record["tokens_per_s"], "mfu": record["mfu"], "peak_memory_gb": record["peak_memory_gb"]}
+
+
 def log(opened, it, values):
     """Log values (None ones left out) at iteration it to each tracker; one that fails is reported and dropped."""
     values = {name: value for name, value in values.items() if value is not None}

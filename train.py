@@ -8,15 +8,15 @@ gpt.py's params dict.
     python train.py --init_from=resume --out_dir=out         # continue exactly where a run stopped
     python main.py --model_dir out                           # sample from what was trained
 
-The config (config.py; `python train.py --help` lists every key) uses nanoGPT's names. What the run writes into
+The config (train_config.py; `python train.py --help` lists every key) uses nanoGPT's names. What the run writes into
 out_dir (checkpoints, the model, metrics.jsonl, loss.png) is outdir.py's; the data, data.py's.
 
 What a step does. batch_size * gradient_accumulation_steps sequences of block_size + 1 tokens are drawn at random
 offsets of train.bin (data.get_batch). One jitted function runs the micro-batches under lax.scan, summing gradients,
-and applies the optimizer (optim.py): AdamW with nanoGPT's warmup and cosine decay by default, or Muon on the blocks'
-matrices, and a warmup-stable-decay schedule. The params and optimizer state are donated, so they are
-updated in place. Master weights are float32; dtype=bfloat16 computes the forward and backward passes in bfloat16
-(dtype=auto: bfloat16 on GPU and TPU, float32 on CPU). Dropout masks come from explicit PRNG keys.
+and applies the optimizer (optim.py: AdamW with nanoGPT's warmup and cosine decay by default, or Muon, or a
+warmup-stable-decay schedule). The params and optimizer state are donated, so they are updated in place. Master
+weights are float32; dtype=bfloat16 computes the forward and backward passes in bfloat16 (dtype=auto: bfloat16 on GPU
+and TPU, float32 on CPU). Dropout masks come from explicit PRNG keys.
 
 Memory. Before anything big is allocated, train.py compiles the step and prints XLA's plan for it (params, optimizer
 state, one step's gradients and activations), and refuses a run that the device cannot hold. remat=true recomputes
@@ -34,13 +34,10 @@ state along the same axis (each array on its largest dimension divisible by the 
 processes (SLURM, Open MPI, or the JAX_* variables: cli.initialize_distributed), each process loads its rows of every
 batch and process 0 writes the files.
 
-MFU (model flops utilization) counts what the model needs, not what XLA runs, with the PaLM paper's formula as nanoGPT
-does: 6 N + 12 L H Q T flops per token, N the parameters without the position table, L layers, H heads of size Q,
-T = block_size, divided by the devices' peak (a table of bfloat16 dense peaks by device kind, half of it for float32
-on GPUs, which run float32 matmuls at TF32 rate; CPUs have no entry: give --peak_flops, per device, to see MFU there).
+MFU (model flops utilization) counts what the model needs (gpt.flops_per_token, the PaLM paper's formula as nanoGPT
+uses it), not what XLA runs, over the devices' peak (devices.peak_flops; on a CPU give --peak_flops to see MFU).
 """
 import contextlib
-import json
 import math
 import signal
 import sys
@@ -119,10 +116,6 @@ def compute_dtype(config):
     return jnp.dtype(config["dtype"]).type
 
 
-def lora_scale(config):
-    return config["lora_alpha"] / config["lora_rank"]
-
-
 def model_params(params, frozen, scale):  # the model's params: params, or with LoRA the frozen base plus params
     return params if frozen is None else gpt.with_adapters(frozen, params, scale)
 
@@ -141,7 +134,7 @@ def batch_loss(params, x, y, key, n_head, dropout, dtype, remat=False, frozen=No
 def step_function(config, optimizer, n_head):  # train_step with all but its array arguments bound, ready for jax.jit
     return partial(train_step, optimizer=optimizer, seed=config["seed"], n_head=n_head, dropout=config["dropout"],
                    dtype=compute_dtype(config), remat=config["remat"],
-                   scale=lora_scale(config) if config["lora_rank"] else None)
+                   scale=config["lora_alpha"] / config["lora_rank"] if config["lora_rank"] else None)
 
 
 def train_step(params, opt_state, x, y, it, frozen=None, *, optimizer, seed, n_head, dropout, dtype, remat=False,
@@ -167,12 +160,6 @@ def eval_loss(params, x, y, frozen=None, *, n_head, dtype, scale=None):
     # [n_batches, B, T] -> mean loss, batch by batch (bounded memory)
     return lax.map(lambda b: batch_loss(params, b[0], b[1], None, n_head, 0.0, dtype, False, frozen, scale),
                    (x, y)).mean()
-
-
-def flops_per_token(params, hparams, block_size):  # PaLM's (and nanoGPT's) estimate for a forward + backward pass
-    n = gpt.count_params(params) - params["wpe"].size
-    L, H, Q = hparams["n_layer"], hparams["n_head"], hparams["n_embd"] // hparams["n_head"]
-    return 6 * n + 12 * L * H * Q * block_size
 
 
 # ---------------------------------------------------------------------------------- the compiled step and memory
@@ -227,7 +214,7 @@ class Origin(NamedTuple):  # a pretrained or resumed model, as found
     hparams: dict
     params: dict              # the model's params, or with LoRA its adapters
     lora: dict                # LoRA's {"frozen", "base", "base_fingerprint"}, or {}
-    vocab: dict               # the model's vocabulary, as check_vocabulary compares it
+    vocab: dict               # the model's vocabulary, as data.check_vocabulary compares it
     vocab_dir: Path | None = None  # a pretrained model's tokenizer folder
 
 
@@ -255,7 +242,7 @@ def starting_point(config, out_dir):
         hparams = scratch_hparams(config, len(vocab["chars"]) if vocab["kind"] == "char" else GPT2_VOCAB)
     else:
         hparams = origin.hparams
-        check_vocabulary(config, hparams, origin.vocab, vocab)
+        data.check_vocabulary(config["dataset"], hparams["n_vocab"], origin.vocab, vocab)
     if config["block_size"] > hparams["n_ctx"]:
         raise ValueError(f"block_size {config['block_size']} exceeds the model's context of {hparams['n_ctx']} "
                          f"tokens")
@@ -269,7 +256,7 @@ def starting_point(config, out_dir):
     if origin is not None:
         config["bias"] = "b" in (frozen or origin.params)["ln_f"]
         state = replace(state, params=origin.params, frozen=frozen,
-                        lora_scale=lora_scale(config) if frozen is not None else None)
+                        lora_scale=config["lora_alpha"] / config["lora_rank"] if frozen is not None else None)
     return Start(kind, config, hparams, state, dataset_dir, splits, {"vocabulary": vocab, **lora}, eval_pending)
 
 
@@ -292,7 +279,7 @@ def resumed_model(config, out_dir, state, meta) -> Origin:
     if meta["iter"] >= config["max_iters"] and not (config["eval_only"] or meta["eval_pending"]):
         raise cli.UsageError(f"{out_dir}'s checkpoint is at iteration {meta['iter']} and max_iters is "
                              f"{config['max_iters']}: nothing to train; give a larger --max_iters")
-    vocab = meta["vocabulary"] or legacy_vocabulary(out_dir, meta["config"]["tokens"])
+    vocab = meta["vocabulary"] or outdir.legacy_vocabulary(out_dir, meta["config"]["tokens"])
     if meta["base"] is None:
         return Origin(meta["hparams"], state.params, {}, vocab)
     base = config["lora_base"] or meta["base"]
@@ -318,7 +305,7 @@ def pretrained_model_to_train(config, out_dir) -> Origin:
                              f"it was quantized from (or evaluate it with eval_only=true)")
     if out_dir.resolve() == folder.resolve():
         raise ValueError(f"out_dir {out_dir} is the folder of the model being finetuned; choose another")
-    vocab = model_vocabulary(vocab_dir)  # a character model of train.py's, or GPT-2's tokens
+    vocab = data.model_vocabulary(vocab_dir)  # a character model of train.py's, or GPT-2's tokens
     if not config["lora_rank"]:  # every weight trains
         return Origin(hparams, params, {}, vocab, vocab_dir)
     name = NANOGPT_NAMES.get(config["init_from"], config["init_from"])
@@ -335,47 +322,13 @@ def pretrained_model(init_from, models_dir, download=True):
     return hparams, params, folder, weights.tokenizer_folder(folder)
 
 
-def check_vocabulary(config, hparams, model_vocab, vocab):
-    """A pretrained or resumed model must train on ids of its own vocabulary (model_vocab: a meta.json's contents)."""
-    if vocab["kind"] != model_vocab["kind"]:
-        hint = " (tiny Shakespeare in GPT-2 tokens: --dataset=shakespeare)" if model_vocab["kind"] == "gpt2" else ""
-        raise ValueError(f"the model reads {model_vocab['kind']} tokens but dataset {config['dataset']} has "
-                         f"{vocab['kind']} tokens: prepare it with --tokens={model_vocab['kind']}{hint}")
-    if vocab["kind"] == "char" and (vocab["chars"] != model_vocab.get("chars", vocab["chars"])
-                                    or len(vocab["chars"]) != hparams["n_vocab"]):
-        raise ValueError(f"dataset {config['dataset']} has another character vocabulary ({len(vocab['chars'])} "
-                         f"characters) than the model ({hparams['n_vocab']}): train it on text of the same characters, "
-                         f"as the dataset it was trained on")
-
-
-def model_vocabulary(vocab_dir):  # a model folder's vocabulary as check_vocabulary compares it: meta.json, or GPT-2
-    return data.read_meta(vocab_dir) if (Path(vocab_dir) / "meta.json").is_file() else {"kind": "gpt2"}
-
-
-def legacy_vocabulary(out_dir, tokens):  # a checkpoint from before checkpoints named their vocabulary
-    if tokens == "char" and (out_dir / "meta.json").is_file():
-        return json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
-    return {"kind": tokens}  # its width is still checked against the model's (check_vocabulary)
-
-
 def scratch_hparams(config, n_vocab):  # the shape of a model trained from scratch
     return {"n_vocab": n_vocab, "n_ctx": config["block_size"], "n_embd": config["n_embd"], "n_head": config["n_head"],
             "n_layer": config["n_layer"]}
 
 
 def init_params(config, hparams):  # gpt.py's initialisation, as one compiled program (not dozens of small ones)
-    return jax.jit(partial(new_params, config, hparams))(jax.random.PRNGKey(config["seed"]))
-
-
-def new_params(config, hparams, key):  # a new model's params; bias=False: without biases
-    params = gpt.init_params(key, hparams)
-    return params if config["bias"] else drop_biases(params)
-
-
-def drop_biases(params):  # bias=False: no "b" in linear layers or LayerNorms; gpt.py then adds none
-    if isinstance(params, dict):
-        return {k: drop_biases(v) for k, v in params.items() if k != "b"}
-    return params
+    return jax.jit(partial(gpt.init_params, hparams=hparams, bias=config["bias"]))(jax.random.PRNGKey(config["seed"]))
 
 
 def check_splits(splits, dataset_dir, block_size):  # every split must hold at least one sequence of block_size + 1
@@ -479,7 +432,7 @@ def record_evaluation(start, it, estimate, progress, trackers, writes, t_start):
                                  f"was saved ({last_checkpoint(out_dir)}); lower learning_rate")
     if writes:  # before the checkpoint: a resume drops the records after its checkpoint
         outdir.append_metrics(out_dir, record)
-        tracking.log(trackers, it, tracked_values(record))
+        tracking.log(trackers, it, tracking.charted(record))
     return record
 
 
@@ -517,7 +470,7 @@ def compiled_run(start):
         raise ValueError(f"batch_size {B} must be a multiple of the {jax.device_count()} devices")
     abstract = state.params
     if abstract is None:
-        abstract = jax.eval_shape(partial(new_params, config, hparams), jax.random.PRNGKey(0))
+        abstract = jax.eval_shape(partial(init_params, config, hparams))
     shardings = devices.tree_shardings(mesh, abstract, config["fsdp"])
     optimizer = optim.make_optimizer(config, abstract)
     opt_state = state.opt_state
@@ -538,7 +491,7 @@ def compiled_run(start):
                                scale=state.lora_scale))
     opt_state = opt_state if opt_state is not None else jax.jit(optimizer.init)(params)
     opt_state = jax.device_put(opt_state, opt_shardings)
-    flops_per_iter = flops_per_token(params if frozen is None else frozen, hparams, T) * B * T * n_micro
+    flops_per_iter = gpt.flops_per_token(params if frozen is None else frozen, hparams, T) * B * T * n_micro
     if config["quantize"]:  # eval_only (train_config): the model evaluated as main.py --quantize runs it
         if frozen is not None:
             raise cli.UsageError(f"quantize=int8 evaluates a whole model, and {config['out_dir']} holds LoRA adapters: "
@@ -552,11 +505,6 @@ def compiled_run(start):
 def checkpoint_due(config, last_save):  # checkpoint_interval_minutes have passed since the last checkpoint
     minutes = config["checkpoint_interval_minutes"]
     return bool(minutes) and CLOCK() - last_save >= 60 * minutes
-
-
-def tracked_values(record):  # a metrics.jsonl record -> what the trackers chart, under nanoGPT's W&B names
-    return {"train/loss": record["train_loss"], "val/loss": record["val_loss"], "lr": record["lr"],
-            "tokens_per_s": record["tokens_per_s"], "mfu": record["mfu"], "peak_memory_gb": record["peak_memory_gb"]}
 
 
 def evaluation_due(it, start):
@@ -613,9 +561,7 @@ def save(start, state, as_model, eval_pending=False):
         raise FloatingPointError(f"the params are not finite at iteration {state.iter}; nothing was saved")
     outdir.save_checkpoint(out_dir, state, start.config, start.hparams, start.record, eval_pending)
     if as_model or not (out_dir / "params.safetensors").is_file():
-        model = state.params
-        if state.frozen is not None:
-            model = merged(state.frozen, state.params, scale=state.lora_scale)
+        model = state.params if state.frozen is None else merged(state.frozen, state.params, state.lora_scale)
         outdir.save_model(out_dir, start.hparams, model)
 
 
@@ -629,7 +575,7 @@ def all_finite(tree):
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-merged = jax.jit(gpt.merge_adapters, static_argnames="scale")
+merged = jax.jit(gpt.merge_adapters, static_argnums=2)
 
 
 class Progress:
