@@ -2576,6 +2576,34 @@ def test_train_weight_decay_only_on_matrices_and_embeddings():
     assert {n for n in flat if n.endswith(("/b", "/g"))} == set(flat) - decayed  # biases and LayerNorm: no decay
 
 
+def follows_reference(config, params, rng, scales, reference_step, rtol=1e-5, atol=1e-6):
+    """make_optimizer(config)'s updates of params (numpy), step after step on gradients scaled by `scales` (global
+    norms above and below grad_clip 1), against reference_step(name, p, clipped gradient, that leaf's moments dict,
+    it) -> the new p, in float64."""
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    optimizer = optim.make_optimizer(config, params)
+    state, update = optimizer.init(params), jax.jit(optimizer.update)
+    ref = {name: np.asarray(p, np.float64) for name, p in outdir.flat_names(params, "").items()}
+    moments = {name: {"m": np.zeros_like(p), "v": np.zeros_like(p)} for name, p in ref.items()}
+    for it, scale in enumerate(scales):
+        grads = jax.tree.map(lambda p, s=scale: jnp.asarray(s * rng.normal(size=p.shape), jnp.float32), params)
+        updates, state = update(grads, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        g = {name: np.asarray(x, np.float64) for name, x in outdir.flat_names(grads, "").items()}
+        norm = math.sqrt(sum((x ** 2).sum() for x in g.values()))
+        for name in ref:
+            ref[name] = reference_step(name, ref[name], g[name] * min(1.0, 1.0 / norm), moments[name], it)
+        for name, p in outdir.flat_names(params, "").items():
+            np.testing.assert_allclose(p, ref[name], rtol=rtol, atol=atol, err_msg=f"{name} at step {it}")
+
+
+def adamw_step(p, g, mom, it, lr, b1, b2, decay):  # float64 AdamW with bias correction, decoupled decay
+    mom["m"] = b1 * mom["m"] + (1 - b1) * g
+    mom["v"] = b2 * mom["v"] + (1 - b2) * g ** 2
+    step = (mom["m"] / (1 - b1 ** (it + 1))) / (np.sqrt(mom["v"] / (1 - b2 ** (it + 1))) + 1e-8)
+    return p - lr * (step + decay * p)
+
+
 def test_train_optimizer_is_nanogpts_clip_then_adamw():
     # make_optimizer's updates over steps through warmup and decay, against the rule written out in float64: clip the
     # gradient to global norm grad_clip, Adam's moments with bias correction, then lr(it) * (m / (sqrt(v) + eps) +
@@ -2587,29 +2615,12 @@ def test_train_optimizer_is_nanogpts_clip_then_adamw():
     params = {"wte": rng.normal(size=(5, 3)), "h": {"ln_1": {"g": 1 + rng.normal(size=3)},
                                                     "attn": {"c_attn": {"w": rng.normal(size=(3, 6)),
                                                                         "b": rng.normal(size=6)}}}}
-    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
-    decayed = {"wte", "h/attn/c_attn/w"}
-    optimizer = optim.make_optimizer(config, params)
-    state, update = optimizer.init(params), jax.jit(optimizer.update)
-    ref = {name: np.asarray(p, np.float64) for name, p in outdir.flat_names(params, "").items()}
-    m = {name: np.zeros_like(p) for name, p in ref.items()}
-    v = {name: np.zeros_like(p) for name, p in ref.items()}
-    for it, scale in enumerate([10.0, 0.1, 3.0, 0.5, 2.0, 0.01, 5.0]):  # global norms above and below the clip
-        grads = jax.tree.map(lambda p, s=scale: jnp.asarray(s * rng.normal(size=p.shape), jnp.float32), params)
-        updates, state = update(grads, state, params)
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
-        g = {name: np.asarray(x, np.float64) for name, x in outdir.flat_names(grads, "").items()}
-        norm = math.sqrt(sum((x ** 2).sum() for x in g.values()))
+
+    def reference_step(name, p, g, mom, it):
         lr = (1e-2 * (it + 1) / 3 if it < 2 else
               1e-3 + 0.5 * (1 + math.cos(math.pi * min(it - 2, 3) / 3)) * (1e-2 - 1e-3))
-        for name in ref:
-            clipped = g[name] * min(1.0, 1.0 / norm)
-            m[name] = 0.9 * m[name] + 0.1 * clipped
-            v[name] = 0.95 * v[name] + 0.05 * clipped ** 2
-            step = (m[name] / (1 - 0.9 ** (it + 1))) / (np.sqrt(v[name] / (1 - 0.95 ** (it + 1))) + 1e-8)
-            ref[name] = ref[name] - lr * (step + (0.1 * ref[name] if name in decayed else 0))
-        for name, p in outdir.flat_names(params, "").items():
-            np.testing.assert_allclose(p, ref[name], rtol=1e-5, atol=1e-6, err_msg=f"{name} at step {it}")
+        return adamw_step(p, g, mom, it, lr, 0.9, 0.95, 0.1 if name in ("wte", "h/attn/c_attn/w") else 0.0)
+    follows_reference(config, params, rng, [10.0, 0.1, 3.0, 0.5, 2.0, 0.01, 5.0], reference_step)
 
 
 def newton_schulz(x, steps=5, coeffs=(3.4445, -4.775, 2.0315)):  # float64 numpy: Muon's orthogonalisation of one matrix
@@ -2643,39 +2654,20 @@ def test_optim_muon_is_newton_schulz_of_the_momentum_layer_by_layer():
                                                     "attn": {"c_attn": {"w": rng.normal(size=(2, 4, 12)),
                                                                         "b": rng.normal(size=(2, 12))}},
                                                     "mlp": {"c_proj": {"w": rng.normal(size=(2, 16, 4))}}}}
-    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
-    muon = {"h/attn/c_attn/w", "h/mlp/c_proj/w"}
-    optimizer = optim.make_optimizer(config, params)
-    state, update = optimizer.init(params), jax.jit(optimizer.update)
-    ref = {name: np.asarray(p, np.float64) for name, p in outdir.flat_names(params, "").items()}
-    m = {name: np.zeros_like(p) for name, p in ref.items()}
-    v = {name: np.zeros_like(p) for name, p in ref.items()}
-    for it, scale in enumerate([10.0, 0.1, 3.0, 0.5, 2.0, 0.01, 5.0, 1.0]):  # global norms above and below the clip
-        grads = jax.tree.map(lambda p, s=scale: jnp.asarray(s * rng.normal(size=p.shape), jnp.float32), params)
-        updates, state = update(grads, state, params)
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
-        g = {name: np.asarray(x, np.float64) for name, x in outdir.flat_names(grads, "").items()}
-        norm = math.sqrt(sum((x ** 2).sum() for x in g.values()))
+
+    def reference_step(name, p, g, mom, it):
         # wsd: warmup over 2, constant to 3, linear to min_lr at 6, both learning rates in proportion
         lr = 1e-2 * (it + 1) / 3 if it < 2 else 1e-2 - min(max(it - 3, 0) / 3, 1) * (1e-2 - 1e-3)
-        t = it + 1
-        for name in ref:
-            clipped = g[name] * min(1.0, 1.0 / norm)
-            if name in muon:
-                b = 0.9
-                m[name] = b * m[name] + (1 - b) * clipped
-                nesterov = b * m[name] / (1 - b ** (t + 1)) + (1 - b) * clipped / (1 - b ** t)
-                ortho = np.stack([newton_schulz(layer) for layer in nesterov])
-                n_in, n_out = ortho.shape[1:]
-                step = ortho * max(1.0, n_out / n_in) ** 0.5
-                ref[name] = ref[name] - 5 * lr * (step + 0.1 * ref[name])
-                continue
-            m[name] = 0.9 * m[name] + 0.1 * clipped
-            v[name] = 0.95 * v[name] + 0.05 * clipped ** 2
-            step = (m[name] / (1 - 0.9 ** t)) / (np.sqrt(v[name] / (1 - 0.95 ** t)) + 1e-8)
-            ref[name] = ref[name] - lr * (step + (0.1 * ref[name] if name == "wte" else 0))
-        for name, p in outdir.flat_names(params, "").items():
-            np.testing.assert_allclose(p, ref[name], rtol=1e-4, atol=1e-5, err_msg=f"{name} at step {it}")
+        if name not in ("h/attn/c_attn/w", "h/mlp/c_proj/w"):
+            return adamw_step(p, g, mom, it, lr, 0.9, 0.95, 0.1 if name == "wte" else 0.0)
+        b, t = 0.9, it + 1
+        mom["m"] = b * mom["m"] + (1 - b) * g
+        nesterov = b * mom["m"] / (1 - b ** (t + 1)) + (1 - b) * g / (1 - b ** t)
+        ortho = np.stack([newton_schulz(layer) for layer in nesterov])
+        n_in, n_out = ortho.shape[1:]
+        return p - 5 * lr * (ortho * max(1.0, n_out / n_in) ** 0.5 + 0.1 * p)
+    follows_reference(config, params, rng, [10.0, 0.1, 3.0, 0.5, 2.0, 0.01, 5.0, 1.0], reference_step, rtol=1e-4,
+                      atol=1e-5)
 
 
 def test_optim_muon_trains_the_blocks_matrices_and_adamw_the_rest():

@@ -470,7 +470,7 @@ def compiled_run(start):
         raise ValueError(f"batch_size {B} must be a multiple of the {jax.device_count()} devices")
     abstract = state.params
     if abstract is None:
-        abstract = jax.eval_shape(partial(init_params, config, hparams))
+        abstract = jax.eval_shape(partial(gpt.init_params, hparams=hparams, bias=config["bias"]), jax.random.PRNGKey(0))
     shardings = devices.tree_shardings(mesh, abstract, config["fsdp"])
     optimizer = optim.make_optimizer(config, abstract)
     opt_state = state.opt_state
