@@ -5,7 +5,7 @@
     ...
     cli.setup()                            # main.py, eval.py: the compile cache and malloc tuning
     cli.setup(training=True)               # train.py, bench.py's training modes: also the XLA:CPU flag
-    cli.initialize_distributed()           # train.run: join the other processes of a multi-host launch
+    cli.initialize_distributed()           # train.py: join the other processes of a multi-host launch
     args = cli.parse_args(parser, argv)    # argparse, with a did-you-mean for a mistyped flag (exit 2)
     with cli.stop_requests(say, saved_so_far) as stop:   # train.py's loop: stop.is_set() once a signal came
 

@@ -2754,7 +2754,7 @@ def test_train_keeps_the_model_of_the_best_val_loss(train_data_dir, tmp_path, mo
     # max_iters 7 is no multiple of eval_interval: the run still evaluates and checkpoints its last iteration.
     real = train.estimate_losses
     scripted = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2, 7: 4.3}
-    monkeypatch.setattr(train, "estimate_losses", lambda run, state, *args: {**real(run, state, *args),
+    monkeypatch.setattr(train, "estimate_losses", lambda compiled, state, *args: {**real(compiled, state, *args),
                                                                              "val": scripted[state.iter]})
     runs = {name: train.train(run_config(train_data_dir, tmp_path / name, max_iters=max_iters, eval_interval=2,
                                          always_save_checkpoint=always))

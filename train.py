@@ -83,7 +83,7 @@ def command(argv):  # the command line -> exit code (cli.py's convention)
         print(train_config.help_text())
         return cli.OK
     cli.setup(training=True)
-    result = run(train_config.resolve_config(train_config.parse_args(argv)), ending=True)
+    result = train_resolved(train_config.resolve_config(train_config.parse_args(argv)), ending=True)
     return 128 + result["signal"] if result["signal"] else cli.OK  # stopped by a signal: not finished
 
 
@@ -91,10 +91,10 @@ def train(overrides: dict) -> dict:
     """Run training with config keys overrides (over the defaults); the API behind the command line.
     Returns {"losses": {iteration: train loss}, "evals": [metrics records], "iter": the last iteration reached,
     "interrupted": whether a signal (Ctrl-C, a scheduler's SIGTERM, ...) stopped it, "signal": which one, or None}."""
-    return run(train_config.resolve_config(overrides))
+    return train_resolved(train_config.resolve_config(overrides))
 
 
-def run(config, ending=False):  # a resolved config -> train()'s result; ending: see training
+def train_resolved(config, ending=False):  # a resolved config -> train()'s result; ending: see training
     tracking.check_installed(config)
     cli.initialize_distributed()
     if config["eval_only"] and config["init_from"] == "scratch":
@@ -345,17 +345,17 @@ def training(start, writes, ending=False):
     stops it), metrics, trackers and the progress bar, from a Start. writes: whether this process writes out_dir.
     ending: the process ends with the run (train.py's command line), so its stop signals stay handled to the end."""
     config, out_dir = start.config, Path(start.config["out_dir"])
-    run, state = compiled_run(start)
-    begin(start, run, writes)
+    compiled, state = compiled_run(start)
+    begin(start, compiled, writes)
     history, stopped, eval_cut, last_save, t_start = [], None, False, CLOCK(), time.perf_counter()
     trackers = tracking.trackers(config, out_dir, state.run_id, state.iter) if writes else []
-    progress = Progress(config, state.iter, run.flops_per_iter, run.plan, run.show)  # after the trackers' warnings
+    progress = Progress(config, state.iter, compiled.flops_per_iter, compiled.plan, compiled.show)  # after trackers
     # stop_requests outermost: its handler stays until the progress bar and the trackers are closed
     stops = cli.stop_requests(progress.write, partial(last_checkpoint, out_dir), keep=ending)
     with stops as stop, progress, tracking.closing(trackers):
         while True:
             if evaluation_due(state.iter, start):
-                estimate = estimate_losses(run, state, start, stop, progress)
+                estimate = estimate_losses(compiled, state, start, stop, progress)
                 if estimate is None:  # a stop during the evaluation: saved below with the evaluation still to do
                     stopped, eval_cut = stop.signum or signal.SIGTERM, True
                     break
@@ -369,8 +369,8 @@ def training(start, writes, ending=False):
                 progress.pause()  # the evaluation's time is not the steps'
             if state.iter == config["max_iters"]:
                 break
-            stop_now, checkpoint_now = devices.agreed(stop.is_set(), checkpoint_due(config, last_save) and
-                                              state.iter > start.state.iter)
+            due = checkpoint_due(config, last_save) and state.iter > start.state.iter
+            stop_now, checkpoint_now = devices.agreed(stop.is_set(), due)
             if stop_now:
                 stopped = stop.signum or signal.SIGTERM  # another process's signal, agreed on
                 break
@@ -379,8 +379,8 @@ def training(start, writes, ending=False):
                 last_save = CLOCK()
                 progress.pause()
             x, y = device_batches(start.splits["train"], "train", state.iter, config["gradient_accumulation_steps"],
-                                  config, run.mesh)
-            state, loss = step(run, state, x, y)
+                                  config, compiled.mesh)
+            state, loss = step(compiled, state, x, y)
             progress.dispatched(state.iter - 1, loss)
         progress.flush()
         saved_on_stop = stopped and state.iter > start.state.iter and not config["eval_only"]
@@ -392,9 +392,9 @@ def training(start, writes, ending=False):
             "signal": stopped}
 
 
-def begin(start, run, writes):  # what is said and written before the first step, once every check has passed
+def begin(start, compiled, writes):  # what is said and written before the first step, once every check has passed
     config, out_dir = start.config, Path(start.config["out_dir"])
-    if run.show and start.kind == "resume" and not config["eval_only"]:
+    if compiled.show and start.kind == "resume" and not config["eval_only"]:
         redo = f", redoing its evaluation at iteration {start.state.iter} first" if start.eval_pending else ""
         print(f"resuming from iteration {start.state.iter} of {out_dir / outdir.CKPT_NAME}{redo}", file=sys.stderr,
               flush=True)
@@ -404,8 +404,8 @@ def begin(start, run, writes):  # what is said and written before the first step
         outdir.write_vocabulary(out_dir, start.dataset_dir)
 
 
-def step(run, state, x, y):  # one optimizer step -> (the next state, the step's loss, still on the device)
-    params, opt_state, loss = run.step(state.params, state.opt_state, x, y, state.iter, state.frozen)
+def step(compiled, state, x, y):  # one optimizer step -> (the next state, the step's loss, still on the device)
+    params, opt_state, loss = compiled.step(state.params, state.opt_state, x, y, state.iter, state.frozen)
     return replace(state, params=params, opt_state=opt_state, iter=state.iter + 1), loss
 
 
@@ -481,7 +481,7 @@ def compiled_run(start):
     if frozen is not None:
         frozen = jax.device_put(frozen, devices.tree_shardings(mesh, frozen, config["fsdp"]))
     placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    compiled, plan, opt_shardings = compiled_step(config, optimizer, hparams["n_head"], mesh, placed, frozen)
+    step_fn, plan, opt_shardings = compiled_step(config, optimizer, hparams["n_head"], mesh, placed, frozen)
     check_memory(plan, config)
     params = jax.device_put(state.params if state.params is not None else init_params(config, hparams), shardings)
     show = jax.process_index() == 0
@@ -498,8 +498,8 @@ def compiled_run(start):
                                  f"evaluate their merged model: --init_from={config['out_dir']} --out_dir=<another "
                                  f"folder> --eval_only --quantize=int8")
         params = jax.device_put(quant.quantize_params(params))
-    run = CompiledRun(mesh, compiled, evaluate, plan, flops_per_iter, show)
-    return run, replace(state, params=params, opt_state=opt_state, frozen=frozen)
+    state = replace(state, params=params, opt_state=opt_state, frozen=frozen)
+    return CompiledRun(mesh, step_fn, evaluate, plan, flops_per_iter, show), state
 
 
 def checkpoint_due(config, last_save):  # checkpoint_interval_minutes have passed since the last checkpoint
@@ -526,17 +526,17 @@ def device_batches(tokens, split, it, n, config, mesh):  # -> x, y [n, batch_siz
     return (devices.device_batch(mesh, devices.local_rows(a.reshape(n, rows, T))) for a in (x, y))
 
 
-def estimate_losses(run, state, start, stop, progress):
+def estimate_losses(compiled, state, start, stop, progress):
     """-> {split: mean loss over eval_iters batches} at state.iter, or None when a stop request cut it short."""
     progress.flush()  # the last step's loss, before the evaluation's time
     n, losses = start.config["eval_iters"], {}
     with tqdm(total=n * len(data.SPLITS), desc="evaluating", unit="batch", leave=False, delay=2,
-              dynamic_ncols=True, disable=not run.show) as bar:
+              dynamic_ncols=True, disable=not compiled.show) as bar:
         for split in data.SPLITS:
-            x, y = device_batches(start.splits[split], split, state.iter, n, start.config, run.mesh)
+            x, y = device_batches(start.splits[split], split, state.iter, n, start.config, compiled.mesh)
             total = 0.0
             for i in range(n):  # a batch at a time: progress shows, and Ctrl-C is heard between batches
-                total += float(devices.ready(run.evaluate(state.params, x[i:i + 1], y[i:i + 1], state.frozen)))
+                total += float(devices.ready(compiled.evaluate(state.params, x[i:i + 1], y[i:i + 1], state.frozen)))
                 bar.update(1)
                 if devices.agreed(stop.is_set())[0]:  # every process stops at the same batch
                     return None
