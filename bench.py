@@ -460,6 +460,8 @@ def recipes_table(args):
     small config), seed by seed: the first evaluation (every --eval_interval) at or below it; then the step time of
     each optimizer, timed in turns. Iterations do not depend on the machine's speed; step times are ratios."""
     seeds = [int(s) for s in args.seeds.split(",")]
+    configs = {name: train_config.resolve_config({**train_config.read_config_file(os.path.join(HERE, config_file)),
+                                                  **overrides}) for name, (config_file, overrides) in RECIPES.items()}
     rows = []
     for name, (config_file, overrides) in RECIPES.items():
         reached, finals = [], []
@@ -467,15 +469,12 @@ def recipes_table(args):
             evals = recipe_evals(config_file, overrides, seed, args.eval_interval, args.data_dir)
             reached.append(next((e["iter"] for e in evals if e["val_loss"] <= args.target), None))
             finals.append(evals[-1]["val_loss"])
-        config = train_config.resolve_config({**train_config.read_config_file(os.path.join(HERE, config_file)),
-                                                **overrides})
+        config = configs[name]
         hits = [r for r in reached if r is not None]
         mean = f"{np.mean(hits):,.0f}" + ("" if len(hits) == len(seeds) else f" ({len(hits)} of {len(seeds)})")
         rows.append([name, f"{config['max_iters']:,}", ", ".join("-" if r is None else f"{r:,}" for r in reached),
                      mean if hits else "-", ", ".join(f"{v:.4f}" for v in finals)])
-    trainers = {name: gptjax_trainer(train_config.resolve_config(
-        {**train_config.read_config_file(os.path.join(HERE, RECIPES[name][0])), **RECIPES[name][1]}))
-        for name in ("adamw, cosine", "muon, wsd")}
+    trainers = {name: gptjax_trainer(configs[name]) for name in ("adamw, cosine", "muon, wsd")}
     times = {name: [] for name in trainers}
     for _ in range(args.rounds):
         for name, run in trainers.items():
@@ -548,9 +547,7 @@ def eval_table(args):
     the same random 124M-shaped weights (exported with weights.to_hf), in turns, after a warm-up round, at each
     batch size. Task shapes: tiny_choice (testdata/eval's 120 requests; each backend's accuracy on it through
     simple_evaluate, which must agree) and EVAL_SHAPES' synthetic ones (the backends' log-likelihoods must agree)."""
-    import lm_eval  # the eval extra, and (--vs_hf) the bench extra: imported only for this mode
-    from lm_eval.api.registry import get_model
-    from lm_eval.tasks import TaskManager
+    from lm_eval.api.registry import get_model  # the eval extra, and (--vs_hf) the bench extra: only for this mode
 
     import harness
     rows = []
@@ -564,7 +561,7 @@ def eval_table(args):
                                                  batch_size=batch_size, dtype="float32")
             for shape in args.shapes:
                 if shape == "tiny_choice":
-                    requests, agree = tiny_choice_requests(lm_eval, TaskManager, backends)
+                    requests, agree = tiny_choice_requests(backends)
                 else:
                     requests = shaped_requests(shape)
                     scores = [np.array([ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)])
@@ -583,7 +580,10 @@ def eval_table(args):
     print("\n".join(rows))
 
 
-def tiny_choice_requests(lm_eval, TaskManager, backends):  # -> testdata/eval's requests, the backends' accuracies
+def tiny_choice_requests(backends):  # -> testdata/eval's requests, the backends' accuracies on the task
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     manager = TaskManager(include_path=os.path.join(HERE, "testdata", "eval"))
     cwd = os.getcwd()
     os.chdir(HERE)  # the task names its data relative to the checkout

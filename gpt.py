@@ -204,7 +204,7 @@ def transformer(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int, cach
         run_block = jax.checkpoint(block, static_argnums=(2, 4, 5),  # n_head, pos, dropout_rate
                                    policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
-    n_layer = params["h"]["ln_1"]["g"].shape[0]
+    n_layer = n_layers(params)
     # The rolled loop keeps compile time flat with depth. Training unrolls it (unroll=True): slicing each layer out of
     # the stack and stacking the gradients back cost ~25% of a 124M step on a GPU and ~15% of a small model's on a CPU.
     # With remat the loop stays rolled: unrolled, XLA schedules the recomputation beside the forward pass and the
@@ -246,10 +246,8 @@ def gpt(params: dict, ids: Int[Array, "*batch n_seq"], n_head: int) -> Float[Arr
 def empty_caches(params: dict, batch: int, n_head: int, cache_len: int, kv_dtype=None) -> list:
     # transformer's KV caches for per-layer params: per layer {"k", "v": [batch, n_head, cache_len, head_dim]}, zeros
     # in kv_dtype (None: the compute dtype)
-    n_embd = params["wpe"].shape[1]
-    shape = (batch, n_head, cache_len, n_embd // n_head)
-    return [{"k": jnp.zeros(shape, kv_dtype or dtype(params)), "v": jnp.zeros(shape, kv_dtype or dtype(params))}
-            for _ in range(n_layers(params))]
+    shape, kv_dtype = (batch, n_head, cache_len, params["wpe"].shape[1] // n_head), kv_dtype or dtype(params)
+    return [{"k": jnp.zeros(shape, kv_dtype), "v": jnp.zeros(shape, kv_dtype)} for _ in range(n_layers(params))]
 
 
 def n_layers(params: dict) -> int:  # in either layout

@@ -134,7 +134,7 @@ def batch_loss(params, x, y, key, n_head, dropout, dtype, remat=False, frozen=No
 def step_function(config, optimizer, n_head):  # train_step with all but its array arguments bound, ready for jax.jit
     return partial(train_step, optimizer=optimizer, seed=config["seed"], n_head=n_head, dropout=config["dropout"],
                    dtype=compute_dtype(config), remat=config["remat"],
-                   scale=config["lora_alpha"] / config["lora_rank"] if config["lora_rank"] else None)
+                   scale=train_config.lora_scale(config))
 
 
 def train_step(params, opt_state, x, y, it, frozen=None, *, optimizer, seed, n_head, dropout, dtype, remat=False,
@@ -221,10 +221,9 @@ class Origin(NamedTuple):  # a pretrained or resumed model, as found
 def starting_point(config, out_dir):
     """Decide what the run starts from (init_from), find or prepare its dataset, and check that they fit together."""
     kind = {"scratch": "scratch", "resume": "resume"}.get(config["init_from"], "pretrained")
-    state, eval_pending, origin = outdir.RunState(None, None, 0, float("inf"), tracking.new_run_id()), False, None
+    state, eval_pending, origin = outdir.RunState(None, None, 0, float("inf"), ""), False, None
     if kind == "resume":  # the data it trained on, as prepared then: a resume prepares nothing
         state, meta = outdir.load_checkpoint(out_dir / outdir.CKPT_NAME)
-        state = replace(state, run_id=state.run_id or tracking.new_run_id())  # older checkpoints have none
         origin, eval_pending = resumed_model(config, out_dir, state, meta), meta["eval_pending"]
         tokens = meta["config"]["tokens"]
         dataset_dir = data.prepared_folder(config["dataset"], config["data_dir"], tokens)
@@ -256,7 +255,8 @@ def starting_point(config, out_dir):
     if origin is not None:
         config["bias"] = "b" in (frozen or origin.params)["ln_f"]
         state = replace(state, params=origin.params, frozen=frozen,
-                        lora_scale=config["lora_alpha"] / config["lora_rank"] if frozen is not None else None)
+                        lora_scale=train_config.lora_scale(config))
+    state = replace(state, run_id=state.run_id or tracking.new_run_id())  # a new run's (older checkpoints have none)
     return Start(kind, config, hparams, state, dataset_dir, splits, {"vocabulary": vocab, **lora}, eval_pending)
 
 
@@ -327,8 +327,12 @@ def scratch_hparams(config, n_vocab):  # the shape of a model trained from scrat
             "n_layer": config["n_layer"]}
 
 
-def init_params(config, hparams):  # gpt.py's initialisation, as one compiled program (not dozens of small ones)
-    return jax.jit(partial(gpt.init_params, hparams=hparams, bias=config["bias"]))(jax.random.PRNGKey(config["seed"]))
+def new_model(config, hparams):  # key -> gpt.py's initialisation of this config's model
+    return partial(gpt.init_params, hparams=hparams, bias=config["bias"])
+
+
+def init_params(config, hparams):  # as one compiled program (not dozens of small ones)
+    return jax.jit(new_model(config, hparams))(jax.random.PRNGKey(config["seed"]))
 
 
 def check_splits(splits, dataset_dir, block_size):  # every split must hold at least one sequence of block_size + 1
@@ -470,7 +474,7 @@ def compiled_run(start):
         raise ValueError(f"batch_size {B} must be a multiple of the {jax.device_count()} devices")
     abstract = state.params
     if abstract is None:
-        abstract = jax.eval_shape(partial(gpt.init_params, hparams=hparams, bias=config["bias"]), jax.random.PRNGKey(0))
+        abstract = jax.eval_shape(new_model(config, hparams), jax.random.PRNGKey(0))
     shardings = devices.tree_shardings(mesh, abstract, config["fsdp"])
     optimizer = optim.make_optimizer(config, abstract)
     opt_state = state.opt_state
@@ -489,8 +493,7 @@ def compiled_run(start):
         print(f"memory: {devices.describe_plan(plan)} (XLA's plan)", file=sys.stderr, flush=True)
     evaluate = jax.jit(partial(eval_loss, n_head=hparams["n_head"], dtype=compute_dtype(config),
                                scale=state.lora_scale))
-    opt_state = opt_state if opt_state is not None else jax.jit(optimizer.init)(params)
-    opt_state = jax.device_put(opt_state, opt_shardings)
+    opt_state = jax.device_put(opt_state if opt_state is not None else jax.jit(optimizer.init)(params), opt_shardings)
     flops_per_iter = gpt.flops_per_token(params if frozen is None else frozen, hparams, T) * B * T * n_micro
     if config["quantize"]:  # eval_only (train_config): the model evaluated as main.py --quantize runs it
         if frozen is not None:
@@ -548,8 +551,7 @@ def metrics_record(it, estimate, config, progress, t_start):  # one line of metr
     used = devices.peak_memory()
     return {"iter": it, "train_loss": estimate["train"], "val_loss": estimate["val"],
             "lr": float(optim.learning_rate(it, config, np)), "tokens_per_s": progress.tokens_per_s,
-            "mfu": progress.mfu,
-            "elapsed_s": round(time.perf_counter() - t_start, 3),
+            "mfu": progress.mfu, "elapsed_s": round(time.perf_counter() - t_start, 3),
             "peak_memory_gb": round(used / devices.GB, 3) if used else None}
 
 
@@ -612,8 +614,7 @@ class Progress:
 
     def flush(self):  # read and show the pending step's loss, if any
         if self.pending is not None:
-            it, loss = self.pending
-            self.pending = None
+            (it, loss), self.pending = self.pending, None
             self.losses[it] = self.step_done(it, loss)
 
     def step_done(self, it, loss):  # the loss of step it, on the device -> as a float, once shown

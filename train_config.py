@@ -266,6 +266,10 @@ def check_config(config):
     return config
 
 
+def lora_scale(config):  # LoRA's adapters' scale, lora_alpha / lora_rank; None without LoRA
+    return config["lora_alpha"] / config["lora_rank"] if config["lora_rank"] else None
+
+
 def lora_targets(config):  # "attn.c_attn,mlp.c_fc" -> ("attn/c_attn", "mlp/c_fc")
     return tuple(t.strip().replace(".", "/") for t in config["lora_targets"].split(",") if t.strip())
 
