@@ -59,12 +59,11 @@ def evaluate(args):
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UsageError(f"--include_path {args.include_path} is not a folder of task YAML files")
     import lm_eval  # the eval extra: imported once known to be there
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
     import harness
-    manager = TaskManager(include_path=args.include_path)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    manager = task_manager(args.include_path, tasks)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise UsageError(f"unknown task {unknown[0]!r}: see `lm_eval --tasks list`, or give --include_path for a "
@@ -87,6 +86,18 @@ def evaluate(args):
         with files.atomic_write(output, "w") as f:
             f.write(json.dumps(results, indent=2, default=str))
         print(f"wrote {output}")
+
+
+def task_manager(include_path, tasks):
+    """lm_eval's index of the tasks it can run: include_path's alone when that folder holds every task asked for
+    (indexing the harness's own library of thousands of YAML files takes 10 to 30 seconds), else the library's and
+    include_path's together."""
+    from lm_eval.tasks import TaskManager
+    if include_path is not None:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
+    return TaskManager(include_path=include_path)
 
 
 def output_file(path) -> Path:

@@ -2148,6 +2148,62 @@ def test_main_num_samples(main_inprocess, capsys):
     assert out[0::2] == ["--- sample 1 ---", "--- sample 2 ---"] and out[1] != out[3]
 
 
+def test_main_stop_strings_end_the_continuation_before_the_earliest(main_inprocess, capsys):
+    # the fixture's greedy text, cut before the earliest of two stop strings (the later-listed one comes first), in
+    # batch and --stream modes; an escape (\\n) in --stop is the character
+    prompt = PROMPTS[0]
+    text = prompt["greedy_text"]
+    first, second = text[12:16], text[4:8]
+    assert text.find(second) < text.find(first) and "\n" not in text
+    common = ["--model_dir", TINY["tf"], "--greedy", "--n_tokens_to_generate", "20", "--prompt", prompt["text"]]
+    for extra in ([], ["--stream"]):
+        assert main_inprocess(*common, "--stop", first, "--stop", second, *extra) == 0
+        assert capsys.readouterr().out == text[:text.find(second)] + "\n"
+        assert main_inprocess(*common, "--stop", "\\n", "--stop", "no such text", *extra) == 0
+        assert capsys.readouterr().out == text + "\n"
+
+
+def test_main_many_samples_print_as_each_batch_is_done(monkeypatch, capsys):
+    # 7 samples in batches of 2: printed batch by batch, the same tokens as one generate() call
+    hparams, params = weights.load_hparams_and_params(TINY["tf"])
+    prompt = PROMPTS[1]
+    want = sampling.generate(params, hparams, [prompt["ids"]] * 7, 6, seed=5)  # one call, all seven rows
+    monkeypatch.setattr(sampling, "rows_that_fit", lambda *a: 2)
+    batches = []
+    batch_streams = sampling.batch_streams
+
+    def watched(*args, **kwargs):
+        for rows, stream in batch_streams(*args, **kwargs):
+            batches.append((len(rows), capsys.readouterr().out.count("--- sample")))  # printed before the next
+            yield rows, stream
+    monkeypatch.setattr(sampling, "batch_streams", watched)
+    assert main.main(["--model_dir", str(TINY["tf"]), "--prompt", prompt["text"], "--num_samples", "7", "--seed", "5",
+                      "--n_tokens_to_generate", "6"]) == 0
+    assert [n for n, _ in batches] == [2, 2, 2, 1] and [shown for _, shown in batches] == [0, 2, 2, 2]
+    enc = encoder.get_encoder(TINY["tf"])
+    assert capsys.readouterr().out.split("--- sample 7 ---\n")[1] == enc.decode(want[6]) + "\n"
+
+
+def test_main_a_hundred_million_samples_start_printing_at_once(monkeypatch, capsys):
+    # --num_samples 10^8: the rows are made batch by batch (no list of 10^8 encoded prompts), the first batches are
+    # printed at once; stopped here after two batches of 2 (Ctrl-C: exit 130)
+    monkeypatch.setattr(sampling, "rows_that_fit", lambda *a: 2)
+    batch_streams = sampling.batch_streams
+
+    def two_batches(*args, **kwargs):
+        for i, batch in enumerate(batch_streams(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield batch
+    monkeypatch.setattr(sampling, "batch_streams", two_batches)
+    started = time.perf_counter()
+    assert main.main(["--model_dir", str(TINY["tf"]), "--prompt", PROMPTS[1]["text"], "--num_samples", str(10**8),
+                      "--seed", "5", "--n_tokens_to_generate", "3"]) == 130
+    assert time.perf_counter() - started < 60
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 4 and "--- sample 4 ---" in out and "--- sample 5 ---" not in out
+
+
 # ==================== data ============================================================================================
 # dataset preparation and batches
 
@@ -2508,7 +2564,7 @@ def test_train_config_keys_have_a_role_and_their_rules_are_checked():
     assert "--n_layer=4" in model_part and "--learning_rate" not in model_part
 
 
-def test_train_cli_errors_are_one_line(tmp_path):
+def test_train_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("[[[")
     for args, needle in [(["--n_layr=3"], "did you mean n_layer"), ([str(tmp_path / "bad.toml")], "not valid TOML"),
                          (["--init_from=resume", f"--out_dir={tmp_path}"], "cannot resume"),
@@ -2520,11 +2576,10 @@ def test_train_cli_errors_are_one_line(tmp_path):
                          (["--lora_base_dtype=float16"], "lora_base_dtype must be float32 or bfloat16"),
                          (["--init_from=124M", "--lora_rank=8", "--lora_targets=attn.c_atn"],
                           "lora_targets: unknown layer 'attn.c_atn'; choose from attn.c_attn")]:
-        proc = run_train_cli(*args)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
-    proc = run_train_cli("--help")
+        assert train.main(args) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    proc = run_train_cli("--help")  # and once as a process of its own
     assert proc.returncode == 0
     for name in train_config.DEFAULTS:
         assert f"--{name}=" in proc.stdout, name
@@ -2532,7 +2587,10 @@ def test_train_cli_errors_are_one_line(tmp_path):
 
 
 # ==================== train, outdir ===================================================================================
-# training: the step, resume, devices and processes, LoRA, checkpoints, Ctrl-C, out_dir
+# training, in sub-sections by concern: the optimizer, the step, runs and resumes, devices and processes, pretrained
+# models and LoRA, stopping, out_dir, tracking, data
+
+# ---------------------------------------------------------------------------- the optimizer and its schedule (optim.py)
 
 def test_train_learning_rate_schedule_matches_formula():
     config = train_config.resolve_config({"learning_rate": 6e-4, "min_lr": 6e-5, "warmup_iters": 10,
@@ -2720,6 +2778,8 @@ def test_train_muon_resumes_bitwise_and_keeps_its_optimizer(train_data_dir, tmp_
     assert straight["losses"][7] < straight["losses"][0]
 
 
+# ---------------------------------------------------------------------- the step: micro-batches, dropout, remat, memory
+
 def test_train_step_draws_each_micro_batch_and_step_its_own_dropout_masks():
     # train_step with dropout, in float64, against numpy's GPT-2 with documented_dropout and the keys train.py
     # documents: fold_in(fold_in(PRNGKey(seed), it), m) for micro-batch m of iteration it. Its loss is the mean of the
@@ -2748,28 +2808,19 @@ def test_train_step_draws_each_micro_batch_and_step_its_own_dropout_masks():
                 np.testing.assert_allclose(p, before[name] - mean_grad[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
-def test_train_keeps_the_model_of_the_best_val_loss(train_data_dir, tmp_path, monkeypatch):
-    # params.safetensors is the model at the evaluation with the lowest val loss, the checkpoint the latest state
-    # (val losses scripted: 4.0 at iteration 2, then higher); always_save_checkpoint makes the model the latest too.
-    # max_iters 7 is no multiple of eval_interval: the run still evaluates and checkpoints its last iteration.
-    real = train.estimate_losses
-    scripted = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2, 7: 4.3}
-    monkeypatch.setattr(train, "estimate_losses", lambda compiled, state, *args: {**real(compiled, state, *args),
-                                                                             "val": scripted[state.iter]})
-    runs = {name: train.train(run_config(train_data_dir, tmp_path / name, max_iters=max_iters, eval_interval=2,
-                                         always_save_checkpoint=always))
-            for name, max_iters, always in (("best", 2, False), ("run", 7, False), ("latest", 7, True))}
-    assert [record["iter"] for record in runs["run"]["evals"]] == [0, 2, 4, 6, 7]
-    assert [record["iter"] for record in outdir.read_metrics(tmp_path / "run")] == [0, 2, 4, 6, 7]
-    meta = outdir.read_checkpoint_meta(tmp_path / "run" / outdir.CKPT_NAME)
-    assert (meta["iter"], meta["best_val_loss"]) == (7, 4.0)
-    model = {name: read_safetensors(tmp_path / name / "params.safetensors") for name in runs}
-    for key, value in model["best"].items():  # training is deterministic: the params of iteration 2
-        np.testing.assert_array_equal(model["run"][key], value, err_msg=key)
-    assert any(not np.array_equal(model["latest"][key], value) for key, value in model["best"].items())
-    latest = ckpt_tensors(tmp_path / "run")
-    for key, value in model["latest"].items():  # the latest is iteration 7's, as the run's checkpoint holds
-        np.testing.assert_array_equal(latest["params/" + key], value, err_msg=key)
+def test_train_gradient_accumulation_equals_one_bigger_batch(train_data_dir, tmp_path):
+    # 2 micro-batches of 4 sequences and 1 batch of 8: the same 8 sequences (batch_starts draws n * rows), the same
+    # mean gradient, so the same params after each step (to float rounding), without dropout
+    config = dict(max_iters=3, eval_interval=3, dropout=0.0)
+    two = train.train(run_config(train_data_dir, tmp_path / "two", batch_size=4, gradient_accumulation_steps=2,
+                                   **config))
+    one = train.train(run_config(train_data_dir, tmp_path / "one", batch_size=8, gradient_accumulation_steps=1,
+                                   **config))
+    np.testing.assert_allclose([two["losses"][i] for i in range(3)], [one["losses"][i] for i in range(3)], rtol=1e-5)
+    a, b = ckpt_tensors(tmp_path / "two"), ckpt_tensors(tmp_path / "one")
+    for name in a:
+        if name.startswith("params/"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_train_remat_gives_the_same_losses(train_data_dir, tmp_path):
@@ -2824,6 +2875,62 @@ def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, m
     assert planned < peak < planned + 1e9, (planned, peak)
 
 
+def test_train_checks_memory_before_making_a_new_model(train_data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(devices, "available_memory", lambda: (10**6, "this machine has"))
+    monkeypatch.setattr(train, "init_params", lambda *a: pytest.fail("the model was made before the memory check"))
+    code = train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={train_data_dir}", "--max_iters=2"])
+    assert code == 1 and "this machine has 1 MB" in capsys.readouterr().err
+    # --overwrite of a trained run with a run that does not fit: refused before the old run is cleared
+    out = tmp_path / "trained"
+    monkeypatch.undo()
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    before = folder_state(out)
+    monkeypatch.setattr(devices, "available_memory", lambda: (10**6, "this machine has"))
+    args = [f"--{k}={v}" for k, v in run_config(train_data_dir, out, max_iters=2, overwrite=True).items()]
+    assert train.main(args) == 1 and "this machine has 1 MB" in capsys.readouterr().err
+    assert folder_state(out) == before
+
+
+def test_train_cpu_settings_leave_a_users_xla_flags_alone(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    cli.prefer_eigen_dots_on_cpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    cli.prefer_eigen_dots_on_cpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"  # the user's choice stands
+    monkeypatch.delenv("XLA_FLAGS")
+    cli.prefer_eigen_dots_on_cpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+    cli.keep_freed_memory()  # malloc tuning: must not fail, whatever the platform
+    assert np.ones(10**6).sum() == 10**6
+
+
+# ---------------------------------------------------------------------------------------- runs, checkpoints and resumes
+
+def test_train_keeps_the_model_of_the_best_val_loss(train_data_dir, tmp_path, monkeypatch):
+    # params.safetensors is the model at the evaluation with the lowest val loss, the checkpoint the latest state
+    # (val losses scripted: 4.0 at iteration 2, then higher); always_save_checkpoint makes the model the latest too.
+    # max_iters 7 is no multiple of eval_interval: the run still evaluates and checkpoints its last iteration.
+    real = train.estimate_losses
+    scripted = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2, 7: 4.3}
+    monkeypatch.setattr(train, "estimate_losses", lambda compiled, state, *args: {**real(compiled, state, *args),
+                                                                             "val": scripted[state.iter]})
+    runs = {name: train.train(run_config(train_data_dir, tmp_path / name, max_iters=max_iters, eval_interval=2,
+                                         always_save_checkpoint=always))
+            for name, max_iters, always in (("best", 2, False), ("run", 7, False), ("latest", 7, True))}
+    assert [record["iter"] for record in runs["run"]["evals"]] == [0, 2, 4, 6, 7]
+    assert [record["iter"] for record in outdir.read_metrics(tmp_path / "run")] == [0, 2, 4, 6, 7]
+    meta = outdir.read_checkpoint_meta(tmp_path / "run" / outdir.CKPT_NAME)
+    assert (meta["iter"], meta["best_val_loss"]) == (7, 4.0)
+    model = {name: read_safetensors(tmp_path / name / "params.safetensors") for name in runs}
+    for key, value in model["best"].items():  # training is deterministic: the params of iteration 2
+        np.testing.assert_array_equal(model["run"][key], value, err_msg=key)
+    assert any(not np.array_equal(model["latest"][key], value) for key, value in model["best"].items())
+    latest = ckpt_tensors(tmp_path / "run")
+    for key, value in model["latest"].items():  # the latest is iteration 7's, as the run's checkpoint holds
+        np.testing.assert_array_equal(latest["params/" + key], value, err_msg=key)
+
+
 def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_path):
     extra = {"eval_interval": 6}
     straight = train.train(run_config(train_data_dir, tmp_path / "a", max_iters=12, **extra))
@@ -2845,6 +2952,202 @@ def test_train_resume_repeats_the_uninterrupted_run_bitwise(train_data_dir, tmp_
     assert set(json.loads(lines[-1])) == {"iter", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "elapsed_s",
                                          "peak_memory_gb"}
 
+
+def test_train_eval_only_and_bias(train_data_dir, tmp_path):
+    out = tmp_path / "e"
+    with pytest.raises(ValueError, match="eval_only evaluates a trained model: add --init_from=resume"):
+        train.train(run_config(train_data_dir, out, eval_only=True))  # a random model, by accident
+    assert not out.exists()
+    trained = train.train(run_config(train_data_dir, out, bias=True, max_iters=2, eval_interval=2))
+    # an untrained model with 65 characters is close to uniform: ln 65
+    assert trained["evals"][0]["iter"] == 0
+    assert trained["evals"][0]["val_loss"] == pytest.approx(math.log(65), abs=0.1)
+    before = folder_state(out)
+    result = train.train({"init_from": "resume", "out_dir": str(out), "eval_only": True})
+    assert [e["iter"] for e in result["evals"]] == [2] and result["losses"] == {}
+    assert result["evals"][0]["val_loss"] == trained["evals"][-1]["val_loss"]  # the same batches, the same model
+    assert folder_state(out) == before  # metrics.jsonl, loss.png, the checkpoints: untouched
+    # each split's loss: the mean over eval_iters batches drawn from that split (data.batch_starts at the evaluation's
+    # iteration) of the checkpoint's model, recomputed with numpy's float64 GPT-2
+    flat = {name[len("params/"):]: x for name, x in ckpt_tensors(out).items() if name.startswith("params/")}
+    seed = outdir.read_checkpoint_meta(out / outdir.CKPT_NAME)["config"]["seed"]
+    for split in ("train", "val"):
+        tokens = data.load_split(train_data_dir / "shakespeare_char", split)
+        x, y = data.get_batch(tokens, data.batch_starts(len(tokens), 32, 2 * 4, seed, 2, split), 32)
+        logits = numpy_gpt2(flat, x, 2)
+        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logprobs, y[..., None], -1)[..., 0]  # [2 batches * 4 rows, 32]
+        assert result["evals"][0][f"{split}_loss"] == pytest.approx(nll.mean(), rel=1e-5), split
+    hparams = {"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}
+    without = jax.eval_shape(lambda: gpt.init_params(jax.random.PRNGKey(0), hparams, bias=False))
+    assert sorted(outdir.flat_names(without, "")) == ["h/attn/c_attn/w", "h/attn/c_proj/w", "h/ln_1/g", "h/ln_2/g",
+                                                     "h/mlp/c_fc/w", "h/mlp/c_proj/w", "ln_f/g", "wpe", "wte"]
+
+
+def test_train_checkpoint_survives_a_crash_mid_write(train_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    good = (out / "ckpt.safetensors").read_bytes()
+    good_model = (out / "params.safetensors").read_bytes()
+
+    fsync = os.fsync
+
+    def disk_full(fd):  # the checkpoint's bytes were written but cannot reach the disk
+        if "ckpt.safetensors" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        return fsync(fd)
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(out / 'ckpt.safetensors'))}: No space left on "
+                                      f"device \\(its previous version is intact\\)"):
+        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4})
+    assert (out / "ckpt.safetensors").read_bytes() == good
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]  # no partial file left to mistake
+    monkeypatch.undo()
+
+    def crash_at_rename(src, dst):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "replace", crash_at_rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4, "always_save_checkpoint": True})
+    monkeypatch.undo()
+    assert (out / "ckpt.safetensors").read_bytes() == good
+    assert (out / "params.safetensors").read_bytes() == good_model
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
+    # what a kill -9 mid-write leaves (a temporary file named after its dead writer) goes at the next start; a live
+    # writer's file stays
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".ckpt.safetensors.{int(dead.stdout)}.part"
+    stale.write_bytes(good[:1000])
+    live = out / f".notes.txt.{os.getpid()}.part"
+    live.write_bytes(b"being written")
+    # and the intact checkpoint resumes as if nothing had happened
+    result = train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4})
+    assert sorted(result["losses"]) == [2, 3]
+    assert not stale.exists() and live.exists()
+    straight = train.train(run_config(train_data_dir, tmp_path / "straight", max_iters=4, eval_interval=2))
+    assert [result["losses"][i] for i in (2, 3)] == [straight["losses"][i] for i in (2, 3)]
+
+
+def test_train_checkpoints_by_time_between_evaluations(train_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    saved, models = [], []
+    save_checkpoint, save_model = outdir.save_checkpoint, outdir.save_model
+    monkeypatch.setattr(outdir, "save_checkpoint", lambda d, state, *a: (saved.append(state.iter),
+                                                                         save_checkpoint(d, state, *a)))
+    monkeypatch.setattr(outdir, "save_model", lambda *a: (models.append(len(saved)), save_model(*a)))
+    # every 6 µs, so after each step; evaluations only at the end
+    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6, "eval_interval": 100,
+                 "checkpoint_interval_minutes": 1e-7})
+    assert saved[:3] == [3, 4, 5] and saved[-1] == 6  # by time, then the final evaluation's
+    assert all(at > 3 for at in models)  # params.safetensors (the best model) only from an evaluation
+    saved.clear()
+    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 9, "eval_interval": 100,
+                 "checkpoint_interval_minutes": 0})
+    assert saved == [9]
+    # the interval is in minutes, and its clock restarts at each checkpoint: a clock read once before the loop, once
+    # an iteration and once after each checkpoint, 40 s apart, with 1 minute between checkpoints -> every other step
+    saved.clear()
+    seconds = iter(range(0, 10**6, 40))
+    monkeypatch.setattr(train, "CLOCK", lambda: next(seconds))
+    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 15, "eval_interval": 100,
+                 "checkpoint_interval_minutes": 1})
+    assert saved == [10, 12, 14, 15], saved  # 15: the final evaluation's
+
+
+def test_train_auto_resume_continues_this_run_and_refuses_another(train_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    straight = train.train(run_config(train_data_dir, tmp_path / "straight", max_iters=8, eval_interval=4))
+    command = [f"--{k}={v}" for k, v in run_config(train_data_dir, out, eval_interval=4).items()] + ["--auto_resume"]
+    assert train.main([*command, "--max_iters=4"]) == 0  # nothing there: it starts
+    assert train.main([*command, "--max_iters=8"]) == 0  # the same command line, requeued: it continues
+    assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 4, 8]
+    assert outdir.read_metrics(out)[-1]["val_loss"] == straight["evals"][-1]["val_loss"]
+    capsys.readouterr()
+    before = (out / outdir.CKPT_NAME).stat().st_mtime_ns
+    assert train.main([*command, "--max_iters=8"]) == 0  # requeued once more after it finished: it ends, saying so
+    assert "this run has finished" in capsys.readouterr().err
+    assert (out / outdir.CKPT_NAME).stat().st_mtime_ns == before and len(outdir.read_metrics(out)) == 3
+    assert train.main([*command, "--max_iters=12", "--learning_rate=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "is of another run (learning_rate=0.003 there, 0.01 here)" in err and err.count("\n") == 1, err
+    # a finetune of a model folder, requeued with the same command line, continues too (not a new finetune)
+    model = copy_folder(tmp_path, TINY_TF)
+    tuned = tmp_path / "tuned"
+    command = [f"--init_from={model}", f"--out_dir={tuned}", f"--data_dir={train_data_dir}", "--dataset=shakespeare",
+               "--batch_size=2", "--block_size=32", "--eval_interval=2", "--eval_iters=2", "--auto_resume"]
+    assert train.main([*command, "--max_iters=2"]) == 0
+    assert train.main([*command, "--max_iters=4"]) == 0
+    assert f"resuming from iteration 2 of {tuned / 'ckpt.safetensors'}" in capsys.readouterr().err
+    assert [r["iter"] for r in outdir.read_metrics(tuned)] == [0, 2, 4]
+
+
+def test_train_metrics_are_not_recorded_twice_after_a_crash(train_data_dir, tmp_path, monkeypatch):
+    # killed between an evaluation's metrics line and its checkpoint: the resumed run repeats that evaluation, and
+    # metrics.jsonl holds it once; a checkpoint with a flipped bit is refused
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    save_checkpoint = outdir.save_checkpoint
+
+    def crash_at_4(out_dir, state, *args):
+        if state.iter == 4:
+            raise OSError(5, "the machine went down")
+        return save_checkpoint(out_dir, state, *args)
+    monkeypatch.setattr(outdir, "save_checkpoint", crash_at_4)
+    with pytest.raises(OSError):
+        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
+    monkeypatch.undo()
+    assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 2, 4]
+    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
+    assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 2, 4, 6]
+    blob = bytearray((out / "ckpt.safetensors").read_bytes())
+    blob[-3] ^= 0x10
+    (out / "ckpt.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="fails its checksum"):
+        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 8})
+
+
+def test_train_a_checkpoint_cannot_steer_a_resume_elsewhere(train_data_dir, tmp_path, release_server, monkeypatch,
+                                                            capsys):
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    saved = outdir.read_checkpoint_meta(out / "ckpt.safetensors")["config"]
+    assert all(pathlib.Path(saved[key]).is_absolute() for key in ("data_dir", "models_dir", "out_dir"))
+    tensors = ckpt_tensors(out)
+
+    def rewrite(**metadata):  # the checkpoint with some of its metadata replaced, as a hostile copy could be
+        with open(out / "ckpt.safetensors", "rb") as f:
+            _, meta, _ = weights.safetensors_header(f, out / "ckpt.safetensors")
+        weights.write_safetensors(out / "ckpt.safetensors", tensors, {**meta, **metadata})
+    # a LoRA base that a checkpoint names is never downloaded by a resume (it once started a 1558M download)
+    text = tmp_path / "sonnets.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    lora = {"init_from": "124M", "models_dir": str(tmp_path / "m"), "dataset": str(text), "block_size": 32,
+            "data_dir": str(tmp_path / "data"), "batch_size": 4, "max_iters": 2, "eval_interval": 2, "eval_iters": 2,
+            "lora_rank": 4, "out_dir": str(tmp_path / "lora")}
+    train.train(lora)  # the release fetched from the test server
+    shutil.rmtree(tmp_path / "m")
+    release_server.log.clear()
+    code = train.main(["--init_from=resume", f"--out_dir={tmp_path / 'lora'}", "--max_iters=4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "lacks" in err and "--lora_base" in err and not release_server.log, err
+    # hparams that disagree with its tensors: refused, not trained on and saved as a model main.py calls damaged
+    rewrite(hparams=json.dumps({**json.loads(json.dumps(outdir.read_checkpoint_meta(out / "ckpt.safetensors")
+                                                        ["hparams"])), "n_embd": 64, "n_head": 2}))
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    assert code == 1 and "where its hparams give" in capsys.readouterr().err
+    rewrite(hparams="[1, 2]")
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    assert code == 1 and "damaged metadata" in capsys.readouterr().err
+    # a dataset it names is read where it was prepared, never prepared anew from a path it holds
+    rewrite(hparams=json.dumps({"n_vocab": 65, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}),
+            config=json.dumps({**saved, "dataset": str(tmp_path / "elsewhere.txt"), "data_dir": str(tmp_path / "x")}))
+    (tmp_path / "elsewhere.txt").write_text("some other text " * 100)
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    assert code == 1 and "is not prepared" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------ devices and processes
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon's orthogonalisation of sharded matrices
@@ -2907,6 +3210,27 @@ def test_train_two_processes_match_one_and_only_one_writes(train_data_dir, tmp_p
     procs[1].communicate()
     assert outdir.read_checkpoint_meta(cwds[0] / "out" / "ckpt.safetensors")["iter"] >= 2
 
+
+@pytest.mark.slow
+def test_train_processes_agree_on_the_step_a_signal_stops(train_data_dir, tmp_path):
+    # SIGTERM reaches one process of two: both stop at the same step and one whole checkpoint results
+    cwds = [tmp_path / "p0", tmp_path / "p1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    config = run_config(train_data_dir, "out", max_iters=100000, eval_interval=5, checkpoint_interval_minutes=0)
+    procs = train_processes(config, cwds, free_port())
+    deadline = time.monotonic() + 120
+    while not (cwds[0] / "out" / "ckpt.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # the process that does not write
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [143, 143], [err[-2000:] for _, err in outs]
+    meta = outdir.read_checkpoint_meta(cwds[0] / "out" / "ckpt.safetensors")
+    assert meta["iter"] % 5 != 0 or "stopped by SIGTERM" in outs[0][0]
+    assert f"stopped by SIGTERM at iteration {meta['iter']}" in outs[0][0]
+
+
+# ------------------------------------------------------------------------------- pretrained models, finetuning and LoRA
 
 def test_train_lora_trains_adapters_only_resumes_bitwise_and_merges_into_out_dir(tmp_path, capsys):
     model = tmp_path / "gpt2-tiny"
@@ -3002,49 +3326,79 @@ def test_train_finetune_gpt2_fixture_lowers_the_loss(tmp_path):
     assert not np.allclose(params["wte"], initial["wte"])
 
 
-def test_train_checkpoint_survives_a_crash_mid_write(train_data_dir, tmp_path, monkeypatch):
+def test_train_lora_resume_needs_its_own_base(tmp_path, capsys):
+    model = tmp_path / "gpt2-tiny"
+    shutil.copytree(TINY_TF, model, ignore=shutil.ignore_patterns(weights.CACHE_NAME))
+    text = tmp_path / "sonnets.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    out = tmp_path / "out"
+    config = {"init_from": str(model), "dataset": str(text), "data_dir": str(tmp_path / "data"), "block_size": 32,
+              "batch_size": 4, "max_iters": 2, "eval_interval": 2, "eval_iters": 2, "lora_rank": 4,
+              "out_dir": str(out)}
+    train.train(config)
+    # the base replaced by another model of the same shape: refused (training on would adapt the wrong model)
+    flat = reference_params()
+    flat["h/mlp/c_fc/w"] = flat["h/mlp/c_fc/w"] + np.float32(0.01)
+    write_bundle(model / "model.ckpt", tf_tensors(flat))
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "is not the LoRA base" in err and "--lora_base" in err, err
+    # the original, moved: pointed to with --lora_base, and from then on found there
+    moved = tmp_path / "moved"
+    shutil.copytree(TINY_TF, moved, ignore=shutil.ignore_patterns(weights.CACHE_NAME))
+    shutil.rmtree(model)
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    assert code == 1 and "--lora_base=FOLDER" in capsys.readouterr().err
+    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4", f"--lora_base={moved}"]) == 0
+    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["base"] == str(moved.resolve())
+    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=6"]) == 0
+
+
+def test_train_token_ids_must_be_the_models(train_data_dir, tmp_path, capsys):
+    # an id past the model's vocabulary would train silently (a gather is clamped): refused at start, naming the file
     out = tmp_path / "out"
     train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    good = (out / "ckpt.safetensors").read_bytes()
-    good_model = (out / "params.safetensors").read_bytes()
+    wide = tmp_path / "data" / "wide"
+    shutil.copytree(train_data_dir / "shakespeare_char", wide)
+    tokens = np.fromfile(wide / "train.bin", np.uint16)
+    tokens[1234] = 60000
+    tokens.tofile(wide / "train.bin")
+    for init_from in ("scratch", "resume"):
+        code = train.main([f"--out_dir={out}", "--dataset=wide", f"--data_dir={tmp_path / 'data'}", "--max_iters=4",
+                           f"--init_from={init_from}", "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 1 and f"{wide / 'train.bin'} holds token id 60000" in err and "65 tokens" in err, err
+    # a copied checkpoint (no meta.json beside it) resumed on a dataset of another vocabulary is refused too
+    other = tmp_path / "other.txt"
+    other.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:50_000] + "é€")
+    data.prepare(str(other), tmp_path / "data", "char")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(out / "ckpt.safetensors", copy)
+    code = train.main(["--init_from=resume", f"--out_dir={copy}", f"--dataset={other}", "--max_iters=4",
+                       f"--data_dir={tmp_path / 'data'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "another character vocabulary" in err, err
+    assert sorted(p.name for p in copy.iterdir()) == [".gptjax-run", ".lock", "ckpt.safetensors"]
 
-    fsync = os.fsync
 
-    def disk_full(fd):  # the checkpoint's bytes were written but cannot reach the disk
-        if "ckpt.safetensors" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(28, "No space left on device")
-        return fsync(fd)
-    monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError, match=f"cannot write {re.escape(str(out / 'ckpt.safetensors'))}: No space left on "
-                                      f"device \\(its previous version is intact\\)"):
-        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4})
-    assert (out / "ckpt.safetensors").read_bytes() == good
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]  # no partial file left to mistake
-    monkeypatch.undo()
+def test_train_char_model_folder_samples(train_data_dir, tmp_path):
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    assert json.loads((out / "meta.json").read_text()) == {"kind": "char",
+                                                         "chars": sorted(set(SHAKESPEARE.read_text()))}
+    enc, hparams, params = weights.load_encoder_hparams_and_params(str(out))
+    assert hparams == {"n_vocab": 65, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
+    assert enc.decode(enc.encode("ROMEO:")) == "ROMEO:"
+    if (HERE / "main.py").exists():
+        proc = subprocess.run([sys.executable, str(HERE / "main.py"), "--model_dir", str(out), "--prompt", "ROMEO:",
+                               "--n_tokens_to_generate", "12", "--seed", "1"], capture_output=True, text=True,
+                              cwd=HERE, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert len(proc.stdout.strip()) > 0
 
-    def crash_at_rename(src, dst):
-        raise OSError(5, "Input/output error")
-    monkeypatch.setattr(os, "replace", crash_at_rename)
-    with pytest.raises(OSError, match="Input/output error"):
-        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4, "always_save_checkpoint": True})
-    monkeypatch.undo()
-    assert (out / "ckpt.safetensors").read_bytes() == good
-    assert (out / "params.safetensors").read_bytes() == good_model
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
-    # what a kill -9 mid-write leaves (a temporary file named after its dead writer) goes at the next start; a live
-    # writer's file stays
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = out / f".ckpt.safetensors.{int(dead.stdout)}.part"
-    stale.write_bytes(good[:1000])
-    live = out / f".notes.txt.{os.getpid()}.part"
-    live.write_bytes(b"being written")
-    # and the intact checkpoint resumes as if nothing had happened
-    result = train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4})
-    assert sorted(result["losses"]) == [2, 3]
-    assert not stale.exists() and live.exists()
-    straight = train.train(run_config(train_data_dir, tmp_path / "straight", max_iters=4, eval_interval=2))
-    assert [result["losses"][i] for i in (2, 3)] == [straight["losses"][i] for i in (2, 3)]
 
+# ------------------------------------------------------------- stopping: NaN, Ctrl-C, a scheduler's signal, a full disk
 
 def test_train_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_data_dir, tmp_path, capsys):
     out = tmp_path / "out"
@@ -3141,419 +3495,6 @@ def test_train_a_ctrl_c_after_the_save_is_let_pass(train_data_dir, tmp_path):
     assert outdir.read_checkpoint_meta(tmp_path / "out" / "ckpt.safetensors")["iter"] > 0
 
 
-def test_train_eval_only_and_bias(train_data_dir, tmp_path):
-    out = tmp_path / "e"
-    with pytest.raises(ValueError, match="eval_only evaluates a trained model: add --init_from=resume"):
-        train.train(run_config(train_data_dir, out, eval_only=True))  # a random model, by accident
-    assert not out.exists()
-    trained = train.train(run_config(train_data_dir, out, bias=True, max_iters=2, eval_interval=2))
-    # an untrained model with 65 characters is close to uniform: ln 65
-    assert trained["evals"][0]["iter"] == 0
-    assert trained["evals"][0]["val_loss"] == pytest.approx(math.log(65), abs=0.1)
-    before = folder_state(out)
-    result = train.train({"init_from": "resume", "out_dir": str(out), "eval_only": True})
-    assert [e["iter"] for e in result["evals"]] == [2] and result["losses"] == {}
-    assert result["evals"][0]["val_loss"] == trained["evals"][-1]["val_loss"]  # the same batches, the same model
-    assert folder_state(out) == before  # metrics.jsonl, loss.png, the checkpoints: untouched
-    # each split's loss: the mean over eval_iters batches drawn from that split (data.batch_starts at the evaluation's
-    # iteration) of the checkpoint's model, recomputed with numpy's float64 GPT-2
-    flat = {name[len("params/"):]: x for name, x in ckpt_tensors(out).items() if name.startswith("params/")}
-    seed = outdir.read_checkpoint_meta(out / outdir.CKPT_NAME)["config"]["seed"]
-    for split in ("train", "val"):
-        tokens = data.load_split(train_data_dir / "shakespeare_char", split)
-        x, y = data.get_batch(tokens, data.batch_starts(len(tokens), 32, 2 * 4, seed, 2, split), 32)
-        logits = numpy_gpt2(flat, x, 2)
-        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll = -np.take_along_axis(logprobs, y[..., None], -1)[..., 0]  # [2 batches * 4 rows, 32]
-        assert result["evals"][0][f"{split}_loss"] == pytest.approx(nll.mean(), rel=1e-5), split
-    hparams = {"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}
-    without = jax.eval_shape(lambda: gpt.init_params(jax.random.PRNGKey(0), hparams, bias=False))
-    assert sorted(outdir.flat_names(without, "")) == ["h/attn/c_attn/w", "h/attn/c_proj/w", "h/ln_1/g", "h/ln_2/g",
-                                                     "h/mlp/c_fc/w", "h/mlp/c_proj/w", "ln_f/g", "wpe", "wte"]
-
-
-def test_train_refuses_to_replace_a_trained_model(train_data_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    before = folder_state(out)
-    capsys.readouterr()
-    for init_from in ("scratch", str(TINY_TF)):
-        code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", f"--init_from={init_from}"])
-        err = capsys.readouterr().err
-        assert code == 1 and err.count("\n") == 1, err
-        assert all(w in err for w in ("already holds a trained model", "--init_from=resume", "--out_dir",
-                                      "--overwrite"))
-    assert folder_state(out) == before
-    # a run's folder holding its model but no checkpoint (removed to save space, say) is a trained model all the same
-    model_only = tmp_path / "model-only"
-    shutil.copytree(out, model_only)
-    (model_only / "ckpt.safetensors").unlink()
-    kept = folder_state(model_only)
-    assert train.main([f"--out_dir={model_only}", f"--data_dir={train_data_dir}"]) == 1
-    assert "already holds a trained model (params.safetensors)" in capsys.readouterr().err
-    assert folder_state(model_only) == kept
-    # asked to, a new run replaces the old one whole: none of its files mixes with the new run's
-    (out / "loss.png").write_bytes(b"the old run's plot")
-    result = train.train(run_config(train_data_dir, out, max_iters=1, eval_interval=1, overwrite=True, seed=7))
-    assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
-    assert not (out / "loss.png").exists() or (out / "loss.png").read_bytes() != b"the old run's plot"
-    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 1 and result["iter"] == 1
-
-
-def test_train_out_dir_holds_only_the_runs_vocabulary(tmp_path, train_data_dir):
-    # a character run in a folder that once held a GPT-2 run (and the other way round) leaves one vocabulary there
-    out, chars = tmp_path / "out", tmp_path / "chars"
-    out.mkdir()
-    for name in encoder.GPT2_FILES:
-        shutil.copy(TINY_TF / name, out / name)
-    chars.mkdir()
-    data.write_meta(chars, {"kind": "char", "chars": ["a", "b"]})
-    outdir.write_vocabulary(out, chars)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json"]
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    data.copy_gpt2_vocab(TINY_TF, gpt2)
-    data.write_meta(gpt2, {"kind": "gpt2"})
-    outdir.write_vocabulary(out, gpt2)
-    assert sorted(p.name for p in out.iterdir()) == ["encoder.json", "vocab.bpe"]
-
-
-def test_train_a_second_run_on_the_same_out_dir_is_refused(train_data_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    holder = subprocess.Popen([sys.executable, str(PROGRAMS / "lock_holder.py"), str(out / ".lock")], cwd=HERE,
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
-    try:
-        assert holder.stdout.readline() == "locked\n"
-        code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=1"])
-        err = capsys.readouterr().err
-        assert code == 1 and err.count("\n") == 1 and "in use by another train.py" in err, err
-        assert f"process {holder.pid}" in err and not (out / "metrics.jsonl").exists()
-    finally:
-        holder.kill()  # as a crash would: the system drops the lock with the process
-        holder.wait()
-    result = train.train(run_config(train_data_dir, out, max_iters=1, eval_interval=1))
-    assert result["iter"] == 1
-
-
-def test_train_block_size_too_large_for_the_data_is_reported_at_start(tmp_path):
-    text = tmp_path / "short.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:3000], encoding="utf-8")  # val: 300 characters
-    with pytest.raises(ValueError, match="the val split of .* has 300 tokens, too few for sequences of block_size 512"):
-        train.train({"dataset": str(text), "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "out"),
-                     "block_size": 512, "n_layer": 1, "n_embd": 8, "n_head": 1})
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
-
-
-def test_train_char_model_folder_samples(train_data_dir, tmp_path):
-    out = tmp_path / "out"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    assert json.loads((out / "meta.json").read_text()) == {"kind": "char",
-                                                         "chars": sorted(set(SHAKESPEARE.read_text()))}
-    enc, hparams, params = weights.load_encoder_hparams_and_params(str(out))
-    assert hparams == {"n_vocab": 65, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
-    assert enc.decode(enc.encode("ROMEO:")) == "ROMEO:"
-    if (HERE / "main.py").exists():
-        proc = subprocess.run([sys.executable, str(HERE / "main.py"), "--model_dir", str(out), "--prompt", "ROMEO:",
-                               "--n_tokens_to_generate", "12", "--seed", "1"], capture_output=True, text=True,
-                              cwd=HERE, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert len(proc.stdout.strip()) > 0
-
-
-def test_train_full_disk_is_one_line_and_keeps_the_checkpoint(train_data_dir, tmp_path):
-    out = tmp_path / "out"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    good = (out / "ckpt.safetensors").read_bytes()
-    proc = run_program("train_disk_full.py", len(good) // 2, "--init_from=resume", f"--out_dir={out}",
-                       "--max_iters=4", timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert lines[-1] == (f"error: cannot write {out / 'ckpt.safetensors'}: File too large (its previous version is "
-                         f"intact)"), lines[-1]
-    assert (out / "ckpt.safetensors").read_bytes() == good
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
-
-
-def test_train_gradient_accumulation_equals_one_bigger_batch(train_data_dir, tmp_path):
-    # 2 micro-batches of 4 sequences and 1 batch of 8: the same 8 sequences (batch_starts draws n * rows), the same
-    # mean gradient, so the same params after each step (to float rounding), without dropout
-    config = dict(max_iters=3, eval_interval=3, dropout=0.0)
-    two = train.train(run_config(train_data_dir, tmp_path / "two", batch_size=4, gradient_accumulation_steps=2,
-                                   **config))
-    one = train.train(run_config(train_data_dir, tmp_path / "one", batch_size=8, gradient_accumulation_steps=1,
-                                   **config))
-    np.testing.assert_allclose([two["losses"][i] for i in range(3)], [one["losses"][i] for i in range(3)], rtol=1e-5)
-    a, b = ckpt_tensors(tmp_path / "two"), ckpt_tensors(tmp_path / "one")
-    for name in a:
-        if name.startswith("params/"):
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6, err_msg=name)
-
-
-def test_train_cpu_settings_leave_a_users_xla_flags_alone(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    cli.prefer_eigen_dots_on_cpu()
-    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type=-individual_dot"
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    cli.prefer_eigen_dots_on_cpu()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"  # the user's choice stands
-    monkeypatch.delenv("XLA_FLAGS")
-    cli.prefer_eigen_dots_on_cpu()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
-    cli.keep_freed_memory()  # malloc tuning: must not fail, whatever the platform
-    assert np.ones(10**6).sum() == 10**6
-
-
-def test_train_never_writes_through_a_link_planted_in_out_dir(train_data_dir, tmp_path):
-    out, victim = tmp_path / "out", tmp_path / "victim.txt"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    victim.write_text("someone else's file")
-    checkpoint = (out / "ckpt.safetensors").read_bytes()
-    for name in (".lock", "metrics.jsonl", "loss.png", f".ckpt.safetensors.{os.getpid()}.part"):
-        planted = out / name
-        planted.unlink(missing_ok=True)
-        planted.symlink_to(victim)
-        try:
-            train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4, "eval_interval": 2})
-        except OSError as e:  # a link where gptjax writes is refused at the start, in one line that names it
-            assert f"{planted} is a symbolic link" in str(e) and "\n" not in str(e), e
-            assert (out / "ckpt.safetensors").read_bytes() == checkpoint  # refused before it trained
-        else:  # a stale temporary's name is replaced, not followed
-            assert name.endswith(".part") and not planted.exists()
-        assert victim.read_text() == "someone else's file", name
-        planted.unlink(missing_ok=True)
-
-
-def test_train_a_plot_that_cannot_be_written_is_a_warning(train_data_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    (out / "loss.png").unlink(missing_ok=True)
-    (out / "loss.png").mkdir()  # what the picture cannot replace, as a full disk cannot be written
-    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]) == 0
-    err = capsys.readouterr().err
-    assert err.count("warning: loss.png was not updated") == 1 and "Traceback" not in err, err
-    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 4
-
-
-def test_train_leaves_alone_files_it_did_not_write(train_data_dir, tmp_path, monkeypatch, capsys):
-    # a folder of the user's (GPT-2's vocabulary, say) is not a run's out_dir; an empty out_dir is none; a run that
-    # cannot start (a mistyped dataset) leaves the model it was to replace intact
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    for name in ("encoder.json", "vocab.bpe", "notes.txt"):
-        (mine / name).write_text(name)
-    before = folder_state(mine)
-    checkout_like = tmp_path / "testdata"  # files of any name, as testdata/ or corpora/ of the checkout
-    (checkout_like / "eval").mkdir(parents=True)
-    (checkout_like / "README.md").write_text("mine")
-    for out_dir, words in ((mine, "which train.py did not write"), ("", "out_dir is empty"), (" ", "out_dir is empty"),
-                           (checkout_like, "holds README.md, eval, which train.py did not write")):
-        code = train.main([f"--out_dir={out_dir}", f"--data_dir={train_data_dir}", "--max_iters=1", "--overwrite"])
-        err = capsys.readouterr().err
-        assert code in (1, 2) and err.count("\n") == 1 and words in err, err
-    assert folder_state(mine) == before and sorted(p.name for p in checkout_like.iterdir()) == ["README.md", "eval"]
-    out = tmp_path / "out"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    model = folder_state(out)
-    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--overwrite", "--dataset=shakespear_char"])
-    assert code == 2 and "no dataset 'shakespear_char'" in capsys.readouterr().err
-    assert folder_state(out) == model
-
-
-def test_train_token_ids_must_be_the_models(train_data_dir, tmp_path, capsys):
-    # an id past the model's vocabulary would train silently (a gather is clamped): refused at start, naming the file
-    out = tmp_path / "out"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    wide = tmp_path / "data" / "wide"
-    shutil.copytree(train_data_dir / "shakespeare_char", wide)
-    tokens = np.fromfile(wide / "train.bin", np.uint16)
-    tokens[1234] = 60000
-    tokens.tofile(wide / "train.bin")
-    for init_from in ("scratch", "resume"):
-        code = train.main([f"--out_dir={out}", "--dataset=wide", f"--data_dir={tmp_path / 'data'}", "--max_iters=4",
-                           f"--init_from={init_from}", "--overwrite"])
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert code == 1 and f"{wide / 'train.bin'} holds token id 60000" in err and "65 tokens" in err, err
-    # a copied checkpoint (no meta.json beside it) resumed on a dataset of another vocabulary is refused too
-    other = tmp_path / "other.txt"
-    other.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:50_000] + "é€")
-    data.prepare(str(other), tmp_path / "data", "char")
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    shutil.copy(out / "ckpt.safetensors", copy)
-    code = train.main(["--init_from=resume", f"--out_dir={copy}", f"--dataset={other}", "--max_iters=4",
-                       f"--data_dir={tmp_path / 'data'}"])
-    err = capsys.readouterr().err
-    assert code == 1 and "another character vocabulary" in err, err
-    assert sorted(p.name for p in copy.iterdir()) == [".gptjax-run", ".lock", "ckpt.safetensors"]
-
-
-def test_train_lora_resume_needs_its_own_base(tmp_path, capsys):
-    model = tmp_path / "gpt2-tiny"
-    shutil.copytree(TINY_TF, model, ignore=shutil.ignore_patterns(weights.CACHE_NAME))
-    text = tmp_path / "sonnets.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    out = tmp_path / "out"
-    config = {"init_from": str(model), "dataset": str(text), "data_dir": str(tmp_path / "data"), "block_size": 32,
-              "batch_size": 4, "max_iters": 2, "eval_interval": 2, "eval_iters": 2, "lora_rank": 4,
-              "out_dir": str(out)}
-    train.train(config)
-    # the base replaced by another model of the same shape: refused (training on would adapt the wrong model)
-    flat = reference_params()
-    flat["h/mlp/c_fc/w"] = flat["h/mlp/c_fc/w"] + np.float32(0.01)
-    write_bundle(model / "model.ckpt", tf_tensors(flat))
-    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
-    err = capsys.readouterr().err
-    assert code == 1 and "is not the LoRA base" in err and "--lora_base" in err, err
-    # the original, moved: pointed to with --lora_base, and from then on found there
-    moved = tmp_path / "moved"
-    shutil.copytree(TINY_TF, moved, ignore=shutil.ignore_patterns(weights.CACHE_NAME))
-    shutil.rmtree(model)
-    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
-    assert code == 1 and "--lora_base=FOLDER" in capsys.readouterr().err
-    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4", f"--lora_base={moved}"]) == 0
-    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["base"] == str(moved.resolve())
-    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=6"]) == 0
-
-
-def test_train_a_checkpoint_cannot_steer_a_resume_elsewhere(train_data_dir, tmp_path, release_server, monkeypatch,
-                                                            capsys):
-    out = tmp_path / "out"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    saved = outdir.read_checkpoint_meta(out / "ckpt.safetensors")["config"]
-    assert all(pathlib.Path(saved[key]).is_absolute() for key in ("data_dir", "models_dir", "out_dir"))
-    tensors = ckpt_tensors(out)
-
-    def rewrite(**metadata):  # the checkpoint with some of its metadata replaced, as a hostile copy could be
-        with open(out / "ckpt.safetensors", "rb") as f:
-            _, meta, _ = weights.safetensors_header(f, out / "ckpt.safetensors")
-        weights.write_safetensors(out / "ckpt.safetensors", tensors, {**meta, **metadata})
-    # a LoRA base that a checkpoint names is never downloaded by a resume (it once started a 1558M download)
-    text = tmp_path / "sonnets.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    lora = {"init_from": "124M", "models_dir": str(tmp_path / "m"), "dataset": str(text), "block_size": 32,
-            "data_dir": str(tmp_path / "data"), "batch_size": 4, "max_iters": 2, "eval_interval": 2, "eval_iters": 2,
-            "lora_rank": 4, "out_dir": str(tmp_path / "lora")}
-    train.train(lora)  # the release fetched from the test server
-    shutil.rmtree(tmp_path / "m")
-    release_server.log.clear()
-    code = train.main(["--init_from=resume", f"--out_dir={tmp_path / 'lora'}", "--max_iters=4"])
-    err = capsys.readouterr().err
-    assert code == 1 and "lacks" in err and "--lora_base" in err and not release_server.log, err
-    # hparams that disagree with its tensors: refused, not trained on and saved as a model main.py calls damaged
-    rewrite(hparams=json.dumps({**json.loads(json.dumps(outdir.read_checkpoint_meta(out / "ckpt.safetensors")
-                                                        ["hparams"])), "n_embd": 64, "n_head": 2}))
-    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
-    assert code == 1 and "where its hparams give" in capsys.readouterr().err
-    rewrite(hparams="[1, 2]")
-    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
-    assert code == 1 and "damaged metadata" in capsys.readouterr().err
-    # a dataset it names is read where it was prepared, never prepared anew from a path it holds
-    rewrite(hparams=json.dumps({"n_vocab": 65, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}),
-            config=json.dumps({**saved, "dataset": str(tmp_path / "elsewhere.txt"), "data_dir": str(tmp_path / "x")}))
-    (tmp_path / "elsewhere.txt").write_text("some other text " * 100)
-    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
-    assert code == 1 and "is not prepared" in capsys.readouterr().err and not (tmp_path / "x").exists()
-
-
-def test_train_says_only_what_is_true(train_data_dir, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "out"
-    # a NaN before any checkpoint: no "last good checkpoint" that does not exist
-    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--learning_rate=1e9", "--warmup_iters=0",
-                       "--grad_clip=0", "--max_iters=20", "--eval_interval=50", "--n_layer=1", "--n_embd=16"])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 1 and "no checkpoint had been saved yet" in err and "last good" not in err, err
-    # Ctrl-C before the first step: it says nothing was saved, and saves nothing
-    shutil.rmtree(out)
-
-    def ctrl_c_at_once(*args):
-        signal.raise_signal(signal.SIGINT)
-        return get_batch(*args)
-    get_batch = data.get_batch
-    monkeypatch.setattr(data, "get_batch", ctrl_c_at_once)
-    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=5"])
-    assert code == 130 and "before any step: nothing to save" in capsys.readouterr().out
-    assert not (out / "ckpt.safetensors").exists()
-    monkeypatch.undo()
-    # Ctrl-C while starting: one line that says so, no "second Ctrl-C"
-    monkeypatch.setattr(data, "prepare", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=5"])
-    assert code == 130 and capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
-    monkeypatch.undo()
-    # max_iters=0 writes the model as it starts; a finished run says where it is; a resume with nothing to do says so
-    shutil.rmtree(out)
-    assert train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=0"]) == 0
-    assert (out / "params.safetensors").is_file() and outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 0
-    assert "done: best val loss" in capsys.readouterr().out
-    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=0"])
-    assert code == 2 and "nothing to train; give a larger --max_iters" in capsys.readouterr().err
-    # config files take finite numbers only, as flags do
-    for value in ("nan", "inf", "1e400"):
-        (tmp_path / "c.toml").write_text(f"learning_rate = {value}\n")
-        with pytest.raises(cli.UsageError, match="finite"):
-            train_config.parse_args([str(tmp_path / "c.toml")])
-
-
-def test_train_checks_memory_before_making_a_new_model(train_data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(devices, "available_memory", lambda: (10**6, "this machine has"))
-    monkeypatch.setattr(train, "init_params", lambda *a: pytest.fail("the model was made before the memory check"))
-    code = train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={train_data_dir}", "--max_iters=2"])
-    assert code == 1 and "this machine has 1 MB" in capsys.readouterr().err
-    # --overwrite of a trained run with a run that does not fit: refused before the old run is cleared
-    out = tmp_path / "trained"
-    monkeypatch.undo()
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    before = folder_state(out)
-    monkeypatch.setattr(devices, "available_memory", lambda: (10**6, "this machine has"))
-    args = [f"--{k}={v}" for k, v in run_config(train_data_dir, out, max_iters=2, overwrite=True).items()]
-    assert train.main(args) == 1 and "this machine has 1 MB" in capsys.readouterr().err
-    assert folder_state(out) == before
-
-
-def test_train_an_unwritable_out_dir_fails_at_start(train_data_dir, tmp_path, monkeypatch, capsys):
-    # resuming into an out_dir that can no longer be written fails before any step, not an eval interval later
-    out = tmp_path / "out"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    open_fd = files.open_fd
-
-    def read_only(path, flags):  # as a read-only file system answers (root writes through chmod, so not that)
-        if pathlib.Path(path).parent == out and flags & os.O_CREAT and not str(path).endswith(".lock"):
-            raise PermissionError(13, "Read-only file system")
-        return open_fd(path, flags)
-    monkeypatch.setattr(files, "open_fd", read_only)
-    monkeypatch.setattr(data, "get_batch", lambda *a: pytest.fail("a step ran"))
-    capsys.readouterr()
-    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
-    err = capsys.readouterr().err
-    assert code == 1 and err.startswith(f"error: cannot write {out / outdir.MARKER}: Read-only file system"), err
-    assert err.count("\n") == 1
-
-
-def test_train_metrics_are_not_recorded_twice_after_a_crash(train_data_dir, tmp_path, monkeypatch):
-    # killed between an evaluation's metrics line and its checkpoint: the resumed run repeats that evaluation, and
-    # metrics.jsonl holds it once; a checkpoint with a flipped bit is refused
-    out = tmp_path / "out"
-    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    save_checkpoint = outdir.save_checkpoint
-
-    def crash_at_4(out_dir, state, *args):
-        if state.iter == 4:
-            raise OSError(5, "the machine went down")
-        return save_checkpoint(out_dir, state, *args)
-    monkeypatch.setattr(outdir, "save_checkpoint", crash_at_4)
-    with pytest.raises(OSError):
-        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
-    monkeypatch.undo()
-    assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 2, 4]
-    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6})
-    assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 2, 4, 6]
-    blob = bytearray((out / "ckpt.safetensors").read_bytes())
-    blob[-3] ^= 0x10
-    (out / "ckpt.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match="fails its checksum"):
-        train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 8})
-
-
 def test_train_a_schedulers_signal_saves_and_the_resume_is_the_uninterrupted_run(train_data_dir, tmp_path,
                                                                                 monkeypatch, capsys):
     # SIGTERM (SLURM, Kubernetes, spot machines), SIGUSR1 or SIGHUP: the step finishes, a checkpoint is saved, the
@@ -3632,78 +3573,200 @@ def test_train_a_stop_during_an_evaluation_saves_and_the_resume_redoes_it(train_
         assert train.main(args) == 0 and "this run has finished" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_train_processes_agree_on_the_step_a_signal_stops(train_data_dir, tmp_path):
-    # SIGTERM reaches one process of two: both stop at the same step and one whole checkpoint results
-    cwds = [tmp_path / "p0", tmp_path / "p1"]
-    for cwd in cwds:
-        cwd.mkdir()
-    config = run_config(train_data_dir, "out", max_iters=100000, eval_interval=5, checkpoint_interval_minutes=0)
-    procs = train_processes(config, cwds, free_port())
-    deadline = time.monotonic() + 120
-    while not (cwds[0] / "out" / "ckpt.safetensors").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)  # the process that does not write
-    outs = [proc.communicate(timeout=120) for proc in procs]
-    assert [proc.returncode for proc in procs] == [143, 143], [err[-2000:] for _, err in outs]
-    meta = outdir.read_checkpoint_meta(cwds[0] / "out" / "ckpt.safetensors")
-    assert meta["iter"] % 5 != 0 or "stopped by SIGTERM" in outs[0][0]
-    assert f"stopped by SIGTERM at iteration {meta['iter']}" in outs[0][0]
-
-
-def test_train_checkpoints_by_time_between_evaluations(train_data_dir, tmp_path, monkeypatch):
+def test_train_full_disk_is_one_line_and_keeps_the_checkpoint(train_data_dir, tmp_path):
     out = tmp_path / "out"
     train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
-    saved, models = [], []
-    save_checkpoint, save_model = outdir.save_checkpoint, outdir.save_model
-    monkeypatch.setattr(outdir, "save_checkpoint", lambda d, state, *a: (saved.append(state.iter),
-                                                                         save_checkpoint(d, state, *a)))
-    monkeypatch.setattr(outdir, "save_model", lambda *a: (models.append(len(saved)), save_model(*a)))
-    # every 6 µs, so after each step; evaluations only at the end
-    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 6, "eval_interval": 100,
-                 "checkpoint_interval_minutes": 1e-7})
-    assert saved[:3] == [3, 4, 5] and saved[-1] == 6  # by time, then the final evaluation's
-    assert all(at > 3 for at in models)  # params.safetensors (the best model) only from an evaluation
-    saved.clear()
-    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 9, "eval_interval": 100,
-                 "checkpoint_interval_minutes": 0})
-    assert saved == [9]
-    # the interval is in minutes, and its clock restarts at each checkpoint: a clock read once before the loop, once
-    # an iteration and once after each checkpoint, 40 s apart, with 1 minute between checkpoints -> every other step
-    saved.clear()
-    seconds = iter(range(0, 10**6, 40))
-    monkeypatch.setattr(train, "CLOCK", lambda: next(seconds))
-    train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 15, "eval_interval": 100,
-                 "checkpoint_interval_minutes": 1})
-    assert saved == [10, 12, 14, 15], saved  # 15: the final evaluation's
+    good = (out / "ckpt.safetensors").read_bytes()
+    proc = run_program("train_disk_full.py", len(good) // 2, "--init_from=resume", f"--out_dir={out}",
+                       "--max_iters=4", timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1] == (f"error: cannot write {out / 'ckpt.safetensors'}: File too large (its previous version is "
+                         f"intact)"), lines[-1]
+    assert (out / "ckpt.safetensors").read_bytes() == good
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
 
 
-def test_train_auto_resume_continues_this_run_and_refuses_another(train_data_dir, tmp_path, capsys):
+# --------------------------------------------------- out_dir: what a run writes, refuses and leaves alone; what it says
+
+def test_train_refuses_to_replace_a_trained_model(train_data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    straight = train.train(run_config(train_data_dir, tmp_path / "straight", max_iters=8, eval_interval=4))
-    command = [f"--{k}={v}" for k, v in run_config(train_data_dir, out, eval_interval=4).items()] + ["--auto_resume"]
-    assert train.main([*command, "--max_iters=4"]) == 0  # nothing there: it starts
-    assert train.main([*command, "--max_iters=8"]) == 0  # the same command line, requeued: it continues
-    assert [r["iter"] for r in outdir.read_metrics(out)] == [0, 4, 8]
-    assert outdir.read_metrics(out)[-1]["val_loss"] == straight["evals"][-1]["val_loss"]
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    before = folder_state(out)
     capsys.readouterr()
-    before = (out / outdir.CKPT_NAME).stat().st_mtime_ns
-    assert train.main([*command, "--max_iters=8"]) == 0  # requeued once more after it finished: it ends, saying so
-    assert "this run has finished" in capsys.readouterr().err
-    assert (out / outdir.CKPT_NAME).stat().st_mtime_ns == before and len(outdir.read_metrics(out)) == 3
-    assert train.main([*command, "--max_iters=12", "--learning_rate=0.01"]) == 2
-    err = capsys.readouterr().err
-    assert "is of another run (learning_rate=0.003 there, 0.01 here)" in err and err.count("\n") == 1, err
-    # a finetune of a model folder, requeued with the same command line, continues too (not a new finetune)
-    model = copy_folder(tmp_path, TINY_TF)
-    tuned = tmp_path / "tuned"
-    command = [f"--init_from={model}", f"--out_dir={tuned}", f"--data_dir={train_data_dir}", "--dataset=shakespeare",
-               "--batch_size=2", "--block_size=32", "--eval_interval=2", "--eval_iters=2", "--auto_resume"]
-    assert train.main([*command, "--max_iters=2"]) == 0
-    assert train.main([*command, "--max_iters=4"]) == 0
-    assert f"resuming from iteration 2 of {tuned / 'ckpt.safetensors'}" in capsys.readouterr().err
-    assert [r["iter"] for r in outdir.read_metrics(tuned)] == [0, 2, 4]
+    for init_from in ("scratch", str(TINY_TF)):
+        code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", f"--init_from={init_from}"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1, err
+        assert all(w in err for w in ("already holds a trained model", "--init_from=resume", "--out_dir",
+                                      "--overwrite"))
+    assert folder_state(out) == before
+    # a run's folder holding its model but no checkpoint (removed to save space, say) is a trained model all the same
+    model_only = tmp_path / "model-only"
+    shutil.copytree(out, model_only)
+    (model_only / "ckpt.safetensors").unlink()
+    kept = folder_state(model_only)
+    assert train.main([f"--out_dir={model_only}", f"--data_dir={train_data_dir}"]) == 1
+    assert "already holds a trained model (params.safetensors)" in capsys.readouterr().err
+    assert folder_state(model_only) == kept
+    # asked to, a new run replaces the old one whole: none of its files mixes with the new run's
+    (out / "loss.png").write_bytes(b"the old run's plot")
+    result = train.train(run_config(train_data_dir, out, max_iters=1, eval_interval=1, overwrite=True, seed=7))
+    assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert not (out / "loss.png").exists() or (out / "loss.png").read_bytes() != b"the old run's plot"
+    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 1 and result["iter"] == 1
 
+
+def test_train_out_dir_holds_only_the_runs_vocabulary(tmp_path, train_data_dir):
+    # a character run in a folder that once held a GPT-2 run (and the other way round) leaves one vocabulary there
+    out, chars = tmp_path / "out", tmp_path / "chars"
+    out.mkdir()
+    for name in encoder.GPT2_FILES:
+        shutil.copy(TINY_TF / name, out / name)
+    chars.mkdir()
+    data.write_meta(chars, {"kind": "char", "chars": ["a", "b"]})
+    outdir.write_vocabulary(out, chars)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"]
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    data.copy_gpt2_vocab(TINY_TF, gpt2)
+    data.write_meta(gpt2, {"kind": "gpt2"})
+    outdir.write_vocabulary(out, gpt2)
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.json", "vocab.bpe"]
+
+
+def test_train_a_second_run_on_the_same_out_dir_is_refused(train_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, str(PROGRAMS / "lock_holder.py"), str(out / ".lock")], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=1"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "in use by another train.py" in err, err
+        assert f"process {holder.pid}" in err and not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # as a crash would: the system drops the lock with the process
+        holder.wait()
+    result = train.train(run_config(train_data_dir, out, max_iters=1, eval_interval=1))
+    assert result["iter"] == 1
+
+
+def test_train_never_writes_through_a_link_planted_in_out_dir(train_data_dir, tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    victim.write_text("someone else's file")
+    checkpoint = (out / "ckpt.safetensors").read_bytes()
+    for name in (".lock", "metrics.jsonl", "loss.png", f".ckpt.safetensors.{os.getpid()}.part"):
+        planted = out / name
+        planted.unlink(missing_ok=True)
+        planted.symlink_to(victim)
+        try:
+            train.train({"init_from": "resume", "out_dir": str(out), "max_iters": 4, "eval_interval": 2})
+        except OSError as e:  # a link where gptjax writes is refused at the start, in one line that names it
+            assert f"{planted} is a symbolic link" in str(e) and "\n" not in str(e), e
+            assert (out / "ckpt.safetensors").read_bytes() == checkpoint  # refused before it trained
+        else:  # a stale temporary's name is replaced, not followed
+            assert name.endswith(".part") and not planted.exists()
+        assert victim.read_text() == "someone else's file", name
+        planted.unlink(missing_ok=True)
+
+
+def test_train_a_plot_that_cannot_be_written_is_a_warning(train_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    (out / "loss.png").unlink(missing_ok=True)
+    (out / "loss.png").mkdir()  # what the picture cannot replace, as a full disk cannot be written
+    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: loss.png was not updated") == 1 and "Traceback" not in err, err
+    assert outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 4
+
+
+def test_train_leaves_alone_files_it_did_not_write(train_data_dir, tmp_path, monkeypatch, capsys):
+    # a folder of the user's (GPT-2's vocabulary, say) is not a run's out_dir; an empty out_dir is none; a run that
+    # cannot start (a mistyped dataset) leaves the model it was to replace intact
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("encoder.json", "vocab.bpe", "notes.txt"):
+        (mine / name).write_text(name)
+    before = folder_state(mine)
+    checkout_like = tmp_path / "testdata"  # files of any name, as testdata/ or corpora/ of the checkout
+    (checkout_like / "eval").mkdir(parents=True)
+    (checkout_like / "README.md").write_text("mine")
+    for out_dir, words in ((mine, "which train.py did not write"), ("", "out_dir is empty"), (" ", "out_dir is empty"),
+                           (checkout_like, "holds README.md, eval, which train.py did not write")):
+        code = train.main([f"--out_dir={out_dir}", f"--data_dir={train_data_dir}", "--max_iters=1", "--overwrite"])
+        err = capsys.readouterr().err
+        assert code in (1, 2) and err.count("\n") == 1 and words in err, err
+    assert folder_state(mine) == before and sorted(p.name for p in checkout_like.iterdir()) == ["README.md", "eval"]
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    model = folder_state(out)
+    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--overwrite", "--dataset=shakespear_char"])
+    assert code == 2 and "no dataset 'shakespear_char'" in capsys.readouterr().err
+    assert folder_state(out) == model
+
+
+def test_train_an_unwritable_out_dir_fails_at_start(train_data_dir, tmp_path, monkeypatch, capsys):
+    # resuming into an out_dir that can no longer be written fails before any step, not an eval interval later
+    out = tmp_path / "out"
+    train.train(run_config(train_data_dir, out, max_iters=2, eval_interval=2))
+    open_fd = files.open_fd
+
+    def read_only(path, flags):  # as a read-only file system answers (root writes through chmod, so not that)
+        if pathlib.Path(path).parent == out and flags & os.O_CREAT and not str(path).endswith(".lock"):
+            raise PermissionError(13, "Read-only file system")
+        return open_fd(path, flags)
+    monkeypatch.setattr(files, "open_fd", read_only)
+    monkeypatch.setattr(data, "get_batch", lambda *a: pytest.fail("a step ran"))
+    capsys.readouterr()
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: cannot write {out / outdir.MARKER}: Read-only file system"), err
+    assert err.count("\n") == 1
+
+
+def test_train_says_only_what_is_true(train_data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    # a NaN before any checkpoint: no "last good checkpoint" that does not exist
+    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--learning_rate=1e9", "--warmup_iters=0",
+                       "--grad_clip=0", "--max_iters=20", "--eval_interval=50", "--n_layer=1", "--n_embd=16"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "no checkpoint had been saved yet" in err and "last good" not in err, err
+    # Ctrl-C before the first step: it says nothing was saved, and saves nothing
+    shutil.rmtree(out)
+
+    def ctrl_c_at_once(*args):
+        signal.raise_signal(signal.SIGINT)
+        return get_batch(*args)
+    get_batch = data.get_batch
+    monkeypatch.setattr(data, "get_batch", ctrl_c_at_once)
+    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=5"])
+    assert code == 130 and "before any step: nothing to save" in capsys.readouterr().out
+    assert not (out / "ckpt.safetensors").exists()
+    monkeypatch.undo()
+    # Ctrl-C while starting: one line that says so, no "second Ctrl-C"
+    monkeypatch.setattr(data, "prepare", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code = train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=5"])
+    assert code == 130 and capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
+    monkeypatch.undo()
+    # max_iters=0 writes the model as it starts; a finished run says where it is; a resume with nothing to do says so
+    shutil.rmtree(out)
+    assert train.main([f"--out_dir={out}", f"--data_dir={train_data_dir}", "--max_iters=0"]) == 0
+    assert (out / "params.safetensors").is_file() and outdir.read_checkpoint_meta(out / "ckpt.safetensors")["iter"] == 0
+    assert "done: best val loss" in capsys.readouterr().out
+    code = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=0"])
+    assert code == 2 and "nothing to train; give a larger --max_iters" in capsys.readouterr().err
+    # config files take finite numbers only, as flags do
+    for value in ("nan", "inf", "1e400"):
+        (tmp_path / "c.toml").write_text(f"learning_rate = {value}\n")
+        with pytest.raises(cli.UsageError, match="finite"):
+            train_config.parse_args([str(tmp_path / "c.toml")])
+
+
+# -------------------------------------------------------------------------------------- tracking: wandb and TensorBoard
 
 def tensorboard_scalars(logdir, tag):  # (step, value) pairs, read by TensorBoard's own reader
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -3813,6 +3876,8 @@ def test_trackers_keep_to_wandb_dir_and_overwrite_clears_their_folders(train_dat
     train.train({**tracked, "overwrite": True, "tensorboard_log": False})
     assert list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")) and not (out / "wandb").exists()
 
+
+# -------------------------------------------------------- data: llm.c token shards, a dataset too small for the context
 
 def write_llmc_shard(path, tokens):  # llm.c's dev/data/data_common.py write_datafile, written out independently
     header = np.zeros(256, dtype=np.int32)
@@ -3925,102 +3990,13 @@ def test_a_shard_folder_is_one_whole_dataset(tmp_path, capsys):
                                                         "fineweb_val_000000.bin", "notes.txt"]
 
 
-def test_misuse_gets_one_line_not_a_traceback(train_data_dir, tmp_path, monkeypatch, capsys):
-    # a GPT-2-token folder given by name trains from scratch in its own vocabulary (it once raised KeyError 'chars')
-    data.prepare(str(SHAKESPEARE), tmp_path / "data", "gpt2")
-    result = train.train(run_config(tmp_path / "data", tmp_path / "gpt2-scratch", dataset="tinyshakespeare_gpt2",
-                                    max_iters=1, eval_interval=1))
-    assert result["iter"] == 1 and weights.load_hparams_and_params(tmp_path / "gpt2-scratch")[0]["n_vocab"] == 50257
-    cases = []
-    broken = tmp_path / "data" / "broken"
-    shutil.copytree(train_data_dir / "shakespeare_char", broken)
-    (broken / "meta.json").write_text('{"kind": "char"}')
-    cases.append(([f"--data_dir={tmp_path / 'data'}", "--dataset=broken"], 1, 'should hold {"kind": "char"'))
-    listed = copy_folder(tmp_path, TINY_TF)
-    (listed / "hparams.json").write_text("[1, 2]")
-    cases.append(([f"--init_from={listed}", f"--data_dir={train_data_dir}"], 1, "should hold a JSON object, not a"))
-    cases.append(([f"--init_from={TINY_TF}", f"--data_dir={train_data_dir}"], 1, "--dataset=shakespeare"))
-    (tmp_path / "train_shakespeare_char.py").write_text("n_layer = 6\n")
-    cases.append(([str(tmp_path / "train_shakespeare_char.py")], 2, "configs/shakespeare_char.toml"))
-    for args, code, words in cases:
-        assert train.main([*args, f"--out_dir={tmp_path / 'o'}", "--max_iters=1", "--overwrite"]) == code, args
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("error: ") and words in err[-1] and "Traceback" not in "".join(err), (args, err)
-    # Ctrl-C in main.py and weights.py: one line, exit 130
-    monkeypatch.setattr(weights, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert main.main(["--model_dir", str(TINY["tf"]), "--prompt", "a"]) == 130
-    assert weights.main(["to_hf", str(TINY["tf"]), str(tmp_path / "hf")]) == 130
-    assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n" * 2
-    # data.py: a cut .tar.xz and an empty split are one line or a summary, not a traceback
-    docs = tmp_path / "docs"
-    write_documents(docs, 3, words=2000)
-    with tarfile.open(tmp_path / "cut.tar.xz", "w:xz") as archive:
-        archive.add(docs, arcname="docs")
-    blob = (tmp_path / "cut.tar.xz").read_bytes()
-    (docs / "cut.tar.xz").write_bytes(blob[:len(blob) // 2])
-    assert data.main([str(docs), f"--data_dir={tmp_path / 'd'}", "--num_proc=1"]) == 1
-    assert "cut.tar.xz" in capsys.readouterr().err
-    # bench.py's values are checked by argparse: exit 2, one line of error
-    for args in (["generate", "--repeats", "0"], ["generate", "--batches", "1,x"], ["train", "--rounds", "-1"]):
-        proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args], capture_output=True, text=True,
-                              cwd=HERE, timeout=60)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "at least 1" in proc.stderr, args
-
-
-def test_main_stop_strings_end_the_continuation_before_the_earliest(main_inprocess, capsys):
-    # the fixture's greedy text, cut before the earliest of two stop strings (the later-listed one comes first), in
-    # batch and --stream modes; an escape (\\n) in --stop is the character
-    prompt = PROMPTS[0]
-    text = prompt["greedy_text"]
-    first, second = text[12:16], text[4:8]
-    assert text.find(second) < text.find(first) and "\n" not in text
-    common = ["--model_dir", TINY["tf"], "--greedy", "--n_tokens_to_generate", "20", "--prompt", prompt["text"]]
-    for extra in ([], ["--stream"]):
-        assert main_inprocess(*common, "--stop", first, "--stop", second, *extra) == 0
-        assert capsys.readouterr().out == text[:text.find(second)] + "\n"
-        assert main_inprocess(*common, "--stop", "\\n", "--stop", "no such text", *extra) == 0
-        assert capsys.readouterr().out == text + "\n"
-
-
-def test_main_many_samples_print_as_each_batch_is_done(monkeypatch, capsys):
-    # 7 samples in batches of 2: printed batch by batch, the same tokens as one generate() call
-    hparams, params = weights.load_hparams_and_params(TINY["tf"])
-    prompt = PROMPTS[1]
-    want = sampling.generate(params, hparams, [prompt["ids"]] * 7, 6, seed=5)  # one call, all seven rows
-    monkeypatch.setattr(sampling, "rows_that_fit", lambda *a: 2)
-    batches = []
-    batch_streams = sampling.batch_streams
-
-    def watched(*args, **kwargs):
-        for rows, stream in batch_streams(*args, **kwargs):
-            batches.append((len(rows), capsys.readouterr().out.count("--- sample")))  # printed before the next
-            yield rows, stream
-    monkeypatch.setattr(sampling, "batch_streams", watched)
-    assert main.main(["--model_dir", str(TINY["tf"]), "--prompt", prompt["text"], "--num_samples", "7", "--seed", "5",
-                      "--n_tokens_to_generate", "6"]) == 0
-    assert [n for n, _ in batches] == [2, 2, 2, 1] and [shown for _, shown in batches] == [0, 2, 2, 2]
-    enc = encoder.get_encoder(TINY["tf"])
-    assert capsys.readouterr().out.split("--- sample 7 ---\n")[1] == enc.decode(want[6]) + "\n"
-
-
-def test_main_a_hundred_million_samples_start_printing_at_once(monkeypatch, capsys):
-    # --num_samples 10^8: the rows are made batch by batch (no list of 10^8 encoded prompts), the first batches are
-    # printed at once; stopped here after two batches of 2 (Ctrl-C: exit 130)
-    monkeypatch.setattr(sampling, "rows_that_fit", lambda *a: 2)
-    batch_streams = sampling.batch_streams
-
-    def two_batches(*args, **kwargs):
-        for i, batch in enumerate(batch_streams(*args, **kwargs)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield batch
-    monkeypatch.setattr(sampling, "batch_streams", two_batches)
-    started = time.perf_counter()
-    assert main.main(["--model_dir", str(TINY["tf"]), "--prompt", PROMPTS[1]["text"], "--num_samples", str(10**8),
-                      "--seed", "5", "--n_tokens_to_generate", "3"]) == 130
-    assert time.perf_counter() - started < 60
-    out = capsys.readouterr().out
-    assert out.count("--- sample") == 4 and "--- sample 4 ---" in out and "--- sample 5 ---" not in out
+def test_train_block_size_too_large_for_the_data_is_reported_at_start(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:3000], encoding="utf-8")  # val: 300 characters
+    with pytest.raises(ValueError, match="the val split of .* has 300 tokens, too few for sequences of block_size 512"):
+        train.train({"dataset": str(text), "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "out"),
+                     "block_size": 512, "n_layer": 1, "n_embd": 8, "n_head": 1})
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 # ==================== harness, eval ===================================================================================
@@ -4029,11 +4005,15 @@ def test_main_a_hundred_million_samples_start_printing_at_once(monkeypatch, caps
 EVAL_TASKS = HERE / "testdata" / "eval"
 
 
-def harness_results(batch_size, tasks=("tiny_choice", "tiny_rolling")):
+@pytest.fixture(scope="session")
+def local_tasks():  # lm_eval's index of testdata/eval's tasks alone (indexing the harness's library takes seconds)
     from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=str(EVAL_TASKS), include_defaults=False)
+
+
+def harness_results(batch_size, task_manager, tasks=("tiny_choice", "tiny_rolling")):
     lm = harness.GptjaxLM(str(TINY["tf"]), batch_size=batch_size)
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(include_path=str(EVAL_TASKS)),
-                                   log_samples=False)["results"]
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, log_samples=False)["results"]
 
 
 def reference_logprobs(flat, ids, n_head):  # [n] ids -> [n - 1] float64 log P(ids[i + 1] | ids[:i + 1])
@@ -4043,10 +4023,10 @@ def reference_logprobs(flat, ids, n_head):  # [n] ids -> [n - 1] float64 log P(i
     return logprobs[np.arange(len(ids) - 1), ids[1:]]
 
 
-def test_harness_scores_are_the_float64_references(monkeypatch):
+def test_harness_scores_are_the_float64_references(monkeypatch, local_tasks):
     monkeypatch.chdir(HERE)  # the task files name their data relative to the checkout
     flat, n_head, enc = reference_params(), EXPECTED["hparams"]["n_head"], tiktoken_gpt2()
-    results = harness_results(batch_size=8)
+    results = harness_results(8, local_tasks)
     # multiple choice: the continuation is " " + choice; acc takes the most likely choice, acc_norm the most likely
     # per character of the choice (the harness's definitions)
     docs = [json.loads(line) for line in (EVAL_TASKS / "tiny_choice.jsonl").read_text().splitlines()]
@@ -4181,7 +4161,9 @@ def test_eval_cli_runs_a_local_task_and_refuses_bad_input(tmp_path, monkeypatch,
     (tmp_path / "victim.json").write_text("someone else's")
     (tmp_path / "link.json").symlink_to(tmp_path / "victim.json")
     model = ["--model_dir", str(TINY["tf"]), "--include_path", str(EVAL_TASKS)]
-    for args, code, words in ((["--tasks", "no_such_task"], 2, "unknown task 'no_such_task'"),
+    # the harness's library of tasks is indexed (slowly) only when include_path lacks one asked for; then both count
+    assert "hellaswag" not in eval_cli.task_manager(str(EVAL_TASKS), ["tiny_choice"]).all_tasks
+    for args, code, words in ((["--tasks", "tiny_choice,hellaswag,no_such_task"], 2, "unknown task 'no_such_task'"),
                               (["--tasks", "tiny_choice", "--limit", "0"], 2, "--limit must be a positive number"),
                               (["--tasks", "tiny_choice", "--limit", "nan"], 2, "--limit must be a positive number"),
                               (["--tasks", "tiny_choice", "--limit", "inf"], 2, "--limit must be a positive number"),
@@ -4208,12 +4190,57 @@ def test_eval_cli_runs_a_local_task_and_refuses_bad_input(tmp_path, monkeypatch,
 
 
 # ==================== bench, cli ======================================================================================
-# the benchmark's guard, the process settings
+# the benchmark's guard, the process settings, bad input across the tools
 
 def test_bench_vs_hf_without_the_extra_says_what_to_install():
     proc = run_program("bench_without_torch.py", timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert 'pip install -e ".[bench]" --extra-index-url https://download.pytorch.org/whl/cpu' in proc.stderr
+
+
+def test_misuse_gets_one_line_not_a_traceback(train_data_dir, tmp_path, monkeypatch, capsys):
+    # a GPT-2-token folder given by name trains from scratch in its own vocabulary (it once raised KeyError 'chars')
+    data.prepare(str(SHAKESPEARE), tmp_path / "data", "gpt2")
+    result = train.train(run_config(tmp_path / "data", tmp_path / "gpt2-scratch", dataset="tinyshakespeare_gpt2",
+                                    max_iters=1, eval_interval=1))
+    assert result["iter"] == 1 and weights.load_hparams_and_params(tmp_path / "gpt2-scratch")[0]["n_vocab"] == 50257
+    cases = []
+    broken = tmp_path / "data" / "broken"
+    data.prepare("shakespeare_char", train_data_dir)  # whichever test ran first: a prepared dataset to break
+    shutil.copytree(train_data_dir / "shakespeare_char", broken)
+    (broken / "meta.json").write_text('{"kind": "char"}')
+    cases.append(([f"--data_dir={tmp_path / 'data'}", "--dataset=broken"], 1, 'should hold {"kind": "char"'))
+    listed = copy_folder(tmp_path, TINY_TF)
+    (listed / "hparams.json").write_text("[1, 2]")
+    cases.append(([f"--init_from={listed}", f"--data_dir={train_data_dir}"], 1, "should hold a JSON object, not a"))
+    cases.append(([f"--init_from={TINY_TF}", f"--data_dir={train_data_dir}"], 1, "--dataset=shakespeare"))
+    (tmp_path / "train_shakespeare_char.py").write_text("n_layer = 6\n")
+    cases.append(([str(tmp_path / "train_shakespeare_char.py")], 2, "configs/shakespeare_char.toml"))
+    for args, code, words in cases:
+        assert train.main([*args, f"--out_dir={tmp_path / 'o'}", "--max_iters=1", "--overwrite"]) == code, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and words in err[-1] and "Traceback" not in "".join(err), (args, err)
+    # Ctrl-C in main.py and weights.py: one line, exit 130
+    monkeypatch.setattr(weights, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main.main(["--model_dir", str(TINY["tf"]), "--prompt", "a"]) == 130
+    assert weights.main(["to_hf", str(TINY["tf"]), str(tmp_path / "hf")]) == 130
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n" * 2
+    # data.py: a cut .tar.xz and an empty split are one line or a summary, not a traceback
+    docs = tmp_path / "docs"
+    write_documents(docs, 3, words=2000)
+    with tarfile.open(tmp_path / "cut.tar.xz", "w:xz") as archive:
+        archive.add(docs, arcname="docs")
+    blob = (tmp_path / "cut.tar.xz").read_bytes()
+    (docs / "cut.tar.xz").write_bytes(blob[:len(blob) // 2])
+    assert data.main([str(docs), f"--data_dir={tmp_path / 'd'}", "--num_proc=1"]) == 1
+    assert "cut.tar.xz" in capsys.readouterr().err
+    # bench.py's values are checked by argparse: exit 2, one line of error
+    import bench
+    for args in (["generate", "--repeats", "0"], ["generate", "--batches", "1,x"], ["train", "--rounds", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "at least 1" in err.splitlines()[-1], (args, err)
 
 
 # ==================== serve ===========================================================================================
@@ -4399,20 +4426,19 @@ def test_server_frees_the_slot_of_a_client_that_goes_away(server):
             time.sleep(0.05)
 
 
-def test_harness_through_the_server_equals_eval(server, monkeypatch):
+def test_harness_through_the_server_equals_eval(server, monkeypatch, local_tasks):
     # lm-evaluation-harness's own OpenAI-completions model (local-completions, tokenizing through the server) gives
     # the numbers of gptjax's harness model (eval.py) on the local tasks. The API model keeps one position of
     # max_length for a generated token and feeds each rolling window with its context token: at max_length 64 it
     # scores the windows that a model fed 62 tokens at a time scores.
-    from lm_eval.tasks import TaskManager
     monkeypatch.chdir(HERE)
     url, _ = server
     args = f"base_url={url}/completions,model={SERVED},tokenizer_backend=remote,max_length=64,max_retries=1"
     through = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["tiny_choice", "tiny_rolling"],
-                                      task_manager=TaskManager(include_path=str(EVAL_TASKS)), log_samples=False)
+                                      task_manager=local_tasks, log_samples=False)
     lm = harness.GptjaxLM(str(TINY["tf"]), batch_size=8, max_length=62)
     direct = lm_eval.simple_evaluate(model=lm, tasks=["tiny_choice", "tiny_rolling"], log_samples=False,
-                                     task_manager=TaskManager(include_path=str(EVAL_TASKS)))["results"]
+                                     task_manager=local_tasks)["results"]
     for task, metrics in direct.items():
         for name, value in metrics.items():
             if isinstance(value, float) and "stderr" not in name:
@@ -4458,14 +4484,15 @@ def test_server_queue_bound_and_sigterm_drain(tmp_path):
         proc.kill()
 
 
-def test_serve_cli_errors_are_one_line(tmp_path):
+def test_serve_cli_errors_are_one_line(tmp_path, capsys):
+    import serve
     busy = socket.create_server(("127.0.0.1", 0))
     port = busy.getsockname()[1]
     for args, words in ((["--slots", "0"], "--slots"), (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
                         (["--slot_ctx", "65"], "--slot_ctx"), (["--model_dir", tmp_path / "none"], "not a folder")):
-        proc = subprocess.run([sys.executable, str(HERE / "serve.py"), "--model_dir", str(TINY["tf"]), *map(str, args)],
-                              capture_output=True, text=True, cwd=HERE, timeout=120)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, (args, proc.stderr)
+        assert serve.main(["--model_dir", str(TINY["tf"]), *map(str, args)]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (args, err)
     busy.close()
 
 
