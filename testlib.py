@@ -41,6 +41,11 @@ SCRATCH = pathlib.Path(tempfile.mkdtemp(prefix="gptjax-tests-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 os.environ["GPTJAX_COMPILATION_CACHE"] = str(SCRATCH / "jax-cache")
 os.environ["GPTJAX_CACHE"] = str(SCRATCH / "cache")  # converted weights (weights.cache_path)
+# XLA's optimisation passes off, in this process (tests.py sets it before anything compiles) and its children: the
+# tests' models are tiny, so compiling, not running, is most of the suite's time, and unoptimised compiles take half
+# as long. What the tests check (values against references, bitwise resumes, memory plans relative to each other)
+# holds either way; bench.py measures speed with the optimisations on, as users run.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
 
 def scratch_copy(folder):  # a copy of a testdata folder under SCRATCH, made once; tests load copies, not testdata/
