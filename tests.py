@@ -2884,6 +2884,15 @@ def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, m
     assert plan["step"] >= 4 * n_params  # the gradients at least
     assert plan["total"] == plan["params"] + plan["optimizer"] + plan["step"]
     assert plans[True]["step"] < 0.8 * plan["step"]  # --remat plans fewer bytes of activations
+    # with LoRA the frozen base model is held beside the adapters that train: the plan's params count both
+    adapters = gpt.init_adapters(jax.random.PRNGKey(1), params, 4)
+    lora = {**config, "lora_rank": 4, "lora_alpha": 8}
+    lora_optimizer = optim.make_optimizer(lora, adapters)
+    lora_opt_shapes = jax.eval_shape(lora_optimizer.init, adapters)
+    step = jax.jit(train.step_function(lora, lora_optimizer, 4), donate_argnums=(0, 1))
+    lora_plan, _ = devices.memory_plan(step, adapters, lora_opt_shapes,
+                                       devices.tree_shardings(mesh, lora_opt_shapes, False), (batch, batch), params)
+    assert lora_plan["params"] == 4 * (n_params + sum(x.size for x in jax.tree.leaves(adapters)))
     # a run whose plan exceeds the device stops at once, in one line, with the ways to bring it under
     monkeypatch.setattr(devices, "available_memory", lambda: (10**6, "this machine has"))
     out = tmp_path / "out"
