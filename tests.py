@@ -140,8 +140,13 @@ gpt_forward = jax.jit(gpt.gpt, static_argnums=2)  # (params, ids, n_head) -> log
 gpt_loss = jax.jit(gpt.lm_loss, static_argnums=3)  # (params, ids, targets, n_head) -> mean loss
 
 
-def init_params(key, hparams, dtype=jnp.float32):  # gpt.init_params, jitted (each leaf's draws eagerly: a compile each)
+def gpt_init(key, hparams, dtype=jnp.float32):  # gpt.init_params, jitted (each leaf's draws eagerly: a compile each)
     return jax.jit(partial(gpt.init_params, hparams=hparams, dtype=dtype))(key)
+
+
+def perturbed(tree, scale, seed):  # every leaf plus scale * N(0, 1) draws from PRNGKey(seed), jitted as gpt_init is
+    return jax.jit(lambda tree: jax.tree.map(
+        lambda x: x + scale * jax.random.normal(jax.random.PRNGKey(seed), x.shape, x.dtype), tree))(tree)
 
 
 def run_main_cli(args, tmp_path, stdin=None):  # main.py in a fresh process -> (exit code, stdout, stderr)
@@ -233,7 +238,7 @@ def test_bfloat16_forward_tracks_float32(tiny):
 
 def test_init_params_shapes_and_statistics():
     hparams = {"n_vocab": 300, "n_ctx": 32, "n_embd": 64, "n_head": 4, "n_layer": 3}
-    params = init_params(jax.random.PRNGKey(0), hparams)
+    params = gpt_init(jax.random.PRNGKey(0), hparams)
     ref_params = weights.unflatten(weights.read_hf_params(TINY_HF, weights.hf_hparams(TINY_HF / "config.json")))
     # same tree structure and per-leaf rank as a real checkpoint
     assert jax.tree.structure(params) == jax.tree.structure(ref_params)
@@ -261,9 +266,8 @@ def test_loss_gradient_matches_finite_differences():
     # central differences in float64 on a tiny random model check value_and_grad through scan, attention and LN
     with jax.enable_x64(True):
         hparams = {"n_vocab": 11, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 2}
-        params = init_params(jax.random.PRNGKey(1), hparams, dtype=jnp.float64)
-        params = jax.jit(jax.tree.map, static_argnums=0)(
-            lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape, p.dtype), params)
+        params = gpt_init(jax.random.PRNGKey(1), hparams, dtype=jnp.float64)
+        params = perturbed(params, 0.1, 2)
         ids = jnp.array([1, 5, 2, 9, 3, 3, 7])
         loss = jax.jit(lambda p: gpt.lm_loss(p, ids[:-1], ids[1:], hparams["n_head"]))
         grads = jax.grad(loss)(params)
@@ -330,7 +334,7 @@ def test_remat_gives_the_same_gradients_in_less_memory():
     # gradient checkpointing recomputes activations in the backward pass: the same loss and gradients (dropout on, so
     # the recomputed masks must be the same ones), and XLA's plan for the step holds fewer temporary bytes
     hparams = {"n_vocab": 65, "n_ctx": 256, "n_embd": 64, "n_head": 4, "n_layer": 4}
-    params = init_params(jax.random.PRNGKey(0), hparams)
+    params = gpt_init(jax.random.PRNGKey(0), hparams)
     ids = jax.random.randint(jax.random.PRNGKey(1), (8, 256), 0, 65)
     targets = jnp.roll(ids, -1, axis=-1)
     steps = {remat: jax.jit(jax.value_and_grad(lambda p, remat=remat: gpt.lm_loss(
@@ -385,9 +389,8 @@ def test_dropout_drops_what_gpt2_drops_with_the_documented_masks():
     # layer and row), kept at which rate and scaled by how much
     with jax.enable_x64(True):
         hparams = {"n_vocab": 23, "n_ctx": 12, "n_embd": 16, "n_head": 2, "n_layer": 3}
-        params = init_params(jax.random.PRNGKey(0), hparams, jnp.float64)
-        params = jax.jit(jax.tree.map, static_argnums=0)(
-            lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+        params = gpt_init(jax.random.PRNGKey(0), hparams, jnp.float64)
+        params = perturbed(params, 0.05, 1)
         ids = jax.random.randint(jax.random.PRNGKey(2), (3, 10), 0, 23)
         key = jax.random.PRNGKey(3)
         dropped = jax.jit(lambda p, ids, key, rate: gpt.unembed(p, gpt.transformer(p, ids, 2, dropout_rate=rate,
@@ -429,7 +432,7 @@ def test_remat_saves_each_blocks_input_and_matmul_outputs_only(capsys):
     # mlp/c_proj's output feeds only the residual sum, whose gradient does not need it), 9 n_embd floats a token and
     # layer in all; never the attention weights ([n_head, n_seq, n_seq] a row), which it recomputes
     hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 24, "n_head": 2, "n_layer": 3}
-    params = init_params(jax.random.PRNGKey(0), hparams)
+    params = gpt_init(jax.random.PRNGKey(0), hparams)
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 50)
     n_tokens, n_seq, L, E = 32, 16, 3, 24
     per_layer = {}
@@ -447,14 +450,13 @@ def test_remat_saves_each_blocks_input_and_matmul_outputs_only(capsys):
 
 def test_lora_adapters_start_at_the_base_model_and_merge_exactly():
     hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
-    params = init_params(jax.random.PRNGKey(0), hparams)
+    params = gpt_init(jax.random.PRNGKey(0), hparams)
     ids = jnp.array([3, 1, 4, 1, 5, 9, 2, 6])
     adapters = gpt.init_adapters(jax.random.PRNGKey(1), params, 4)
     base = gpt_forward(params, ids, 2)
     np.testing.assert_array_equal(gpt_forward(gpt.with_adapters(params, adapters, 2.0), ids, 2), base)  # B = 0
     # trained adapters (random B): the adapted forward pass == the merged model == W + scale A B formed in float64
-    adapters = jax.jit(jax.tree.map, static_argnums=0)(
-        lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape), adapters)
+    adapters = perturbed(adapters, 0.05, 2)
     adapted = gpt_forward(gpt.with_adapters(params, adapters, 2.0), ids, 2)
     assert not np.allclose(adapted, base, atol=1e-3)
     np.testing.assert_allclose(gpt_forward(gpt.merge_adapters(params, adapters, 2.0), ids, 2), adapted, atol=1e-5)
@@ -906,7 +908,7 @@ def test_weights_every_tensor_in_the_file_must_be_used(tmp_path):
 
 def test_weights_own_layout_is_checked_against_its_hparams(tmp_path):
     hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}
-    params = init_params(jax.random.PRNGKey(0), hparams)
+    params = gpt_init(jax.random.PRNGKey(0), hparams)
     weights.save_params(tmp_path / "m", {**hparams, "n_layer": 1}, params)  # metadata that disagrees with the tensors
     with pytest.raises(ValueError) as e:
         weights.load_hparams_and_params(tmp_path / "m")
@@ -1172,7 +1174,7 @@ def test_weights_end_to_end_hf_folder_with_gpt2_tokenizer(tmp_path, release_serv
 def test_save_params_round_trips_through_a_model_folder(tmp_path):
     # gptjax's own layout (what train.py writes) loads like any model folder, hparams included
     hparams = {"n_vocab": 50, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}
-    params = init_params(jax.random.PRNGKey(3), hparams)
+    params = gpt_init(jax.random.PRNGKey(3), hparams)
     weights.save_params(tmp_path / "out", hparams, params)
     got_hparams, got = weights.load_hparams_and_params(tmp_path / "out")
     assert got_hparams == hparams
@@ -1187,8 +1189,8 @@ def test_weights_25_heads_and_non_square_shapes_in_every_layout(tmp_path):
     # non-square) through each layout, OpenAI's TF checkpoint, gptjax's own folder and its HF export read back, against
     # numpy's GPT-2 in float64 with 25 heads
     hparams = {"n_vocab": 40, "n_ctx": 12, "n_embd": 50, "n_head": 25, "n_layer": 3}
-    params = init_params(jax.random.PRNGKey(0), hparams)
-    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    params = gpt_init(jax.random.PRNGKey(0), hparams)
+    params = perturbed(params, 0.1, 1)
     flat = {name: np.asarray(x) for name, x in flat_params(params).items()}
     ids = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
     expected = numpy_gpt2(flat, ids, 25)
@@ -1609,7 +1611,7 @@ def test_generate_batches_fit_the_memory_the_compiled_programs_use():
     # caches, the prompt's attention against the whole cache) stays within BATCH_BYTES; a short prompt before a long
     # cache is where scores of [n_head, prompt_len, cache_len] a row are easy to under-count
     hparams = {"n_vocab": 512, "n_ctx": 1024, "n_embd": 256, "n_head": 4, "n_layer": 2}
-    params = gpt.unstack_layers(init_params(jax.random.PRNGKey(0), hparams))
+    params = gpt.unstack_layers(gpt_init(jax.random.PRNGKey(0), hparams))
     prompt_len, cache_len = 64, 1024
     rows = sampling.rows_that_fit(hparams, prompt_len, cache_len, 4)
     controls = sampling.request_controls(hparams, rows, top_k=512)
@@ -2815,12 +2817,13 @@ def test_train_step_draws_each_micro_batch_and_step_its_own_dropout_masks():
     # micro-batches' losses; its update (SGD at learning rate 1) is minus the mean of their gradients.
     with jax.enable_x64(True):
         hparams = {"n_vocab": 13, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 2}
-        params = init_params(jax.random.PRNGKey(0), hparams, jnp.float64)
+        params = gpt_init(jax.random.PRNGKey(0), hparams, jnp.float64)
         x = jax.random.randint(jax.random.PRNGKey(1), (3, 2, 8), 0, 13)  # 3 micro-batches of 2 rows
         y = jax.random.randint(jax.random.PRNGKey(2), (3, 2, 8), 0, 13)
         optimizer = optax.sgd(1.0)
         step = jax.jit(partial(train.train_step, optimizer=optimizer, seed=7, n_head=2, dropout=0.2,
                                dtype=jnp.float64))
+        grad = jax.jit(jax.grad(gpt.lm_loss), static_argnums=(3, 4))
         for it in (0, 5):
             new_params, _, loss = step(params, optimizer.init(params), x, y, it)
             keys = [jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), it), m) for m in range(3)]
@@ -2830,7 +2833,6 @@ def test_train_step_draws_each_micro_batch_and_step_its_own_dropout_masks():
                 logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
                 losses.append(-np.take_along_axis(logprobs, np.asarray(y[m])[..., None], -1).mean())
             assert float(loss) == pytest.approx(np.mean(losses), rel=1e-9), it
-            grad = jax.jit(jax.grad(gpt.lm_loss), static_argnums=(3, 4))
             grads = [grad(params, x[m], y[m], 2, 0.2, key) for m, key in enumerate(keys)]
             mean_grad = jax.tree.map(lambda *g: sum(g) / 3, *grads)
             before, mean_grad = outdir.flat_names(params, ""), outdir.flat_names(mean_grad, "")
@@ -2867,7 +2869,7 @@ def test_train_memory_plan_and_a_run_that_cannot_fit(train_data_dir, tmp_path, m
     hparams = {"n_vocab": 65, "n_ctx": 256, "n_embd": 64, "n_head": 4, "n_layer": 4}
     config = train_config.resolve_config({**TINY_RUN, "block_size": 256, "batch_size": 8,
                                           "gradient_accumulation_steps": 1})
-    params = init_params(jax.random.PRNGKey(0), hparams)
+    params = gpt_init(jax.random.PRNGKey(0), hparams)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     optimizer = optim.make_optimizer(config, params)
     mesh = train.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -4061,9 +4063,8 @@ EVAL_TASKS = HERE / "testdata" / "eval"
 
 
 @pytest.fixture(scope="session")
-def local_tasks():  # lm_eval's index of testdata/eval's tasks alone (indexing the harness's library takes seconds)
-    from lm_eval.tasks import TaskManager
-    return TaskManager(include_path=str(EVAL_TASKS), include_defaults=False)
+def local_tasks():  # lm_eval's index of testdata/eval's tasks alone, as eval.py makes it for them
+    return eval_cli.task_manager(str(EVAL_TASKS), ["tiny_choice", "tiny_rolling"])
 
 
 def harness_results(batch_size, task_manager, tasks=("tiny_choice", "tiny_rolling")):
